@@ -1,0 +1,97 @@
+"""The ``kiosk`` command line.
+
+Each area registers its own subcommands (``register(subparsers)`` in the modules listed in
+``_COMMAND_MODULES``); a handler is ``handler(args, settings) -> exit status``. Handlers import what they
+need lazily, so ``kiosk config`` stays fast and works without sound devices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from kiosk.errors import ConfigError, InputError, KioskError
+from kiosk.logs import setup_logging
+from kiosk.settings import Settings, config_path, load_settings, redacted
+
+_LOGGER = logging.getLogger(__name__)
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+# Modules that add subcommands; each has ``register(subparsers: argparse._SubParsersAction) -> None``.
+_COMMAND_MODULES = (
+    "kiosk.app",
+    "kiosk.audio.cli",
+    "kiosk.panel.cli",
+    "kiosk.link.cli",
+    "kiosk.fallback.cli",
+    "kiosk.dev.cli",
+    "kiosk.doctor",
+)
+
+EXIT_CONFIG = 2
+
+
+def _cmd_config(args: argparse.Namespace, settings: Settings) -> int:
+    """Print the effective settings, secrets redacted."""
+    print(f"# from {config_path(args.config)} and KIOSK_* environment variables", file=sys.stderr)
+    print(json.dumps(redacted(settings), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, with every area's subcommands."""
+    parser = argparse.ArgumentParser(prog="kiosk", description="Voice kiosk appliance")
+    parser.add_argument("--config", type=Path, default=None, help="TOML config file (default: $KIOSK_CONFIG "
+                        "or /etc/kiosk/kiosk.toml)")
+    parser.add_argument("--log-level", default=None, help="override log_level (DEBUG, INFO, ...)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    config = sub.add_parser("config", help="print the effective settings (secrets redacted)")
+    config.set_defaults(handler=_cmd_config)
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name != name:
+                raise
+            continue
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, load settings (exit 2 with a message if broken), dispatch."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        if "run" in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
+            args = parser.parse_args([*(argv or sys.argv[1:]), "run"])
+        else:
+            parser.print_help()
+            return 0
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as error:
+        print(f"kiosk: {error.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(args.log_level or settings.log_level)
+    handler: Handler = args.handler
+    try:
+        return handler(args, settings)
+    except (ConfigError, InputError) as error:
+        print(f"kiosk: {error.message}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KioskError as error:
+        print(f"kiosk: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

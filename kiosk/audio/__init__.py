@@ -1,0 +1,1 @@
+"""Audio: devices, capture and playout, echo cancellation, voice detection, the capture chain."""

@@ -1,0 +1,218 @@
+"""Events: past-tense facts that reach the controller from the edges (buttons, audio, link, timers).
+
+Events are small frozen dataclasses; adapters post them into the one asyncio loop (from other threads
+with ``loop.call_soon_threadsafe``), and ``state.step`` turns them into a new state and effects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Button(StrEnum):
+    """Which physical (or virtual-panel) button."""
+
+    TALK = "talk"
+    CANCEL = "cancel"
+
+
+class AgentState(StrEnum):
+    """Values of the agent participant's ``lk.agent.state`` attribute."""
+
+    INITIALIZING = "initializing"
+    IDLE = "idle"
+    LISTENING = "listening"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+
+
+class RefusalReason(StrEnum):
+    """Why the session API (or the catalog) refused a session."""
+
+    UNAUTHORISED = "unauthorised"
+    CREDITS_EXHAUSTED = "credits_exhausted"
+    RATE_LIMITED = "rate_limited"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    MALFORMED_REPLY = "malformed_reply"
+    MAINTENANCE = "maintenance"
+    BUDGET_CAP = "budget_cap"
+    UNREACHABLE = "unreachable"
+
+
+class Route(StrEnum):
+    """The audio route in use."""
+
+    ARRAY = "array"
+    HEADSET = "headset"
+    NONE = "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Base of every event."""
+
+
+@dataclass(frozen=True, slots=True)
+class Started(Event):
+    """The kiosk finished starting (devices opened, first link attempt made)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonPressed(Event):
+    """A button went down."""
+
+    button: Button = Button.TALK
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonReleased(Event):
+    """A button came up."""
+
+    button: Button = Button.TALK
+
+
+@dataclass(frozen=True, slots=True)
+class ButtonHeld(Event):
+    """A button has been held for the configured hold time."""
+
+    button: Button = Button.TALK
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceStarted(Event):
+    """The visitor started speaking (after pre-roll and minimum-speech checks)."""
+
+    at_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class VoiceStopped(Event):
+    """The visitor stopped speaking (after the hangover)."""
+
+    at_seconds: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class SessionOpened(Event):
+    """The room link is connected and the agent's audio path is ready."""
+
+    session_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class SessionClosed(Event):
+    """The session ended (by us, or the room went away for good)."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ApiRefused(Event):
+    """The session API or the catalog refused a session."""
+
+    reason: RefusalReason = RefusalReason.SERVER_ERROR
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentStateChanged(Event):
+    """The agent's ``lk.agent.state`` changed."""
+
+    state: AgentState = AgentState.IDLE
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackStarted(Event):
+    """Agent (or cue) audio started coming out of the speaker."""
+
+
+@dataclass(frozen=True, slots=True)
+class PlaybackFinished(Event):
+    """The playout buffer ran empty after agent (or cue) audio."""
+
+
+@dataclass(frozen=True, slots=True)
+class CueFinished(Event):
+    """A local cue finished playing."""
+
+    cue: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkUp(Event):
+    """What the kiosk needs online (session API, catalog, LiveKit) is reachable again."""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkLost(Event):
+    """The room link dropped for good, or the session API is unreachable."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class LinkReconnecting(Event):
+    """The rtc SDK is resuming or reconnecting; the session goes on if it succeeds."""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceLost(Event):
+    """A sound device vanished or stopped delivering frames."""
+
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceFound(Event):
+    """A sound device (re)appeared and opened."""
+
+    device: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class HeadsetPlugged(Event):
+    """A configured headset appeared."""
+
+
+@dataclass(frozen=True, slots=True)
+class HeadsetUnplugged(Event):
+    """The headset went away."""
+
+
+@dataclass(frozen=True, slots=True)
+class RouteChanged(Event):
+    """The audio route switched; ``echo_path_verified`` says whether barge-in by voice is safe on it."""
+
+    route: Route = Route.ARRAY
+    echo_path_verified: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TimerExpired(Event):
+    """A timer started by a ``StartTimer`` effect ran out."""
+
+    name: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingStored(Event):
+    """A visitor's message is durably stored (safe to confirm)."""
+
+    message_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RecordingFailed(Event):
+    """A visitor's message could not be stored."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorOccurred(Event):
+    """Something failed that the kiosk must show (error pattern) and recover from."""
+
+    code: str = ""
+    message: str = ""

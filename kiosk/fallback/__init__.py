@@ -1,0 +1,1 @@
+"""Fallbacks: offline policy and cues, the durable message spool, delivery."""

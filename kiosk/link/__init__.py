@@ -1,0 +1,1 @@
+"""The link: voice-session API client, LiveKit room link, backoff."""

@@ -1,0 +1,1 @@
+"""The button and LED panel: gpiozero adapters, LED patterns, the virtual terminal panel."""

@@ -1,0 +1,366 @@
+"""Settings: environment ``KIOSK_...`` (nested with ``__``) over ``/etc/kiosk/kiosk.toml`` over defaults.
+
+Every field has a one-line description; validation errors name the field and the fix, and a broken
+configuration makes ``kiosk`` exit with status 2 (see ``load_settings``). Secrets are ``SecretStr`` and
+come from systemd credentials (``LoadCredential=``, read from ``$CREDENTIALS_DIRECTORY``) or the
+environment, never from the TOML file on a shared image.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from kiosk.errors import ConfigError
+
+DEFAULT_CONFIG_PATH = Path("/etc/kiosk/kiosk.toml")
+CONFIG_PATH_ENV = "KIOSK_CONFIG"
+
+# The realtime voices the session API accepts.
+VOICES = ("alloy", "echo", "shimmer", "ash", "ballad", "coral", "sage", "verse", "marin", "cedar")
+# BCM GPIO numbers on the 40-pin header.
+VALID_BCM_PINS = range(2, 28)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------------------------- audio
+class AudioSettings(_Section):
+    """Sound devices, chosen by name (a case-insensitive substring of the PortAudio name; never an index)."""
+
+    capture_device: str = Field("default", description="capture device name (see `kiosk devices`)")
+    playback_device: str = Field("default", description="playback device name (see `kiosk devices`)")
+    headset_capture_device: str | None = Field(None, description="headset microphone name; takes over when present")
+    headset_playback_device: str | None = Field(None, description="headset playback name; takes over when present")
+    device_rate_hz: int | None = Field(
+        None, description="rate to open the devices at; unset: 16000 if supported, else the device default"
+    )
+    capture_channels: int | None = Field(None, ge=1, le=32, description="channels to open; unset: the device's")
+    channel: int | Literal["mix"] = Field(
+        0, description="array channel to use (0-based) or 'mix' for a mixdown of all channels"
+    )
+    latency_ms: float = Field(20.0, gt=0, le=500, description="PortAudio suggested latency per direction")
+    mic_ring_ms: int = Field(500, ge=50, le=5000, description="capture ring; the oldest audio drops when full")
+    playout_buffer_ms: int = Field(2000, ge=100, le=30000, description="bounded agent playout buffer")
+
+    @field_validator("channel", mode="before")
+    @classmethod
+    def _channel(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "mix":
+            try:
+                return int(value)
+            except ValueError:
+                raise ValueError("must be a channel number (0, 1, ...) or 'mix'") from None
+        if isinstance(value, int) and value < 0:
+            raise ValueError("must be 0 or more (channels count from 0), or 'mix'")
+        return value
+
+
+class AecBackend(StrEnum):
+    """Echo canceller implementations."""
+
+    WEBRTC = "webrtc"
+    SPEEX = "speex"
+    NONE = "none"
+
+
+class AecSettings(_Section):
+    """Acoustic echo cancellation."""
+
+    backend: AecBackend = Field(AecBackend.WEBRTC, description="webrtc (AEC3), speex, or none")
+    filter_ms: int = Field(128, ge=16, le=1000, description="speex: echo tail covered by the adaptive filter")
+    residual_suppression: bool = Field(True, description="speex: the preprocessor's residual-echo suppression")
+    noise_suppression: bool = Field(True, description="noise suppression after the echo canceller")
+    delay_ms: float | None = Field(
+        None, ge=0, le=1000, description="fixed bulk delay mic vs reference; unset: estimated from the signals"
+    )
+    max_delay_ms: float = Field(400.0, ge=10, le=2000, description="largest bulk delay the estimator searches")
+    drift_compensation: bool = Field(True, description="track clock drift between capture and playback")
+
+
+class VadSettings(_Section):
+    """Voice activity detection and segmentation."""
+
+    mode: int = Field(3, ge=0, le=3, description="webrtcvad aggressiveness 0 (permissive) to 3 (strict)")
+    frame_ms: Literal[10, 20, 30] = Field(30, description="webrtcvad analysis frame")
+    preroll_ms: int = Field(300, ge=0, le=2000, description="audio kept before speech starts and streamed with it")
+    hangover_ms: int = Field(600, ge=0, le=5000, description="silence before speech counts as stopped")
+    min_speech_ms: int = Field(150, ge=0, le=2000, description="speech shorter than this is ignored")
+    min_level_dbfs: float = Field(
+        -45.0, ge=-96, le=0, description="quieter frames never count as speech (rejects distant talkers)"
+    )
+
+
+# ------------------------------------------------------------------------------------ interaction
+class InteractionMode(StrEnum):
+    """How a visitor starts and ends talking."""
+
+    PUSH_TO_TALK = "push_to_talk"
+    TAP_TO_TALK = "tap_to_talk"
+    OPEN_MIC = "open_mic"
+
+
+class InteractionSettings(_Section):
+    """Interaction mode and timers."""
+
+    mode: InteractionMode = Field(InteractionMode.PUSH_TO_TALK, description="push_to_talk, tap_to_talk, open_mic")
+    barge_in: bool = Field(True, description="visitor speech interrupts the agent (only on a verified echo path)")
+    no_speech_timeout_seconds: float = Field(8.0, gt=0, description="end a hands-free session nobody speaks in")
+    idle_end_seconds: float = Field(20.0, gt=0, description="end a session after this long without an exchange")
+    max_session_seconds: float = Field(300.0, gt=0, description="hard cap on one session (cost cap)")
+    status_hold_seconds: float = Field(5.0, gt=0, description="holding the button this long speaks the status")
+
+
+# ------------------------------------------------------------------------------------------ panel
+class ButtonSpec(_Section):
+    """One push button."""
+
+    pin: int = Field(description="BCM GPIO number")
+    pull_up: bool = Field(True, description="internal pull-up (button to ground); false: pull-down, to 3V3")
+    bounce_ms: int = Field(20, ge=0, le=500, description="debounce time")
+
+
+class LedSpec(_Section):
+    """One LED: on/off, PWM (dimmable) or RGB (three pins: red, green, blue)."""
+
+    kind: Literal["led", "pwm", "rgb"] = Field("pwm", description="led, pwm or rgb")
+    pins: list[int] = Field(description="BCM GPIO numbers (one, or three for rgb)")
+    active_high: bool = Field(True, description="false for common-anode RGB LEDs or sinking wiring")
+
+    @model_validator(mode="after")
+    def _pin_count(self) -> LedSpec:
+        want = 3 if self.kind == "rgb" else 1
+        if len(self.pins) != want:
+            raise ValueError(f"a {self.kind} LED needs {want} pin(s), got {len(self.pins)}: set pins = [...]")
+        return self
+
+
+class PanelSettings(_Section):
+    """Buttons and LEDs on the GPIO header (see hw/README.md for the reference wiring)."""
+
+    enabled: bool = Field(True, description="drive the GPIO panel")
+    pin_factory: str | None = Field(
+        None, description="gpiozero pin factory (lgpio, rpigpio, mock); unset: gpiozero's own choice"
+    )
+    talk_button: ButtonSpec = Field(default_factory=lambda: ButtonSpec(pin=17), description="talk button")
+    cancel_button: ButtonSpec | None = Field(None, description="optional cancel/end button")
+    leds: list[LedSpec] = Field(
+        default_factory=lambda: [LedSpec(kind="rgb", pins=[22, 23, 24])], description="status LEDs"
+    )
+
+    @model_validator(mode="after")
+    def _pins(self) -> PanelSettings:
+        used: dict[int, str] = {}
+        named: list[tuple[str, int]] = [("talk_button.pin", self.talk_button.pin)]
+        if self.cancel_button is not None:
+            named.append(("cancel_button.pin", self.cancel_button.pin))
+        for i, led in enumerate(self.leds):
+            named += [(f"leds[{i}].pins", p) for p in led.pins]
+        for name, pin in named:
+            if pin not in VALID_BCM_PINS:
+                raise ValueError(f"{name}: {pin} is not a header GPIO; use a BCM number from 2 to 27")
+            if pin in used:
+                raise ValueError(f"{name}: GPIO {pin} is already used by {used[pin]}; give each a pin of its own")
+            used[pin] = name
+        return self
+
+
+# ---------------------------------------------------------------------------------------- session
+class SessionSource(StrEnum):
+    """Where a session's LiveKit URL and token come from."""
+
+    VOICE_API = "voice_api"
+    TOKEN_ENDPOINT = "token_endpoint"
+
+
+class SessionProfile(_Section):
+    """One way to run a conversation; the first whose model is available is used."""
+
+    llm_model: str = Field("gpt-realtime", description="model id in the catalog")
+    voice: str = Field("marin", description="agent voice")
+    stt_model: str | None = Field(None, description="speech-to-text model (chained profiles)")
+    tts_model: str | None = Field(None, description="text-to-speech model (chained profiles)")
+
+    @field_validator("voice")
+    @classmethod
+    def _voice(cls, value: str) -> str:
+        if value not in VOICES:
+            raise ValueError(f"'{value}' is not an available voice; use one of {', '.join(VOICES)}")
+        return value
+
+
+class SessionSettings(_Section):
+    """The voice-session API (or a standard LiveKit token endpoint) that hands out rooms and tokens."""
+
+    source: SessionSource = Field(SessionSource.VOICE_API, description="voice_api or token_endpoint")
+    api_url: str = Field("http://127.0.0.1:8080", description="base URL of the voice-session API")
+    token_endpoint_url: str | None = Field(None, description="standard LiveKit token endpoint (token_endpoint)")
+    credential: SecretStr | None = Field(
+        None, description="device credential; prefer the systemd credential 'device-credential'"
+    )
+    profiles: list[SessionProfile] = Field(
+        default_factory=lambda: [SessionProfile()], min_length=1, description="profiles, in order of preference"
+    )
+    request_timeout_seconds: float = Field(5.0, gt=0, le=60, description="per HTTP request")
+    prewarm: bool = Field(False, description="keep a muted session connected so a press goes live at once")
+    consent_notice: bool = Field(False, description="play a short AI-processing notice at session start")
+
+    @field_validator("api_url", "token_endpoint_url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not an http(s) URL; write it as https://host[:port]")
+        return value
+
+    @model_validator(mode="after")
+    def _endpoint(self) -> SessionSettings:
+        if self.source is SessionSource.TOKEN_ENDPOINT and not self.token_endpoint_url:
+            raise ValueError("source is token_endpoint but token_endpoint_url is unset: set it, or use voice_api")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- offline
+class SpoolSettings(_Section):
+    """Visitor messages recorded while offline."""
+
+    directory: Path = Field(Path("/var/lib/kiosk/spool"), description="durable storage for messages")
+    max_message_seconds: float = Field(60.0, gt=1, le=600, description="longest message")
+    max_age_days: float = Field(30.0, gt=0, description="messages older than this are dropped, oldest first")
+    min_free_mb: int = Field(200, ge=0, description="keep this much disk free; oldest messages go first")
+    language: str = Field("en", description="language of the local spoken messages")
+
+
+class DeliverySettings(_Section):
+    """Upload of stored messages once back online."""
+
+    url: str | None = Field(None, description="HTTP endpoint messages are uploaded to; unset: keep them")
+    retry_max_seconds: float = Field(300.0, gt=0, description="longest wait between upload attempts")
+
+
+# ---------------------------------------------------------------------------------------- service
+class MetricsSettings(_Section):
+    """Prometheus metrics and the JSON status endpoint, on localhost."""
+
+    enabled: bool = Field(True, description="serve /metrics and /status")
+    host: str = Field("127.0.0.1", description="listen address")
+    port: int = Field(9101, ge=0, le=65535, description="listen port (0: any free port)")
+
+
+class Settings(BaseSettings):
+    """All of the kiosk's settings."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KIOSK_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_default=True,
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
+    audio: AudioSettings = Field(default_factory=AudioSettings)  # type: ignore[arg-type]
+    aec: AecSettings = Field(default_factory=AecSettings)  # type: ignore[arg-type]
+    vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
+    interaction: InteractionSettings = Field(default_factory=InteractionSettings)  # type: ignore[arg-type]
+    panel: PanelSettings = Field(default_factory=PanelSettings)  # type: ignore[arg-type]
+    session: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)  # type: ignore[arg-type]
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)  # type: ignore[arg-type]
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Order: arguments, environment, the TOML file, defaults."""
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _TOML_PATH is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=_TOML_PATH))
+        return tuple(sources)
+
+
+_TOML_PATH: Path | None = None
+
+
+def config_path(explicit: Path | None = None) -> Path:
+    """The TOML file in force: ``--config``, else ``$KIOSK_CONFIG``, else /etc/kiosk/kiosk.toml."""
+    if explicit is not None:
+        return explicit
+    env = os.environ.get(CONFIG_PATH_ENV)
+    return Path(env) if env else DEFAULT_CONFIG_PATH
+
+
+def _credential(name: str) -> SecretStr | None:
+    """Read a systemd credential (``LoadCredential=name:...``) if the service has one."""
+    directory = os.environ.get("CREDENTIALS_DIRECTORY")
+    if not directory:
+        return None
+    path = Path(directory) / name
+    try:
+        return SecretStr(path.read_text().strip())
+    except FileNotFoundError:
+        return None
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting; check the spelling against `kiosk config`"
+        elif item["type"] == "missing":
+            message = "required; set it in the config file or the environment"
+        env = "KIOSK_" + "__".join(str(p).upper() for p in item["loc"] if not isinstance(p, int))
+        lines.append(f"  {field}: {message} (file key {field}, or environment {env})")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Load and validate the settings; raise ``ConfigError`` naming each bad field and its fix.
+
+    A missing default file is fine (defaults and environment apply); a missing explicit file is an error.
+    """
+    global _TOML_PATH
+    toml = config_path(path)
+    explicit = path is not None or CONFIG_PATH_ENV in os.environ
+    if not toml.exists():
+        if explicit:
+            raise ConfigError(f"config file {toml} does not exist: create it, or point {CONFIG_PATH_ENV} elsewhere")
+        toml_in_force = None
+    else:
+        toml_in_force = toml
+    _TOML_PATH = toml_in_force
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    except ValueError as error:  # TOML syntax errors arrive as ValueError subclasses
+        raise ConfigError(f"config file {toml} cannot be read: {error}; fix the TOML syntax") from None
+    finally:
+        _TOML_PATH = None
+    if settings.session.credential is None:
+        settings.session.credential = _credential("device-credential")
+    return settings
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data, secrets shown as ``**********``."""
+    data: dict[str, Any] = settings.model_dump(mode="json")  # SecretStr dumps as '**********'
+    return data

@@ -1,0 +1,3 @@
+"""Shared fixtures: each area's fixtures live in the package (kiosk.dev) so the demo can use them too."""
+
+from __future__ import annotations
