@@ -68,12 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, load settings (exit 2 with a message if broken), dispatch."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "handler", None) is None:
-        if "run" in parser._subparsers._group_actions[0].choices:  # type: ignore[union-attr]
-            args = parser.parse_args([*(argv or sys.argv[1:]), "run"])
-        else:
-            parser.print_help()
-            return 0
+    if args.command is None:
+        # No subcommand: the service's main job (`kiosk run`), as systemd starts it.
+        args = parser.parse_args([*(sys.argv[1:] if argv is None else argv), "run"])
     try:
         settings = load_settings(args.config)
     except ConfigError as error:

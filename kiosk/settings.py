@@ -269,15 +269,15 @@ class Settings(BaseSettings):
     )
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="log level")
-    audio: AudioSettings = Field(default_factory=AudioSettings)  # type: ignore[arg-type]
-    aec: AecSettings = Field(default_factory=AecSettings)  # type: ignore[arg-type]
-    vad: VadSettings = Field(default_factory=VadSettings)  # type: ignore[arg-type]
-    interaction: InteractionSettings = Field(default_factory=InteractionSettings)  # type: ignore[arg-type]
-    panel: PanelSettings = Field(default_factory=PanelSettings)  # type: ignore[arg-type]
-    session: SessionSettings = Field(default_factory=SessionSettings)  # type: ignore[arg-type]
-    spool: SpoolSettings = Field(default_factory=SpoolSettings)  # type: ignore[arg-type]
-    delivery: DeliverySettings = Field(default_factory=DeliverySettings)  # type: ignore[arg-type]
-    metrics: MetricsSettings = Field(default_factory=MetricsSettings)  # type: ignore[arg-type]
+    audio: AudioSettings = Field(default_factory=AudioSettings)
+    aec: AecSettings = Field(default_factory=AecSettings)
+    vad: VadSettings = Field(default_factory=VadSettings)
+    interaction: InteractionSettings = Field(default_factory=InteractionSettings)
+    panel: PanelSettings = Field(default_factory=PanelSettings)
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    spool: SpoolSettings = Field(default_factory=SpoolSettings)
+    delivery: DeliverySettings = Field(default_factory=DeliverySettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,111 @@
+"""Test speech: sentences rendered by espeak-ng (several voices) and the recorded voices alsa-utils ships.
+
+Everything comes back as 16 kHz mono float32 in [-1, 1] (the internal rate), so the room simulator,
+the tests and the benchmarks share one corpus.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+import tempfile
+import wave
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+from scipy.signal import resample_poly
+
+from kiosk.errors import KioskError
+
+RATE_HZ = 16000
+ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
+# Recorded human voices in alsa-utils ("Front Left", ...); Noise.wav is pink noise, not a voice.
+ALSA_VOICE_FILES = ("Front_Center.wav", "Front_Left.wav", "Front_Right.wav", "Rear_Center.wav",
+                    "Rear_Left.wav", "Rear_Right.wav", "Side_Left.wav", "Side_Right.wav")
+ESPEAK_VOICES = ("en-us", "en-gb", "en-us+f3", "en-gb-scotland", "en-us+m7", "en-gb+f4")
+SENTENCES = (
+    "Hello, where can I find the registration desk for the conference?",
+    "Could you tell me when the next product demonstration starts?",
+    "I would like to know more about your pricing for small teams.",
+    "Is there a place nearby where I can charge my phone?",
+    "What time does the keynote begin this afternoon?",
+    "Can you explain how the warranty works if the device breaks?",
+    "Please repeat that, I did not quite catch the last part.",
+    "Which aisle has the replacement parts for the conveyor belt?",
+)
+
+Signal = npt.NDArray[np.float32]
+
+
+@dataclass(frozen=True)
+class Utterance:
+    """One test utterance at 16 kHz."""
+
+    name: str
+    audio: Signal
+
+
+def read_wav_mono(path: Path) -> tuple[Signal, int]:
+    """Read a PCM WAV as float32 mono (channels averaged) and its rate."""
+    with wave.open(str(path), "rb") as wav:
+        rate = wav.getframerate()
+        channels = wav.getnchannels()
+        width = wav.getsampwidth()
+        raw = wav.readframes(wav.getnframes())
+    if width != 2:
+        raise KioskError("wav_format", f"{path}: only 16-bit PCM is supported, got {8 * width}-bit")
+    data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
+    return data.reshape(-1, channels).mean(axis=1).astype(np.float32), rate
+
+
+def to_rate(audio: Signal, rate_hz: int, target_hz: int = RATE_HZ) -> Signal:
+    """Resample with a polyphase filter (exact for the common ratios)."""
+    if rate_hz == target_hz:
+        return audio.astype(np.float32)
+    g = np.gcd(rate_hz, target_hz)
+    return resample_poly(audio, target_hz // g, rate_hz // g).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=64)
+def espeak(text: str, voice: str = "en-us", speed_wpm: int = 160) -> Signal:
+    """Render ``text`` with espeak-ng and return it at 16 kHz (cached per process)."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise KioskError("espeak_missing", "espeak-ng is not installed: run scripts/bootstrap")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "speech.wav"
+        subprocess.run([exe, "-v", voice, "-s", str(speed_wpm), "-w", str(out), text], check=True,
+                       capture_output=True, timeout=60)
+        audio, rate = read_wav_mono(out)
+    return to_rate(audio, rate)
+
+
+def alsa_voices() -> Iterator[Utterance]:
+    """The recorded voices shipped by alsa-utils, at 16 kHz (none if alsa-utils is absent)."""
+    for name in ALSA_VOICE_FILES:
+        path = ALSA_SOUNDS / name
+        if path.exists():
+            audio, rate = read_wav_mono(path)
+            yield Utterance(f"alsa:{name}", to_rate(audio, rate))
+
+
+def corpus(count: int | None = None) -> list[Utterance]:
+    """A fixed, deterministic list of utterances: espeak-ng sentences over several voices, then alsa voices."""
+    items = [Utterance(f"espeak:{ESPEAK_VOICES[i % len(ESPEAK_VOICES)]}:{i}",
+                       espeak(text, ESPEAK_VOICES[i % len(ESPEAK_VOICES)]))
+             for i, text in enumerate(SENTENCES)]
+    items += list(alsa_voices())
+    return items if count is None else items[:count]
+
+
+def normalise(audio: Signal, rms_dbfs: float) -> Signal:
+    """Scale to the given RMS level in dBFS over the active (non-silent) part."""
+    active = audio[np.abs(audio) > 1e-4]
+    rms = float(np.sqrt(np.mean(active.astype(np.float64) ** 2))) if active.size else 0.0
+    if rms == 0.0:
+        return audio
+    return (audio * (10 ** (rms_dbfs / 20) / rms)).astype(np.float32)
