@@ -67,7 +67,7 @@ def to_rate(audio: Signal, rate_hz: int, target_hz: int = RATE_HZ) -> Signal:
     if rate_hz == target_hz:
         return audio.astype(np.float32)
     g = np.gcd(rate_hz, target_hz)
-    return resample_poly(audio, target_hz // g, rate_hz // g).astype(np.float32)
+    return np.asarray(resample_poly(audio, target_hz // g, rate_hz // g), dtype=np.float32)
 
 
 @functools.lru_cache(maxsize=64)
