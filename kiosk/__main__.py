@@ -25,13 +25,15 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 
 # Modules that add subcommands; each has ``register(subparsers: argparse._SubParsersAction) -> None``.
 _COMMAND_MODULES = (
-    "kiosk.app",
-    "kiosk.audio.cli",
-    "kiosk.panel.cli",
-    "kiosk.link.cli",
-    "kiosk.fallback.cli",
-    "kiosk.dev.cli",
-    "kiosk.doctor",
+    "kiosk.app",  # run (the service's main job)
+    "kiosk.audio.cli",  # audio process, bench audio
+    "kiosk.audio.devices",  # devices
+    "kiosk.panel.cli",  # panel (virtual terminal panel), doctor gpio helpers
+    "kiosk.link.cli",  # session/link tools
+    "kiosk.fallback.cli",  # messages list|export|deliver
+    "kiosk.dev.cli",  # local stack tools
+    "kiosk.dev.demo",  # demo
+    "kiosk.doctor",  # doctor
 )
 
 EXIT_CONFIG = 2
