@@ -1,0 +1,185 @@
+"""A stand-in message endpoint (aiohttp) for the demo and the tests: the receiving side of delivery.
+
+It implements the protocol in docs/offline.md the way an operator's endpoint should: it checks the
+bearer token, verifies the audio against the checksum in the metadata, stores each ``Idempotency-Key``
+once and answers 2xx to a repeat (``201`` first time, ``200`` for a duplicate). ``faults`` scripts
+misbehaviour, one entry consumed per request:
+
+- ``fail``: answer 500 without storing;
+- ``slow``: wait ``slow_seconds`` (past the kiosk's timeout) without storing;
+- ``slow_after_store``: store, then wait ``slow_seconds`` before answering (the ack is lost to a timeout);
+- ``drop_after_store``: store, then close the connection without an answer (the ack is lost);
+- ``ok`` (or an empty script): behave.
+
+``GET /health`` answers 200 (a probe target for tests of the offline probe); ``GET /received`` reports
+what arrived (``summary()``), for tests whose endpoint runs in another process or namespace.
+
+Run alone: ``python -m kiosk.dev.message_endpoint --host H --port P [--faults fail,ok,...]`` prints the
+upload URL and serves until killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import socket
+import threading
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from aiohttp import BodyPartReader, web
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Received:
+    """One stored message."""
+
+    key: str
+    metadata: dict[str, object]
+    audio: bytes
+
+
+@dataclass
+class MessageEndpoint:
+    """The stand-in endpoint; ``start()`` returns its URL."""
+
+    token: str | None = "device-secret"
+    faults: deque[str] = field(default_factory=deque)
+    slow_seconds: float = 3.0
+    stored: dict[str, Received] = field(default_factory=dict)
+    posts: Counter[str] = field(default_factory=Counter)  # requests per idempotency key
+    store_count: Counter[str] = field(default_factory=Counter)  # times a key was stored (must stay 1)
+    rejected: int = 0
+    _runner: web.AppRunner | None = None
+
+    def script(self, faults: Iterable[str]) -> None:
+        """Append faults to the script."""
+        self.faults.extend(faults)
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            self.rejected += 1
+            return web.json_response({"error": "bad credential"}, status=401)
+        key = request.headers.get("Idempotency-Key", "")
+        fault = self.faults.popleft() if self.faults else "ok"
+        self.posts[key] += 1
+        meta: dict[str, object] = {}
+        audio = b""
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "metadata":
+                meta = json.loads(await part.text())
+            elif part.name == "audio":
+                audio = await part.read()
+        if not key or meta.get("id") != key or hashlib.sha256(audio).hexdigest() != meta.get("sha256"):
+            self.rejected += 1
+            return web.json_response({"error": "key, metadata and audio do not match"}, status=400)
+        if fault == "fail":
+            return web.json_response({"error": "scripted failure"}, status=500)
+        if fault == "slow":
+            await asyncio.sleep(self.slow_seconds)
+            return web.json_response({"error": "too late"}, status=503)
+        duplicate = key in self.stored
+        if not duplicate:
+            self.stored[key] = Received(key, meta, audio)
+            self.store_count[key] += 1
+        if fault == "slow_after_store":
+            await asyncio.sleep(self.slow_seconds)
+        elif fault == "drop_after_store":
+            assert request.transport is not None
+            request.transport.close()
+            return web.Response(status=200)
+        return web.json_response({"id": key, "duplicate": duplicate}, status=200 if duplicate else 201)
+
+    async def _health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    def summary(self) -> dict[str, object]:
+        """What arrived: SHA-256 of each stored message by key, stores and requests per key, rejections."""
+        return {"stored": {k: hashlib.sha256(v.audio).hexdigest() for k, v in self.stored.items()},
+                "store_count": dict(self.store_count), "posts": dict(self.posts), "rejected": self.rejected}
+
+    async def _received(self, _request: web.Request) -> web.Response:
+        return web.json_response(self.summary())
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
+        """Listen and return the upload URL."""
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/messages", self._handle)
+        app.router.add_get("/health", self._health)
+        app.router.add_get("/received", self._received)
+        self._runner = web.AppRunner(app, handle_signals=False)
+        await self._runner.setup()
+        # Bind first so port 0 (any free port) can be reported.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        bound = sock.getsockname()[1]
+        await web.SockSite(self._runner, sock).start()
+        return f"http://{host}:{bound}/messages"
+
+    async def aclose(self) -> None:
+        """Stop listening."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+@contextlib.contextmanager
+def endpoint_in_thread(endpoint: MessageEndpoint, host: str = "127.0.0.1") -> Iterator[str]:
+    """Run ``endpoint`` on its own loop in a thread (for tests whose kiosk side is another process)."""
+    loop = asyncio.new_event_loop()
+    ready: asyncio.Future[str] = loop.create_future()
+
+    async def main(stop: asyncio.Event) -> None:
+        ready.set_result(await endpoint.start(host))
+        await stop.wait()
+        await endpoint.aclose()
+
+    stop = asyncio.Event()
+    # Thread boundary: the endpoint's loop lives in this thread; the test talks to it only by HTTP and
+    # reads its counters after the work is done.
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(stop),), daemon=True)
+    thread.start()
+    url = asyncio.run_coroutine_threadsafe(asyncio.wait_for(asyncio.shield(ready), 10), loop).result()
+    try:
+        yield url
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve a stand-in endpoint until killed; print its upload URL first."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m kiosk.dev.message_endpoint")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", default="device-secret")
+    parser.add_argument("--faults", default="", help="comma-separated fault script (fail, slow, ...)")
+    parser.add_argument("--slow-seconds", type=float, default=3.0)
+    args = parser.parse_args(argv)
+    endpoint = MessageEndpoint(token=args.token or None, slow_seconds=args.slow_seconds)
+    endpoint.script(f for f in args.faults.split(",") if f)
+
+    async def serve() -> None:
+        print(await endpoint.start(args.host, args.port), flush=True)
+        await asyncio.Event().wait()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

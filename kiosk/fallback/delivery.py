@@ -1,0 +1,234 @@
+"""Delivery: upload stored messages to the operator's endpoint, exactly once from the operator's view.
+
+Protocol (also in docs/offline.md): one ``POST`` to ``delivery.url`` per message, ``multipart/form-data``
+with two parts, ``metadata`` (``application/json``) and ``audio`` (``audio/wav``, 16 kHz mono 16-bit),
+and the headers ``Authorization: Bearer <device credential>`` and ``Idempotency-Key: <message id>``.
+Any 2xx is the acknowledgement: only then is the message deleted. Everything else (a 5xx, a 4xx, a
+timeout, a dropped connection) keeps it, and it is sent again later with the same key, after a backoff
+with full jitter (``Retry-After`` is honoured). The endpoint stores a key once and answers 2xx to a
+repeat, so a message whose acknowledgement was lost is not stored twice: at-least-once sending plus
+deduplication by key is exactly-once for the operator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kiosk.errors import ConfigError, KioskError
+from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError
+from kiosk.link.backoff import Backoff
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from kiosk.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+USER_AGENT = "kiosk-messages/1"
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The outcome of one upload attempt."""
+
+    message_id: MessageId
+    acknowledged: bool
+    status: int | None = None  # HTTP status, None if no reply arrived
+    error: str = ""
+    retry_after_seconds: float | None = None
+
+
+def metadata(message: Message) -> dict[str, str | float | int]:
+    """The ``metadata`` part of an upload."""
+    return {"id": message.id, "recorded_at": message.recorded_at,
+            "duration_seconds": round(message.duration_seconds, 3), "sha256": message.sha256,
+            "size_bytes": message.size_bytes, "sample_rate_hz": 16000, "channels": 1,
+            "format": "wav", "attempt": message.attempts}
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # an HTTP-date; the backoff decides instead
+
+
+class Uploader:
+    """Sends one message per call over a shared aiohttp session (created lazily, closed by ``aclose``)."""
+
+    def __init__(self, url: str, credential: str | None, timeout_seconds: float = 30.0) -> None:
+        self.url = url
+        self._credential = credential
+        self._timeout_seconds = timeout_seconds
+        self._session: aiohttp.ClientSession | None = None
+
+    async def upload(self, message: Message, wav: bytes) -> UploadResult:
+        """POST one message; never raises for network or HTTP failures (they are results)."""
+        import aiohttp
+
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_seconds))
+        form = aiohttp.FormData()
+        form.add_field("metadata", json.dumps(metadata(message)), content_type="application/json")
+        form.add_field("audio", wav, filename=f"{message.id}.wav", content_type="audio/wav")
+        headers = {"Idempotency-Key": message.id, "User-Agent": USER_AGENT}
+        if self._credential:
+            headers["Authorization"] = f"Bearer {self._credential}"
+        try:
+            async with self._session.post(self.url, data=form, headers=headers) as response:
+                await response.read()
+                ok = 200 <= response.status < 300
+                error = "" if ok else f"HTTP {response.status} {response.reason or ''}".strip()
+                return UploadResult(message.id, ok, response.status, error,
+                                    _retry_after(response.headers.get("Retry-After")))
+        except TimeoutError:
+            return UploadResult(message.id, False, None, f"no reply within {self._timeout_seconds:g} s")
+        except aiohttp.ClientError as error:
+            return UploadResult(message.id, False, None, f"{type(error).__name__}: {error}")
+
+    async def aclose(self) -> None:
+        """Close the HTTP session."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+Upload = Callable[[Message, bytes], Awaitable[UploadResult]]
+
+
+async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
+    """Send stored messages, oldest first, until none is left or one fails.
+
+    After a failure the endpoint is not taking messages now and the caller backs off. Acknowledged
+    messages are deleted; failed ones go back to ``stored``.
+    """
+    results: list[UploadResult] = []
+    skip: set[str] = set()
+    while True:
+        # Thread boundary: spool calls fsync; they run in the executor so the loop keeps serving audio.
+        message = await asyncio.to_thread(spool.claim_next, frozenset(skip))
+        if message is None:
+            return results
+        try:
+            wav = await asyncio.to_thread(spool.read, message)
+        except SpoolError as error:
+            # A file that fails its checksum is never sent: it goes to quarantine/ for staff to look at.
+            _LOGGER.error("not sending message %s: %s", message.id, error.message)
+            await asyncio.to_thread(spool.quarantine_message, message.id, error.message)
+            skip.add(message.id)
+            continue
+        try:
+            result = await upload(message, wav)
+        except BaseException:
+            # Cancelled (shutdown) mid-upload: back to stored, sent again later with the same key.
+            await asyncio.shield(asyncio.to_thread(spool.release, message.id, "cancelled"))
+            raise
+        results.append(result)
+        if result.acknowledged:
+            await asyncio.to_thread(spool.mark_delivered, message.id)
+            _LOGGER.info("message %s delivered (HTTP %s)", message.id, result.status)
+            continue
+        await asyncio.to_thread(spool.release, message.id, result.error)
+        if result.status in (401, 403):
+            _LOGGER.error("the message endpoint rejects the device credential (%s): check the systemd "
+                          "credential 'device-credential' and delivery.url", result.error)
+        else:
+            _LOGGER.warning("message %s not delivered: %s; will retry", message.id, result.error)
+        return results
+
+
+class Deliverer:
+    """The service's delivery loop: a pass whenever woken (message stored, link up) or a backoff ran out.
+
+    ``run()`` runs until cancelled; ``wake()`` is called from the loop (after a store, on ``LinkUp``);
+    ``on_pass`` (e.g. a metrics refresh) is called after every pass that sent something.
+    """
+
+    def __init__(self, spool: Spool, upload: Upload, backoff: Backoff, idle_check_seconds: float = 600.0,
+                 on_pass: Callable[[list[UploadResult]], None] | None = None,
+                 uploader: Uploader | None = None) -> None:
+        self._spool = spool
+        self._upload = upload
+        self._backoff = backoff
+        self._idle_check_seconds = idle_check_seconds
+        self._on_pass = on_pass
+        self._uploader = uploader
+        self._wake = asyncio.Event()
+        self.delivered_total = 0
+        self.failed_attempts_total = 0
+
+    @classmethod
+    def from_settings(cls, settings: Settings, spool: Spool,
+                      on_pass: Callable[[list[UploadResult]], None] | None = None) -> Deliverer | None:
+        """The deliverer for ``delivery.url`` (None when unset: messages stay until staff export them).
+
+        It registers itself to be woken by every ``spool.store_recording``.
+        """
+        if settings.delivery.url is None:
+            _LOGGER.info("delivery.url is unset: visitors' messages stay on the kiosk (kiosk messages export)")
+            return None
+        uploader = uploader_from_settings(settings)
+        deliverer = cls(spool, uploader.upload, backoff_from_settings(settings), on_pass=on_pass,
+                        uploader=uploader)
+        spool.on_stored.append(lambda _message_id: deliverer.wake())
+        return deliverer
+
+    def wake(self) -> None:
+        """Try now (a message was stored, or the link came back)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Deliver, back off on failure, sleep until woken when the spool is empty."""
+        while True:
+            self._wake.clear()
+            try:
+                results = await deliver_pass(self._spool, self._upload)
+            except KioskError as error:
+                # The spool itself failed (card error): keep the loop alive and try again after a backoff.
+                _LOGGER.error("delivery pass failed: %s", error)
+                results = [UploadResult(MessageId(""), False, None, error.message)]
+            self.delivered_total += sum(r.acknowledged for r in results)
+            if results and self._on_pass is not None:
+                self._on_pass(results)
+            failed = [r for r in results if not r.acknowledged]
+            if failed:
+                self.failed_attempts_total += len(failed)
+                delay = self._backoff.next_delay_seconds()
+                hint = failed[-1].retry_after_seconds
+                if hint is not None:
+                    delay = min(max(delay, hint), self._backoff.max_seconds)
+            else:
+                self._backoff.reset()
+                delay = self._idle_check_seconds
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+
+    async def aclose(self) -> None:
+        """Close the uploader's HTTP session (cancel ``run()``'s task first)."""
+        if self._uploader is not None:
+            await self._uploader.aclose()
+
+
+def uploader_from_settings(settings: Settings) -> Uploader:
+    """An ``Uploader`` for ``delivery.url`` with the device credential; ``ConfigError`` if no URL is set."""
+    url = settings.delivery.url
+    if url is None:
+        raise ConfigError("delivery.url is unset, so messages stay on the kiosk: set KIOSK_DELIVERY__URL or "
+                          "[delivery] url in the config file")
+    credential = settings.session.credential.get_secret_value() if settings.session.credential else None
+    return Uploader(url, credential, settings.delivery.request_timeout_seconds)
+
+
+def backoff_from_settings(settings: Settings) -> Backoff:
+    """The delivery backoff (full jitter) from ``delivery.retry_base_seconds`` and ``retry_max_seconds``."""
+    base = min(settings.delivery.retry_base_seconds, settings.delivery.retry_max_seconds)
+    return Backoff(base_seconds=base, max_seconds=settings.delivery.retry_max_seconds)
