@@ -95,6 +95,14 @@ class AudioEngine(Protocol):
         ...
 
 
+class MessageStore(Protocol):
+    """Durable storage for visitors' messages (the spool)."""
+
+    async def store_recording(self, recording: Recording) -> str:
+        """Store ``recording`` durably and return its message id; raises ``KioskError`` if it cannot."""
+        ...
+
+
 class RoomLink(Protocol):
     """A conversation session: the session API plus the LiveKit room."""
 

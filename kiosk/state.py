@@ -1,0 +1,592 @@
+"""The kiosk's behaviour as a pure state machine: ``step(state, event) -> Transition(state, effects)``.
+
+``step`` is synchronous and clock-free: timers are effects (``StartTimer``) whose expiry comes back as a
+``TimerExpired`` event, so the same table runs on a virtual clock in tests and on the loop in service.
+The controller (``kiosk.controller``) is the only place effects become I/O. docs/behaviour.md describes
+the states, modes, barge-in policy and timers, with the transition table.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from kiosk.effects import (
+    OFFLINE_CUES,
+    CancelTimer,
+    ClearPlayback,
+    CloseSession,
+    Cue,
+    Effect,
+    InterruptAgent,
+    OfflineReason,
+    OpenSession,
+    PlayCue,
+    ShowPattern,
+    SpeakStatus,
+    StartPublishing,
+    StartRecording,
+    StartTimer,
+    StopPublishing,
+    StopRecording,
+    Timer,
+)
+from kiosk.events import (
+    AgentState,
+    AgentStateChanged,
+    ApiRefused,
+    Button,
+    ButtonHeld,
+    ButtonPressed,
+    ButtonReleased,
+    CueFinished,
+    DeviceFound,
+    DeviceLost,
+    ErrorOccurred,
+    Event,
+    LinkLost,
+    LinkUp,
+    PlaybackFinished,
+    PlaybackStarted,
+    RecordingFailed,
+    RecordingStored,
+    RefusalReason,
+    Route,
+    RouteChanged,
+    SessionClosed,
+    SessionOpened,
+    Started,
+    TimerExpired,
+    VoiceStarted,
+    VoiceStopped,
+)
+from kiosk.settings import InteractionMode, InteractionSettings, SpoolSettings
+
+
+class Phase(StrEnum):
+    """What the kiosk is doing."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    CONNECTING = "connecting"
+    LISTENING = "listening"
+    THINKING = "thinking"
+    SPEAKING = "speaking"
+    OFFLINE = "offline"
+    RECORDING_MESSAGE = "recording_message"
+    ERROR = "error"
+
+
+# Phases in which a conversation session is open (or opening): leaving them closes it.
+SESSION_PHASES = frozenset({Phase.CONNECTING, Phase.LISTENING, Phase.THINKING, Phase.SPEAKING})
+
+
+class MessageStep(StrEnum):
+    """Progress of "leave a message" while offline."""
+
+    NONE = "none"  # nothing offered yet
+    OFFER_PLAYING = "offer_playing"  # the reason's cue, then "press to leave a message", play
+    OFFERED = "offered"  # a press now records
+    TONE = "tone"  # the record tone plays; recording starts when it has played
+    RECORDING = "recording"
+    SAVING = "saving"  # handed to the store; confirmed only on RecordingStored
+
+
+_DEFAULT_MAX_MESSAGE_SECONDS = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The settings the machine needs (from ``InteractionSettings`` and ``SpoolSettings``)."""
+
+    mode: InteractionMode = InteractionMode.PUSH_TO_TALK
+    barge_in: bool = True
+    no_speech_timeout_seconds: float = 8.0
+    idle_end_seconds: float = 20.0
+    max_session_seconds: float = 300.0
+    max_message_seconds: float = _DEFAULT_MAX_MESSAGE_SECONDS
+    error_hold_seconds: float = 10.0
+
+    @classmethod
+    def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None) -> Policy:
+        """The policy for these settings."""
+        return cls(
+            mode=interaction.mode,
+            barge_in=interaction.barge_in,
+            no_speech_timeout_seconds=interaction.no_speech_timeout_seconds,
+            idle_end_seconds=interaction.idle_end_seconds,
+            max_session_seconds=interaction.max_session_seconds,
+            max_message_seconds=spool.max_message_seconds if spool is not None else _DEFAULT_MAX_MESSAGE_SECONDS,
+            error_hold_seconds=interaction.error_hold_seconds,
+        )
+
+    @property
+    def hands_free(self) -> bool:
+        """Tap-to-talk and open-mic: voice activity, not the button, gates the microphone."""
+        return self.mode is not InteractionMode.PUSH_TO_TALK
+
+
+@dataclass(frozen=True, slots=True)
+class KioskState:
+    """Everything the policy needs; immutable, replaced by each step."""
+
+    policy: Policy = field(default_factory=Policy)
+    phase: Phase = Phase.STARTING
+    online: bool = True
+    offline_reason: OfflineReason = OfflineReason.OFFLINE  # meaningful while not online
+    route: Route = Route.ARRAY
+    echo_path_verified: bool = False  # voice barge-in only on a route whose echo path is verified
+    device_ok: bool = True  # an audio route is available
+    last_error: str | None = None
+    talk_held: bool = False
+    voice_active: bool = False  # between VoiceStarted and VoiceStopped
+    heard_voice: bool = False  # voice since the last talk press, session start or recording start
+    publishing: bool = False  # the microphone gate is open
+    playing: bool = False  # agent audio is coming out of the speaker
+    message: MessageStep = MessageStep.NONE
+
+    def with_(self, **changes: Any) -> KioskState:
+        """A copy with ``changes``."""
+        return replace(self, **changes)
+
+    @property
+    def voice_barge_in(self) -> bool:
+        """Whether the visitor's voice may interrupt the agent (hands-free, enabled, verified echo path)."""
+        return self.policy.hands_free and self.policy.barge_in and self.echo_path_verified
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """The result of one step: the next state and the effects to carry out, in order."""
+
+    state: KioskState
+    effects: tuple[Effect, ...]
+
+
+def pattern_key(state: KioskState) -> str:
+    """The name of the LED pattern for ``state`` (``kiosk.panel.patterns.PATTERNS`` maps it to data)."""
+    if state.phase is Phase.OFFLINE:
+        return state.offline_reason.value
+    return state.phase.value
+
+
+def initial_state(policy: Policy, *, route: Route = Route.ARRAY, echo_path_verified: bool = False) -> KioskState:
+    """The state at start-up."""
+    return KioskState(policy=policy, route=route, echo_path_verified=echo_path_verified)
+
+
+def step(state: KioskState, event: Event) -> Transition:
+    """Apply ``event`` to ``state``: the next state and the effects (pure, no clock, no I/O)."""
+    b = _Builder(state)
+    _dispatch(b, event)
+    effects = b.effects
+    if pattern_key(b.state) != pattern_key(state):
+        effects.append(ShowPattern(pattern_key(b.state)))
+    return Transition(b.state, tuple(effects))
+
+
+# ----------------------------------------------------------------------------------------- internals
+_REFUSAL_REASONS: dict[RefusalReason, OfflineReason] = {
+    RefusalReason.MAINTENANCE: OfflineReason.MAINTENANCE,
+    RefusalReason.CREDITS_EXHAUSTED: OfflineReason.CREDITS_EXHAUSTED,
+    RefusalReason.BUDGET_CAP: OfflineReason.BUDGET_CAP,
+}
+_SESSION_TIMERS = (Timer.MAX_SESSION, Timer.NO_SPEECH, Timer.IDLE_END)
+
+
+class _Builder:
+    """The state being built and the effects so far."""
+
+    def __init__(self, state: KioskState) -> None:
+        self.state = state
+        self.effects: list[Effect] = []
+
+    @property
+    def s(self) -> KioskState:
+        return self.state
+
+    def set(self, **changes: Any) -> None:
+        self.state = replace(self.state, **changes)
+
+    def do(self, *effects: Effect) -> None:
+        self.effects.extend(effects)
+
+    def publish(self, on: bool) -> None:
+        if self.state.publishing != on:
+            self.do(StartPublishing() if on else StopPublishing())
+            self.set(publishing=on)
+
+    def timer(self, name: Timer, seconds: float) -> None:
+        self.do(StartTimer(name, seconds))
+
+    def cancel(self, *names: Timer) -> None:
+        self.do(*(CancelTimer(n) for n in names))
+
+    def rest(self) -> None:
+        """Back to where the kiosk waits for a visitor: idle if online, else offline (nothing offered)."""
+        self.set(phase=Phase.IDLE if self.state.online else Phase.OFFLINE, message=MessageStep.NONE,
+                 heard_voice=False)
+
+    def leave(self, *, keep_message: bool) -> None:
+        """Tear down what the current phase runs (session, recording, offer), without changing phase."""
+        s = self.state
+        if s.phase in SESSION_PHASES:
+            self.publish(False)
+            self.do(ClearPlayback(), CloseSession())
+            self.cancel(*_SESSION_TIMERS)
+            self.set(playing=False)
+        elif s.phase is Phase.RECORDING_MESSAGE and s.message is MessageStep.RECORDING:
+            self.do(StopRecording(keep=keep_message))
+            self.cancel(Timer.MAX_MESSAGE, Timer.NO_SPEECH)
+        elif s.phase is Phase.OFFLINE and s.message is MessageStep.OFFERED:
+            self.cancel(Timer.MESSAGE_OFFER)
+
+    def end_session(self, cue: Cue | None) -> None:
+        self.leave(keep_message=True)
+        if cue is not None:
+            self.do(PlayCue(cue))
+        self.rest()
+
+    def go_offline(self, reason: OfflineReason, *, visitor_present: bool) -> None:
+        """Record the reason; with a visitor present, end the session and say why (then offer a message)."""
+        self.set(online=False, offline_reason=reason)
+        phase = self.state.phase
+        if phase in SESSION_PHASES:
+            self.leave(keep_message=True)
+            self.set(phase=Phase.OFFLINE, message=MessageStep.NONE, heard_voice=False)
+            if visitor_present:
+                self.do(PlayCue(OFFLINE_CUES[reason]), PlayCue(Cue.LEAVE_MESSAGE))
+                self.set(message=MessageStep.OFFER_PLAYING)
+        elif phase is Phase.IDLE:
+            # Nobody asked: show the pattern, say nothing until a visitor presses.
+            self.set(phase=Phase.OFFLINE, message=MessageStep.NONE)
+
+    def error(self, code: str, *, device: bool) -> None:
+        s = self.state
+        visitor_present = s.phase in SESSION_PHASES
+        self.leave(keep_message=True)
+        if visitor_present and not device:
+            self.do(PlayCue(Cue.ERROR))
+        self.timer(Timer.ERROR_CLEAR, s.policy.error_hold_seconds)
+        self.set(phase=Phase.ERROR, last_error=code, message=MessageStep.NONE, heard_voice=False)
+        if device:
+            self.set(device_ok=False)
+
+
+def _dispatch(b: _Builder, event: Event) -> None:
+    """Events every state handles the same way first, then the phase's own handler."""
+    s = b.s
+    match event:
+        case DeviceLost():
+            b.error("device_lost", device=True)
+            return
+        case RouteChanged(route=Route.NONE):
+            b.set(route=Route.NONE, echo_path_verified=False)
+            b.error("no_audio_route", device=True)
+            return
+        case RouteChanged(route=route, echo_path_verified=verified):
+            # A fallback route took over (or the array came back): the session goes on; only the
+            # barge-in policy follows the route.
+            b.set(route=route, echo_path_verified=verified)
+            _device_back(b)
+            return
+        case DeviceFound():
+            _device_back(b)
+            return
+        case ErrorOccurred(code=code):
+            b.error(code or "error", device=False)
+            return
+        case LinkLost():
+            b.go_offline(OfflineReason.OFFLINE, visitor_present=True)
+            return
+        case ApiRefused(reason=reason):
+            # Every refusal reads as one of four plain reasons to the visitor; the exact one (e.g. an
+            # unauthorised device credential) goes to last_error for staff and the status.
+            b.set(last_error=f"api_{reason.value}")
+            b.go_offline(_REFUSAL_REASONS.get(reason, OfflineReason.OFFLINE), visitor_present=True)
+            return
+        case LinkUp():
+            b.set(online=True)
+            if s.phase is Phase.OFFLINE:
+                b.leave(keep_message=False)
+                b.rest()
+            return
+        case ButtonHeld(button=button):
+            _held(b, button)
+            return
+        case ButtonPressed(button=Button.TALK) if s.phase is Phase.RECORDING_MESSAGE:
+            b.set(talk_held=True)  # what the visitor said so far still counts: the press may end the message
+        case ButtonPressed(button=Button.TALK):
+            b.set(talk_held=True, heard_voice=False)
+        case ButtonReleased(button=Button.TALK):
+            b.set(talk_held=False)
+        case VoiceStarted():
+            b.set(voice_active=True, heard_voice=True)
+        case VoiceStopped():
+            b.set(voice_active=False)
+        case PlaybackStarted():
+            b.set(playing=True)
+        case PlaybackFinished():
+            b.set(playing=False)
+        case RecordingFailed() if s.phase is not Phase.RECORDING_MESSAGE:
+            b.set(last_error="recording_failed")
+            return
+        case SessionOpened() if s.phase not in SESSION_PHASES:
+            # A session we no longer want (cancelled while it opened): close it, it costs money.
+            b.do(CloseSession())
+            return
+        case SessionClosed() if s.phase in SESSION_PHASES and s.phase is not Phase.CONNECTING:
+            # While connecting, a SessionClosed is the previous session's (the link runs close and open
+            # in order); the new session's failure arrives as LinkLost or ApiRefused.
+            b.end_session(Cue.SESSION_END)
+            return
+        case ButtonPressed(button=Button.CANCEL):
+            _cancel(b)
+            return
+        case TimerExpired(name=Timer.MAX_SESSION) if s.phase in SESSION_PHASES:
+            b.end_session(Cue.SESSION_END)
+            return
+    handler = _PHASE_HANDLERS.get(b.s.phase)
+    if handler is not None:
+        handler(b, event)
+
+
+def _device_back(b: _Builder) -> None:
+    if not b.s.device_ok:
+        b.set(device_ok=True)
+        if b.s.phase is Phase.ERROR:
+            b.cancel(Timer.ERROR_CLEAR)
+            b.rest()
+
+
+def _held(b: _Builder, button: Button) -> None:
+    """A long hold asks for the status, unless the talk button is held by a visitor who is speaking."""
+    s = b.s
+    if button is Button.TALK and s.heard_voice:
+        return
+    if s.message is MessageStep.SAVING:
+        return  # the visitor's message is being stored: its confirmation must still play
+    if s.phase in (Phase.STARTING, Phase.ERROR):
+        b.do(_status(s))
+        return
+    b.leave(keep_message=False)
+    b.do(_status(b.s))
+    b.rest()
+
+
+def _status(s: KioskState) -> SpeakStatus:
+    return SpeakStatus(online=s.online, offline_reason=None if s.online else s.offline_reason,
+                       route=s.route.value, last_error=s.last_error)
+
+
+def _cancel(b: _Builder) -> None:
+    """The cancel button ends a session, a recording or an offer."""
+    s = b.s
+    if s.message is MessageStep.SAVING:
+        return  # the message is already being stored: its confirmation must still play
+    if s.phase in SESSION_PHASES:
+        b.end_session(Cue.SESSION_END)
+    elif s.phase is Phase.RECORDING_MESSAGE:
+        b.leave(keep_message=False)
+        b.rest()
+    elif s.phase is Phase.OFFLINE and s.message is not MessageStep.NONE:
+        b.leave(keep_message=False)
+        b.set(message=MessageStep.NONE)
+
+
+def _open(b: _Builder) -> None:
+    b.do(OpenSession())
+    b.timer(Timer.MAX_SESSION, b.s.policy.max_session_seconds)
+    b.set(phase=Phase.CONNECTING, heard_voice=b.s.voice_active, playing=False)
+
+
+def _idle(b: _Builder, event: Event) -> None:
+    s = b.s
+    match event:
+        case ButtonPressed(button=Button.TALK):
+            _open(b)
+        case VoiceStarted() if s.policy.mode is InteractionMode.OPEN_MIC:
+            _open(b)
+
+
+def _starting(b: _Builder, event: Event) -> None:
+    if isinstance(event, Started):
+        b.rest()
+
+
+def _connecting(b: _Builder, event: Event) -> None:
+    s = b.s
+    p = s.policy
+    match event:
+        case SessionOpened():
+            b.set(phase=Phase.LISTENING)
+            if not s.voice_active:
+                b.do(PlayCue(Cue.SESSION_START))
+            if not p.hands_free:
+                if s.talk_held:
+                    b.publish(True)
+                else:
+                    b.timer(Timer.IDLE_END, p.idle_end_seconds)
+            elif s.voice_active:
+                b.publish(True)
+            else:
+                b.timer(Timer.NO_SPEECH, p.no_speech_timeout_seconds)
+        case ButtonPressed(button=Button.TALK) if p.hands_free:
+            # The next tap ends it, even before it opened.
+            b.end_session(None)
+
+
+def _barge_in(b: _Builder) -> None:
+    b.do(ClearPlayback(), InterruptAgent())
+    b.set(playing=False, phase=Phase.LISTENING)
+
+
+def _listening(b: _Builder, event: Event) -> None:
+    s = b.s
+    p = s.policy
+    match event:
+        case ButtonPressed(button=Button.TALK) if not p.hands_free:
+            b.publish(True)
+            b.cancel(Timer.IDLE_END)
+        case ButtonReleased(button=Button.TALK) if not p.hands_free:
+            was_publishing = s.publishing
+            b.publish(False)
+            b.timer(Timer.IDLE_END, p.idle_end_seconds)
+            if was_publishing and s.heard_voice:
+                b.set(phase=Phase.THINKING)
+        case ButtonPressed(button=Button.TALK):
+            b.end_session(Cue.SESSION_END)
+        case VoiceStarted() if p.hands_free:
+            b.publish(True)
+            b.cancel(Timer.NO_SPEECH, Timer.IDLE_END)
+        case VoiceStarted() if s.talk_held:
+            b.cancel(Timer.IDLE_END)
+        case VoiceStopped() if p.hands_free and s.publishing:
+            b.publish(False)
+            b.timer(Timer.IDLE_END, p.idle_end_seconds)
+            b.set(phase=Phase.THINKING)
+        case TimerExpired(name=Timer.NO_SPEECH | Timer.IDLE_END) if not (s.voice_active or s.talk_held):
+            b.end_session(Cue.SESSION_END)
+        case AgentStateChanged(state=AgentState.SPEAKING) | PlaybackStarted() if not s.publishing:
+            b.cancel(Timer.IDLE_END, Timer.NO_SPEECH)
+            b.set(phase=Phase.SPEAKING)
+
+
+def _thinking(b: _Builder, event: Event) -> None:
+    s = b.s
+    p = s.policy
+    match event:
+        case AgentStateChanged(state=AgentState.SPEAKING) | PlaybackStarted():
+            b.cancel(Timer.IDLE_END)
+            b.set(phase=Phase.SPEAKING)
+        case ButtonPressed(button=Button.TALK) if not p.hands_free:
+            b.publish(True)
+            b.cancel(Timer.IDLE_END)
+            b.set(phase=Phase.LISTENING)
+        case ButtonPressed(button=Button.TALK):
+            b.end_session(Cue.SESSION_END)
+        case VoiceStarted() if p.hands_free:
+            b.publish(True)
+            b.cancel(Timer.IDLE_END)
+            b.set(phase=Phase.LISTENING)
+        case TimerExpired(name=Timer.IDLE_END):
+            b.end_session(Cue.SESSION_END)
+
+
+def _speaking(b: _Builder, event: Event) -> None:
+    s = b.s
+    p = s.policy
+    match event:
+        case PlaybackFinished() | AgentStateChanged(state=AgentState.LISTENING | AgentState.IDLE) if not b.s.playing:
+            b.set(phase=Phase.LISTENING)
+            b.timer(Timer.IDLE_END, p.idle_end_seconds)
+        case ButtonPressed(button=Button.TALK):
+            # Barge-in by press works on every route: a press is never the agent's own echo.
+            _barge_in(b)
+            if p.hands_free:
+                b.timer(Timer.IDLE_END, p.idle_end_seconds)
+            else:
+                b.publish(True)
+        case VoiceStarted() if s.voice_barge_in:
+            _barge_in(b)
+            b.publish(True)
+        case VoiceStopped() if s.publishing:
+            b.publish(False)
+
+
+def _offline(b: _Builder, event: Event) -> None:
+    s = b.s
+    match event:
+        case ButtonPressed(button=Button.TALK) if s.message is MessageStep.NONE:
+            b.do(PlayCue(OFFLINE_CUES[s.offline_reason]), PlayCue(Cue.LEAVE_MESSAGE))
+            b.set(message=MessageStep.OFFER_PLAYING)
+        case ButtonPressed(button=Button.TALK) if s.message is MessageStep.OFFERED:
+            b.cancel(Timer.MESSAGE_OFFER)
+            b.do(PlayCue(Cue.RECORDING_TONE))
+            b.set(phase=Phase.RECORDING_MESSAGE, message=MessageStep.TONE)
+        case CueFinished(cue=Cue.LEAVE_MESSAGE) if s.message is MessageStep.OFFER_PLAYING:
+            b.timer(Timer.MESSAGE_OFFER, s.policy.idle_end_seconds)
+            b.set(message=MessageStep.OFFERED)
+        case TimerExpired(name=Timer.MESSAGE_OFFER) if s.message is MessageStep.OFFERED:
+            b.set(message=MessageStep.NONE)
+
+
+def _recording(b: _Builder, event: Event) -> None:
+    s = b.s
+    p = s.policy
+    recording = s.message is MessageStep.RECORDING
+    match event:
+        case CueFinished(cue=Cue.RECORDING_TONE) if s.message is MessageStep.TONE:
+            b.do(StartRecording())
+            b.timer(Timer.MAX_MESSAGE, p.max_message_seconds)
+            b.timer(Timer.NO_SPEECH, p.no_speech_timeout_seconds)
+            b.set(message=MessageStep.RECORDING, heard_voice=s.voice_active)
+        case VoiceStarted() if recording:
+            b.cancel(Timer.NO_SPEECH)
+        case VoiceStopped() if recording and s.heard_voice:
+            _finish_recording(b)
+        case ButtonReleased(button=Button.TALK) if recording and s.heard_voice and not p.hands_free:
+            _finish_recording(b)
+        case ButtonPressed(button=Button.TALK) if recording:
+            # Pressing again ends the message; with nothing said there is nothing to keep.
+            if s.heard_voice:
+                _finish_recording(b)
+            else:
+                b.leave(keep_message=False)
+                b.rest()
+        case TimerExpired(name=Timer.MAX_MESSAGE) if recording:
+            _finish_recording(b)
+        case TimerExpired(name=Timer.NO_SPEECH) if recording and not s.heard_voice:
+            b.leave(keep_message=False)
+            b.rest()
+        case RecordingStored() if s.message is MessageStep.SAVING:
+            b.do(PlayCue(Cue.MESSAGE_STORED))
+            b.rest()
+        case RecordingFailed() if s.message is MessageStep.SAVING:
+            b.do(PlayCue(Cue.MESSAGE_FAILED))
+            b.set(last_error="recording_failed")
+            b.rest()
+
+
+def _finish_recording(b: _Builder) -> None:
+    b.leave(keep_message=True)
+    b.set(message=MessageStep.SAVING)
+
+
+def _error(b: _Builder, event: Event) -> None:
+    if isinstance(event, TimerExpired) and event.name == Timer.ERROR_CLEAR and b.s.device_ok:
+        b.rest()
+
+
+_PHASE_HANDLERS = {
+    Phase.STARTING: _starting,
+    Phase.IDLE: _idle,
+    Phase.CONNECTING: _connecting,
+    Phase.LISTENING: _listening,
+    Phase.THINKING: _thinking,
+    Phase.SPEAKING: _speaking,
+    Phase.OFFLINE: _offline,
+    Phase.RECORDING_MESSAGE: _recording,
+    Phase.ERROR: _error,
+}

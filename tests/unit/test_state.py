@@ -1,0 +1,513 @@
+"""The state machine: invariants over every reachable state x every event, plus scenarios per mode."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import replace
+
+import pytest
+
+from kiosk.effects import (
+    CancelTimer,
+    ClearPlayback,
+    CloseSession,
+    Cue,
+    Effect,
+    InterruptAgent,
+    OfflineReason,
+    OpenSession,
+    PlayCue,
+    ShowPattern,
+    SpeakStatus,
+    StartPublishing,
+    StartRecording,
+    StartTimer,
+    StopPublishing,
+    StopRecording,
+    Timer,
+)
+from kiosk.events import (
+    AgentState,
+    AgentStateChanged,
+    ApiRefused,
+    Button,
+    ButtonHeld,
+    ButtonPressed,
+    ButtonReleased,
+    CueFinished,
+    DeviceFound,
+    DeviceLost,
+    ErrorOccurred,
+    Event,
+    HeadsetPlugged,
+    HeadsetUnplugged,
+    LinkLost,
+    LinkReconnecting,
+    LinkUp,
+    PlaybackFinished,
+    PlaybackStarted,
+    RecordingFailed,
+    RecordingStored,
+    RefusalReason,
+    Route,
+    RouteChanged,
+    SessionClosed,
+    SessionOpened,
+    Started,
+    TimerExpired,
+    VoiceStarted,
+    VoiceStopped,
+)
+from kiosk.panel.patterns import PATTERNS
+from kiosk.settings import InteractionMode
+from kiosk.state import SESSION_PHASES, KioskState, MessageStep, Phase, Policy, initial_state, pattern_key, step
+
+MODES = list(InteractionMode)
+
+EVENTS: list[Event] = [
+    Started(),
+    *(cls(b) for cls in (ButtonPressed, ButtonReleased, ButtonHeld) for b in Button),
+    VoiceStarted(), VoiceStopped(),
+    SessionOpened("s"), SessionClosed("gone"),
+    *(ApiRefused(r) for r in RefusalReason),
+    *(AgentStateChanged(a) for a in AgentState),
+    PlaybackStarted(), PlaybackFinished(),
+    *(CueFinished(c.value) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START)),
+    LinkUp(), LinkLost("down"), LinkReconnecting(),
+    DeviceLost("array"), DeviceFound("array"), HeadsetPlugged(), HeadsetUnplugged(),
+    *(RouteChanged(r, v) for r in Route for v in (True, False)),
+    *(TimerExpired(t.value) for t in Timer),
+    RecordingStored("m1"), RecordingFailed("disk"),
+    ErrorOccurred("boom", "it broke"),
+]
+# Every event class in kiosk.events must be in the table.
+EVENT_CLASSES = {type(e) for e in EVENTS}
+
+
+def _canonical(state: KioskState) -> KioskState:
+    """Fold fields that only change what is said or shown (not what happens next) to keep the search small."""
+    return replace(
+        state,
+        last_error=None if state.last_error is None else "e",
+        route=Route.NONE if state.route is Route.NONE else Route.ARRAY,
+        offline_reason=OfflineReason.OFFLINE if state.offline_reason is OfflineReason.OFFLINE
+        else OfflineReason.MAINTENANCE,
+    )
+
+
+def _reachable(policy: Policy, limit: int = 20000) -> list[KioskState]:
+    """Every state reachable from start-up by any sequence of the events above (breadth first, canonical)."""
+    start = initial_state(policy)
+    seen = {start}
+    queue = deque([start])
+    while queue:
+        state = queue.popleft()
+        for event in EVENTS:
+            nxt = _canonical(step(state, event).state)
+            if nxt not in seen:
+                seen.add(nxt)
+                queue.append(nxt)
+                assert len(seen) < limit, "state space exploded: a field grows without bound"
+    return list(seen)
+
+
+@pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
+def reachable(request: pytest.FixtureRequest) -> list[KioskState]:
+    return _reachable(Policy(mode=request.param))
+
+
+def test_every_event_class_is_tabled() -> None:
+    import kiosk.events as events
+
+    defined = {obj for obj in vars(events).values()
+               if isinstance(obj, type) and issubclass(obj, Event) and obj is not Event}
+    assert defined == EVENT_CLASSES
+
+
+def test_every_phase_is_reachable(reachable: list[KioskState]) -> None:
+    assert {s.phase for s in reachable} == set(Phase)
+
+
+def _w(state: KioskState, event: Event, t: object) -> str:
+    """The failure message (built only when an assertion fails)."""
+    return f"{state} + {event} -> {t}"
+
+
+def _count(effects: tuple[Effect, ...], kind: type[Effect]) -> int:
+    return sum(isinstance(e, kind) for e in effects)
+
+
+@pytest.mark.slow
+def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskState]) -> None:
+    checked = 0
+    for state in reachable:
+        for event in EVENTS:
+            t = step(state, event)
+            new, fx = t.state, t.effects
+            checked += 1
+            if checked % 97 == 0:
+                assert step(state, event) == t, _w(state, event, t)  # pure: same input, same output
+            # The microphone streams only inside a session, and the gate effects match the flag.
+            assert not new.publishing or new.phase in (Phase.LISTENING, Phase.SPEAKING), _w(state, event, t)
+            assert _count(fx, StartPublishing) - _count(fx, StopPublishing) == int(new.publishing) - int(
+                state.publishing), _w(state, event, t)
+            # Leaving a session always closes it; entering one always opens it.
+            if state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES:
+                assert _count(fx, CloseSession) == 1 and _count(fx, ClearPlayback) == 1, _w(state, event, t)
+                assert {e.name for e in fx if isinstance(e, CancelTimer)} >= {Timer.MAX_SESSION, Timer.IDLE_END}
+            if new.phase is Phase.CONNECTING and state.phase is not Phase.CONNECTING:
+                assert OpenSession() in fx and StartTimer(Timer.MAX_SESSION, state.policy.max_session_seconds) in fx
+            if _count(fx, OpenSession):
+                assert new.phase is Phase.CONNECTING, _w(state, event, t)
+            # One pattern effect exactly when the pattern changes, naming a known pattern.
+            shown = [e for e in fx if isinstance(e, ShowPattern)]
+            if pattern_key(new) != pattern_key(state):
+                assert shown == [ShowPattern(pattern_key(new))], _w(state, event, t)
+                assert shown[0].name in PATTERNS
+            else:
+                assert shown == [], _w(state, event, t)
+            # Failures: every state handles them.
+            if isinstance(event, DeviceLost) or (isinstance(event, RouteChanged) and event.route is Route.NONE):
+                assert new.phase is Phase.ERROR and not new.device_ok, _w(state, event, t)
+            if isinstance(event, ErrorOccurred):
+                assert new.phase is Phase.ERROR and new.last_error == "boom", _w(state, event, t)
+            if isinstance(event, LinkLost):
+                assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
+            if isinstance(event, ApiRefused):
+                assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
+            # Recording starts only after the tone, stops whenever a recording phase is left.
+            if _count(fx, StartRecording):
+                assert isinstance(event, CueFinished) and event.cue == Cue.RECORDING_TONE, _w(state, event, t)
+                assert new.message is MessageStep.RECORDING
+            was_recording = state.phase is Phase.RECORDING_MESSAGE and state.message is MessageStep.RECORDING
+            now_recording = new.phase is Phase.RECORDING_MESSAGE and new.message is MessageStep.RECORDING
+            assert _count(fx, StopRecording) == int(was_recording and not now_recording), _w(state, event, t)
+            # The confirmation plays only once the message is stored.
+            if PlayCue(Cue.MESSAGE_STORED) in fx:
+                assert isinstance(event, RecordingStored), _w(state, event, t)
+            # The agent is interrupted only while it speaks, and voice interrupts only on a verified path.
+            if _count(fx, InterruptAgent):
+                assert state.phase is Phase.SPEAKING, _w(state, event, t)
+                if isinstance(event, VoiceStarted):
+                    assert state.echo_path_verified and state.policy.hands_free and state.policy.barge_in
+            # Status is spoken only for a hold.
+            if _count(fx, SpeakStatus):
+                assert isinstance(event, ButtonHeld), _w(state, event, t)
+    assert checked > 1000
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("event", [DeviceLost("array"), LinkLost("x"), ErrorOccurred("e", "m")],
+                         ids=["DeviceLost", "LinkLost", "ErrorOccurred"])
+def test_every_phase_handles_failures(phase: Phase, event: Event) -> None:
+    state = KioskState(phase=phase, publishing=phase in (Phase.LISTENING, Phase.SPEAKING),
+                       message=MessageStep.RECORDING if phase is Phase.RECORDING_MESSAGE else MessageStep.NONE)
+    t = step(state, event)
+    if isinstance(event, LinkLost):
+        assert not t.state.online
+        expected = {Phase.IDLE: Phase.OFFLINE, **{p: Phase.OFFLINE for p in SESSION_PHASES}}.get(phase, phase)
+        assert t.state.phase is expected
+    else:
+        assert t.state.phase is Phase.ERROR
+        assert ShowPattern("error") in t.effects or phase is Phase.ERROR
+    if phase in SESSION_PHASES:
+        assert CloseSession() in t.effects and not t.state.publishing
+    if phase is Phase.RECORDING_MESSAGE and not isinstance(event, LinkLost):
+        assert StopRecording(keep=True) in t.effects  # what was said so far is kept
+
+
+# ------------------------------------------------------------------------------------ scenarios
+def run(state: KioskState, *events: Event) -> tuple[KioskState, list[Effect]]:
+    effects: list[Effect] = []
+    for event in events:
+        t = step(state, event)
+        state = t.state
+        effects += t.effects
+    return state, effects
+
+
+def idle(mode: InteractionMode = InteractionMode.PUSH_TO_TALK, verified: bool = False, **kw: object) -> KioskState:
+    state, _ = run(initial_state(Policy(mode=mode, **kw), echo_path_verified=verified), Started())  # type: ignore[arg-type]
+    assert state.phase is Phase.IDLE
+    return state
+
+
+def test_push_to_talk_streams_only_while_held() -> None:
+    s, fx = run(idle(), ButtonPressed())
+    assert s.phase is Phase.CONNECTING and OpenSession() in fx and StartPublishing() not in fx
+    s, fx = run(s, SessionOpened("s"))
+    assert s.phase is Phase.LISTENING and fx[:2] == [PlayCue(Cue.SESSION_START), StartPublishing()]
+    s, fx = run(s, VoiceStarted(), VoiceStopped(), ButtonReleased())
+    assert s.phase is Phase.THINKING and StopPublishing() in fx and not s.publishing
+    s, fx = run(s, AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
+    assert s.phase is Phase.SPEAKING
+    s, fx = run(s, PlaybackFinished())
+    assert s.phase is Phase.LISTENING and StartTimer(Timer.IDLE_END, 20.0) in fx
+    s, fx = run(s, TimerExpired(Timer.IDLE_END))
+    assert s.phase is Phase.IDLE and CloseSession() in fx and PlayCue(Cue.SESSION_END) in fx
+
+
+def test_push_to_talk_release_before_connected_keeps_mic_closed() -> None:
+    s, _ = run(idle(), ButtonPressed(), ButtonReleased())
+    s, fx = run(s, SessionOpened("s"))
+    assert s.phase is Phase.LISTENING and StartPublishing() not in fx and StartTimer(Timer.IDLE_END, 20.0) in fx
+
+
+def test_push_to_talk_voice_never_interrupts_even_on_verified_route() -> None:
+    s, _ = run(idle(verified=True), ButtonPressed(), SessionOpened("s"), VoiceStarted(), ButtonReleased(),
+               AgentStateChanged(AgentState.SPEAKING))
+    assert s.phase is Phase.SPEAKING
+    s, fx = run(s, VoiceStarted())
+    assert s.phase is Phase.SPEAKING and fx == []
+    s, fx = run(s, ButtonPressed())
+    assert s.phase is Phase.LISTENING and fx[:3] == [ClearPlayback(), InterruptAgent(), StartPublishing()]
+
+
+@pytest.mark.parametrize("mode", [InteractionMode.TAP_TO_TALK, InteractionMode.OPEN_MIC])
+@pytest.mark.parametrize("verified", [True, False])
+def test_hands_free_barge_in_by_voice_only_on_verified_route(mode: InteractionMode, verified: bool) -> None:
+    s, _ = run(idle(mode, verified), ButtonPressed(), ButtonReleased(), SessionOpened("s"), VoiceStarted(),
+               VoiceStopped(), AgentStateChanged(AgentState.SPEAKING))
+    assert s.phase is Phase.SPEAKING and not s.publishing
+    s, fx = run(s, VoiceStarted())
+    if verified:
+        assert s.phase is Phase.LISTENING and fx[:3] == [ClearPlayback(), InterruptAgent(), StartPublishing()]
+    else:  # push-to-talk semantics: the voice may be the agent's own echo
+        assert s.phase is Phase.SPEAKING and fx == []
+        s, fx = run(s, ButtonPressed())
+        assert s.phase is Phase.LISTENING and fx[:2] == [ClearPlayback(), InterruptAgent()]
+
+
+def test_barge_in_setting_off_disables_voice_barge_in() -> None:
+    s, _ = run(idle(InteractionMode.TAP_TO_TALK, True, barge_in=False), ButtonPressed(), SessionOpened("s"),
+               AgentStateChanged(AgentState.SPEAKING))
+    s, fx = run(s, VoiceStarted())
+    assert s.phase is Phase.SPEAKING and fx == []
+
+
+def test_tap_to_talk_session_ends_after_no_speech_or_next_tap() -> None:
+    s, fx = run(idle(InteractionMode.TAP_TO_TALK), ButtonPressed(), ButtonReleased(), SessionOpened("s"))
+    assert s.phase is Phase.LISTENING and StartTimer(Timer.NO_SPEECH, 8.0) in fx and not s.publishing
+    s, fx = run(s, TimerExpired(Timer.NO_SPEECH))
+    assert s.phase is Phase.IDLE and CloseSession() in fx
+    s, _ = run(s, ButtonPressed(), ButtonReleased(), SessionOpened("s"), VoiceStarted())
+    assert s.publishing and CancelTimer(Timer.NO_SPEECH) in _
+    s, fx = run(s, VoiceStopped())
+    assert s.phase is Phase.THINKING and not s.publishing
+    s, fx = run(s, ButtonPressed())
+    assert s.phase is Phase.IDLE and CloseSession() in fx
+
+
+def test_open_mic_speech_opens_the_session_and_streams_at_once() -> None:
+    s, fx = run(idle(InteractionMode.OPEN_MIC), VoiceStarted())
+    assert s.phase is Phase.CONNECTING and OpenSession() in fx
+    s, fx = run(s, SessionOpened("s"))
+    assert s.publishing and PlayCue(Cue.SESSION_START) not in fx  # no tone over the visitor's words
+    s, _ = run(idle(InteractionMode.TAP_TO_TALK), VoiceStarted())
+    assert s.phase is Phase.IDLE  # tap-to-talk ignores passers-by
+
+
+def test_max_session_caps_every_session_phase() -> None:
+    for extra in ([], [SessionOpened("s")], [SessionOpened("s"), VoiceStarted(), ButtonReleased()],
+                  [SessionOpened("s"), AgentStateChanged(AgentState.SPEAKING)]):
+        s, _ = run(idle(), ButtonPressed(), *extra)
+        assert s.phase in SESSION_PHASES
+        s, fx = run(s, TimerExpired(Timer.MAX_SESSION))
+        assert s.phase is Phase.IDLE and CloseSession() in fx and PlayCue(Cue.SESSION_END) in fx
+
+
+def test_idle_end_waits_while_the_agent_speaks() -> None:
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"), ButtonReleased(), AgentStateChanged(AgentState.SPEAKING))
+    s, fx = run(s, TimerExpired(Timer.IDLE_END))
+    assert s.phase is Phase.SPEAKING and fx == []
+
+
+def test_cancel_during_connecting_closes_and_late_session_is_closed() -> None:
+    s, _ = run(idle(), ButtonPressed())
+    s, fx = run(s, ButtonPressed(Button.CANCEL))
+    assert s.phase is Phase.IDLE and CloseSession() in fx
+    s, fx = run(s, SessionOpened("late"))
+    assert s.phase is Phase.IDLE and fx == [CloseSession()]
+
+
+def test_status_hold_without_speech_and_not_while_talking() -> None:
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"))
+    s, fx = run(s, ButtonHeld())
+    assert s.phase is Phase.IDLE and CloseSession() in fx
+    assert SpeakStatus(online=True, offline_reason=None, route="array", last_error=None) in fx
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"), VoiceStarted())
+    s, fx = run(s, ButtonHeld())
+    assert s.phase is Phase.LISTENING and fx == []  # a visitor talking for long is not asking for status
+
+
+@pytest.mark.parametrize(("reason", "cue", "pattern"), [
+    (RefusalReason.UNREACHABLE, Cue.OFFLINE, "offline"),
+    (RefusalReason.SERVER_ERROR, Cue.OFFLINE, "offline"),
+    (RefusalReason.UNAUTHORISED, Cue.OFFLINE, "offline"),
+    (RefusalReason.MAINTENANCE, Cue.MAINTENANCE, "maintenance"),
+    (RefusalReason.CREDITS_EXHAUSTED, Cue.CREDITS_EXHAUSTED, "credits_exhausted"),
+    (RefusalReason.BUDGET_CAP, Cue.BUDGET_CAP, "budget_cap"),
+])
+def test_refusal_says_why_then_a_press_records_a_message(reason: RefusalReason, cue: Cue, pattern: str) -> None:
+    s, fx = run(idle(), ButtonPressed(), ButtonReleased(), ApiRefused(reason))
+    assert s.phase is Phase.OFFLINE and s.last_error == f"api_{reason.value}"
+    assert fx[-3:] == [PlayCue(cue), PlayCue(Cue.LEAVE_MESSAGE), ShowPattern(pattern)]
+    s, fx = run(s, ButtonPressed())
+    assert s.phase is Phase.OFFLINE and fx == []  # a press while the message plays does nothing
+    s, _ = run(s, ButtonReleased(), CueFinished(cue.value), CueFinished(Cue.LEAVE_MESSAGE.value))
+    assert s.message is MessageStep.OFFERED
+    s, fx = run(s, ButtonPressed(), ButtonReleased())
+    assert s.phase is Phase.RECORDING_MESSAGE and PlayCue(Cue.RECORDING_TONE) in fx and StartRecording() not in fx
+    s, fx = run(s, CueFinished(Cue.RECORDING_TONE.value))
+    assert StartRecording() in fx and StartTimer(Timer.MAX_MESSAGE, 60.0) in fx
+    s, fx = run(s, VoiceStarted(), VoiceStopped())
+    assert StopRecording(keep=True) in fx and s.message is MessageStep.SAVING
+    assert not any(isinstance(e, PlayCue) for e in fx)  # no confirmation before it is stored
+    s, fx = run(s, RecordingStored("m1"))
+    assert PlayCue(Cue.MESSAGE_STORED) in fx and s.phase is Phase.OFFLINE and s.message is MessageStep.NONE
+
+
+def test_message_ends_at_max_length_and_failure_is_said() -> None:
+    s, _ = run(idle(), LinkLost("down"))
+    assert s.phase is Phase.OFFLINE
+    s, fx = run(s, ButtonPressed())
+    assert fx == [PlayCue(Cue.OFFLINE), PlayCue(Cue.LEAVE_MESSAGE)]
+    s, _ = run(s, CueFinished(Cue.LEAVE_MESSAGE.value), ButtonPressed(), CueFinished(Cue.RECORDING_TONE.value),
+               VoiceStarted())
+    s, fx = run(s, TimerExpired(Timer.MAX_MESSAGE))
+    assert StopRecording(keep=True) in fx
+    s, fx = run(s, RecordingFailed("disk full"))
+    assert PlayCue(Cue.MESSAGE_FAILED) in fx and s.last_error == "recording_failed"
+
+
+def test_silent_message_is_discarded_and_offer_expires() -> None:
+    s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE.value), ButtonPressed(),
+               CueFinished(Cue.RECORDING_TONE.value))
+    s, fx = run(s, TimerExpired(Timer.NO_SPEECH))
+    assert StopRecording(keep=False) in fx and s.phase is Phase.OFFLINE
+    s, _ = run(s, ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE.value))
+    s, _ = run(s, TimerExpired(Timer.MESSAGE_OFFER))
+    assert s.message is MessageStep.NONE
+
+
+def test_link_up_returns_to_idle_and_recording_survives_it() -> None:
+    s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE.value), ButtonPressed(),
+               CueFinished(Cue.RECORDING_TONE.value), VoiceStarted())
+    s, fx = run(s, LinkUp())
+    assert s.phase is Phase.RECORDING_MESSAGE and s.online and fx == []
+    s, _ = run(s, VoiceStopped(), RecordingStored("m"))
+    assert s.phase is Phase.IDLE
+
+
+def test_route_change_keeps_the_session_and_sets_barge_in_policy() -> None:
+    s, _ = run(idle(InteractionMode.TAP_TO_TALK, verified=True), ButtonPressed(), SessionOpened("s"))
+    s, fx = run(s, RouteChanged(Route.HEADSET, echo_path_verified=False))
+    assert s.phase is Phase.LISTENING and fx == [] and not s.voice_barge_in
+    s, fx = run(s, RouteChanged(Route.NONE, echo_path_verified=False))
+    assert s.phase is Phase.ERROR and CloseSession() in fx
+    s, fx = run(s, TimerExpired(Timer.ERROR_CLEAR))
+    assert s.phase is Phase.ERROR  # still no audio route
+    s, fx = run(s, RouteChanged(Route.ARRAY, echo_path_verified=True))
+    assert s.phase is Phase.IDLE and s.voice_barge_in
+
+
+def test_error_clears_after_its_timer_to_offline_when_link_is_down() -> None:
+    s, fx = run(idle(), ErrorOccurred("cue_failed", "x"))
+    assert StartTimer(Timer.ERROR_CLEAR, 10.0) in fx
+    s, _ = run(s, LinkLost())
+    s, fx = run(s, TimerExpired(Timer.ERROR_CLEAR))
+    assert s.phase is Phase.OFFLINE
+
+
+# ------------------------------------------------------------------------------------ docs table
+def _representatives(mode: InteractionMode) -> list[tuple[str, KioskState]]:
+    base = idle(mode)
+    listening, _ = run(base, ButtonPressed(), SessionOpened("s"), VoiceStarted())
+    thinking, _ = run(listening, VoiceStopped(), ButtonReleased())
+    speaking, _ = run(thinking, AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
+    offline, _ = run(base, LinkLost())
+    offered, _ = run(offline, ButtonPressed(), ButtonReleased(), CueFinished(Cue.LEAVE_MESSAGE.value))
+    recording, _ = run(offered, ButtonPressed(), ButtonReleased(), CueFinished(Cue.RECORDING_TONE.value),
+                       VoiceStarted())
+    saving, _ = run(recording, VoiceStopped())
+    error, _ = run(base, ErrorOccurred("e"))
+    verified = [("speaking (verified echo path)", replace(speaking, echo_path_verified=True))
+                ] if mode is not InteractionMode.PUSH_TO_TALK else []
+    return [
+        ("starting", initial_state(Policy(mode=mode))), ("idle", base), ("connecting", run(base, ButtonPressed())[0]),
+        ("listening (talking)", listening), ("thinking", thinking), ("speaking", speaking), *verified,
+        ("offline", offline),
+        ("offline (message offered)", offered), ("recording_message (recording)", recording),
+        ("recording_message (saving)", saving), ("error", error),
+    ]
+
+
+TABLE_EVENTS: list[Event] = [
+    Started(), ButtonPressed(), ButtonReleased(), ButtonHeld(), ButtonPressed(Button.CANCEL), VoiceStarted(),
+    VoiceStopped(), SessionOpened("s"), SessionClosed(), ApiRefused(RefusalReason.MAINTENANCE),
+    AgentStateChanged(AgentState.SPEAKING), AgentStateChanged(AgentState.LISTENING), PlaybackStarted(),
+    PlaybackFinished(), CueFinished(Cue.LEAVE_MESSAGE.value), CueFinished(Cue.RECORDING_TONE.value), LinkUp(),
+    LinkLost(), DeviceLost(), DeviceFound(), RouteChanged(Route.HEADSET, False), RouteChanged(Route.NONE, False),
+    *(TimerExpired(t.value) for t in Timer), RecordingStored("m"), RecordingFailed("x"), ErrorOccurred("e"),
+]
+
+
+def _fmt_event(event: Event) -> str:
+    name = type(event).__name__
+    detail = {ButtonPressed: "button", ButtonReleased: "button", ButtonHeld: "button", AgentStateChanged: "state",
+              ApiRefused: "reason", CueFinished: "cue", TimerExpired: "name", RouteChanged: "route"}
+    field = detail.get(type(event))
+    return f"{name}({getattr(event, field)})" if field else name
+
+
+def _fmt_effect(effect: Effect) -> str:
+    match effect:
+        case PlayCue(name=name):
+            return f"cue {name.value}"
+        case StartTimer(name=name, seconds=seconds):
+            return f"start {name.value} ({seconds:g} s)"
+        case CancelTimer(name=name):
+            return f"cancel {name.value}"
+        case StopRecording(keep=keep):
+            return "StopRecording(keep)" if keep else "StopRecording(discard)"
+        case SpeakStatus():
+            return "SpeakStatus"
+    return type(effect).__name__
+
+
+_END_SESSION = "ClearPlayback, CloseSession, cancel max_session, cancel no_speech, cancel idle_end"
+
+
+def _rows(mode: InteractionMode) -> list[str]:
+    rows = []
+    for label, state in _representatives(mode):
+        for event in TABLE_EVENTS:
+            t = step(state, event)
+            effects = [_fmt_effect(e) for e in t.effects if not isinstance(e, ShowPattern)]
+            if t.state.phase is state.phase and not effects:
+                continue
+            nxt = t.state.phase.value if t.state.phase is not state.phase else "="
+            text = (", ".join(effects) or "-").replace(_END_SESSION, "**end session**")
+            rows.append(f"| {label} | {_fmt_event(event)} | {nxt} | {text} |")
+    return rows
+
+
+def behaviour_table(mode: InteractionMode) -> str:
+    """The transition table in docs/behaviour.md: all of push-to-talk; for the others, the rows that differ."""
+    rows = _rows(mode)
+    if mode is not InteractionMode.PUSH_TO_TALK:
+        ptt = set(_rows(InteractionMode.PUSH_TO_TALK))
+        rows = [r for r in rows if r not in ptt]
+    header = ["| state | event | next state | effects (in order; the LED pattern follows the state) |",
+              "| --- | --- | --- | --- |"]
+    return "\n".join(header + rows) + "\n"
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_docs_transition_table_is_current(mode: InteractionMode) -> None:
+    from pathlib import Path
+
+    doc = (Path(__file__).parents[2] / "docs" / "behaviour.md").read_text()
+    assert behaviour_table(mode) in doc, (
+        f"docs/behaviour.md is out of date for {mode.value}: regenerate the table with "
+        f"tests.unit.test_state.behaviour_table(InteractionMode.{mode.name})")
