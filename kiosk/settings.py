@@ -54,6 +54,13 @@ class AudioSettings(_Section):
     latency_ms: float = Field(20.0, gt=0, le=500, description="PortAudio suggested latency per direction")
     mic_ring_ms: int = Field(500, ge=50, le=5000, description="capture ring; the oldest audio drops when full")
     playout_buffer_ms: int = Field(2000, ge=100, le=30000, description="bounded agent playout buffer")
+    device_timeout_ms: int = Field(
+        1000, ge=100, le=30000, description="no capture frames for this long: the device counts as lost"
+    )
+    reopen_max_seconds: float = Field(5.0, gt=0, le=300, description="longest wait between reopen attempts")
+    route_poll_seconds: float = Field(
+        0.25, gt=0, le=60, description="how often the route manager checks for devices coming and going"
+    )
 
     @field_validator("channel", mode="before")
     @classmethod
@@ -73,14 +80,17 @@ class AecBackend(StrEnum):
 
     WEBRTC = "webrtc"
     SPEEX = "speex"
+    HYBRID = "hybrid"  # AEC3 while only the agent talks, speex's linear filter in double talk
     NONE = "none"
 
 
 class AecSettings(_Section):
     """Acoustic echo cancellation."""
 
-    backend: AecBackend = Field(AecBackend.WEBRTC, description="webrtc (AEC3), speex, or none")
-    filter_ms: int = Field(128, ge=16, le=1000, description="speex: echo tail covered by the adaptive filter")
+    backend: AecBackend = Field(
+        AecBackend.HYBRID, description="hybrid (AEC3, speex in double talk; measures best), webrtc (AEC3), speex, none"
+    )
+    filter_ms: int = Field(128, ge=16, le=1000, description="speex/hybrid: echo tail covered by the speex filter")
     residual_suppression: bool = Field(True, description="speex: the preprocessor's residual-echo suppression")
     noise_suppression: bool = Field(True, description="noise suppression after the echo canceller")
     delay_ms: float | None = Field(
@@ -94,12 +104,21 @@ class VadSettings(_Section):
     """Voice activity detection and segmentation."""
 
     mode: int = Field(3, ge=0, le=3, description="webrtcvad aggressiveness 0 (permissive) to 3 (strict)")
-    frame_ms: Literal[10, 20, 30] = Field(30, description="webrtcvad analysis frame")
+    frame_ms: Literal[10, 20, 30] = Field(10, description="webrtcvad analysis frame (10 measured best)")
+    speech_hold_ms: int = Field(
+        120, ge=0, le=1000, description="frames after detected speech still count (bridges weak word endings)"
+    )
     preroll_ms: int = Field(300, ge=0, le=2000, description="audio kept before speech starts and streamed with it")
     hangover_ms: int = Field(600, ge=0, le=5000, description="silence before speech counts as stopped")
     min_speech_ms: int = Field(150, ge=0, le=2000, description="speech shorter than this is ignored")
     min_level_dbfs: float = Field(
-        -45.0, ge=-96, le=0, description="quieter frames never count as speech (rejects distant talkers)"
+        -36.0, ge=-96, le=0, description="speech peaks must reach this level (rejects distant talkers)"
+    )
+    noise_margin_db: float = Field(
+        3.0, ge=0, le=40, description="speech peaks must stand this far above the tracked noise floor"
+    )
+    barge_in_margin_db: float = Field(
+        6.0, ge=0, le=40, description="while the agent speaks, the output must exceed the expected echo by this"
     )
 
 
@@ -121,6 +140,9 @@ class InteractionSettings(_Section):
     idle_end_seconds: float = Field(20.0, gt=0, description="end a session after this long without an exchange")
     max_session_seconds: float = Field(300.0, gt=0, description="hard cap on one session (cost cap)")
     status_hold_seconds: float = Field(5.0, gt=0, description="holding the button this long speaks the status")
+    error_hold_seconds: float = Field(
+        10.0, gt=0, description="how long a recoverable error shows before the kiosk waits for visitors again"
+    )
 
 
 # ------------------------------------------------------------------------------------------ panel
@@ -216,6 +238,14 @@ class SessionSettings(_Section):
     request_timeout_seconds: float = Field(5.0, gt=0, le=60, description="per HTTP request")
     prewarm: bool = Field(False, description="keep a muted session connected so a press goes live at once")
     consent_notice: bool = Field(False, description="play a short AI-processing notice at session start")
+    check_catalog: bool = Field(True, description="check the model's catalog status before opening a session")
+    retry_attempts: int = Field(3, ge=1, le=10, description="tries per request on server errors (5xx)")
+    retry_base_seconds: float = Field(0.25, gt=0, le=30, description="first backoff ceiling (full jitter)")
+    retry_max_seconds: float = Field(4.0, gt=0, le=300, description="largest backoff ceiling between tries")
+    rate_limit_wait_max_seconds: float = Field(
+        2.0, ge=0, le=60, description="wait out a shorter Retry-After and try again; longer ones refuse"
+    )
+    agent_name: str = Field("kiosk-agent", description="agent dispatched into the room (token_endpoint source)")
 
     @field_validator("api_url", "token_endpoint_url")
     @classmethod
@@ -240,6 +270,9 @@ class SpoolSettings(_Section):
     max_age_days: float = Field(30.0, gt=0, description="messages older than this are dropped, oldest first")
     min_free_mb: int = Field(200, ge=0, description="keep this much disk free; oldest messages go first")
     language: str = Field("en", description="language of the local spoken messages")
+    cues_directory: Path = Field(
+        Path("/etc/kiosk/cues"), description="operator's cues, <language>/<name>.wav; checked before the shipped ones"
+    )
 
 
 class DeliverySettings(_Section):
@@ -247,6 +280,15 @@ class DeliverySettings(_Section):
 
     url: str | None = Field(None, description="HTTP endpoint messages are uploaded to; unset: keep them")
     retry_max_seconds: float = Field(300.0, gt=0, description="longest wait between upload attempts")
+    retry_base_seconds: float = Field(2.0, gt=0, le=300, description="first backoff ceiling (full jitter)")
+    request_timeout_seconds: float = Field(30.0, gt=0, le=600, description="per upload request")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"'{value}' is not an http(s) URL; write it as https://host[:port]/path")
+        return value
 
 
 # ---------------------------------------------------------------------------------------- service
@@ -256,6 +298,32 @@ class MetricsSettings(_Section):
     enabled: bool = Field(True, description="serve /metrics and /status")
     host: str = Field("127.0.0.1", description="listen address")
     port: int = Field(9101, ge=0, le=65535, description="listen port (0: any free port)")
+    input_audio_tokens_per_second: float = Field(10.0, ge=0, description="tokens billed per second streamed in")
+    output_audio_tokens_per_second: float = Field(20.0, ge=0, description="tokens billed per second of answer")
+    input_credits_per_million_tokens: float = Field(32.0, ge=0, description="price of a million input tokens")
+    output_credits_per_million_tokens: float = Field(64.0, ge=0, description="price of a million output tokens")
+    spool_warn_fraction: float = Field(
+        0.8, gt=0, le=1, description="warn when the spool reaches this fraction of its retention limits"
+    )
+
+
+# ---------------------------------------------------------------------------------------- livekit
+class LiveKitSettings(_Section):
+    """The LiveKit room link (rtc SDK)."""
+
+    publish_queue_ms: int = Field(100, ge=20, le=1000, description="AudioSource queue; small keeps latency low")
+    send_queue_frames: int = Field(
+        10, ge=2, le=200, description="10 ms frames waiting to be handed to LiveKit; the oldest drop when full"
+    )
+    receive_capacity_frames: int = Field(50, ge=0, le=1000, description="rtc.AudioStream queue (0: unbounded)")
+    agent_wait_seconds: float = Field(10.0, gt=0, le=120, description="wait this long for the agent's audio")
+    reconnect_grace_seconds: float = Field(
+        15.0, gt=0, le=300, description="after a reconnect, wait this long for the agent to come back"
+    )
+    interrupt_rpc_method: str = Field("kiosk.interrupt", description="RPC the agent registers to stop speaking")
+    reconnect_give_up_seconds: float = Field(
+        20.0, gt=0, le=600, description="end a session whose SDK reconnect has not succeeded after this long"
+    )
 
 
 class Settings(BaseSettings):
@@ -278,6 +346,7 @@ class Settings(BaseSettings):
     spool: SpoolSettings = Field(default_factory=SpoolSettings)
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    livekit: LiveKitSettings = Field(default_factory=LiveKitSettings)
 
     @classmethod
     def settings_customise_sources(

@@ -21,7 +21,7 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_defaults_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("kiosk.settings.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     settings = load_settings()
-    assert settings.aec.backend is AecBackend.WEBRTC
+    assert settings.aec.backend is AecBackend.HYBRID
     assert settings.session.profiles[0].llm_model == "gpt-realtime"
 
 
