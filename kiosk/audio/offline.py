@@ -1,0 +1,232 @@
+"""Offline processing: run the configured capture chain over recorded files exactly as it runs live.
+
+``process_files`` reads a microphone and a reference WAV, resamples them to 16 kHz, feeds them through
+``CaptureChain`` frame by frame with frame times as ``now_seconds`` (the chain estimates delay and drift
+itself, as live), and writes the cleaned 16 kHz mono WAV and, optionally, the detected speech intervals
+as JSON (``{"speech": [[start_s, end_s], ...]}``). Files that cannot be used raise ``InputError`` with
+the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import wave
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import numpy.typing as npt
+
+from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm, frames, resample, to_int16
+from kiosk.errors import InputError
+from kiosk.events import VoiceStarted, VoiceStopped
+
+if TYPE_CHECKING:
+    from kiosk.audio.pipeline import Canceller, CaptureChain
+    from kiosk.audio.vad import VoiceDetector
+    from kiosk.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+FRAME_SECONDS = FRAME_SAMPLES / RATE_HZ
+# Recordings made by two separate devices differ a little in length (clock drift, start/stop timing).
+_LENGTH_SLACK_SECONDS = 0.05
+_LENGTH_SLACK_SHARE = 0.005
+
+Channel = int | str  # a 0-based channel number, or "mix"
+
+
+@dataclass
+class OfflineResult:
+    """What one offline run produced."""
+
+    cleaned: Pcm  # 16 kHz mono int16, same length as the microphone input
+    speech: list[tuple[float, float]]  # detected speech intervals, seconds
+    speech_flags: npt.NDArray[np.bool_]  # per 10 ms frame: the chain's speech decision
+    far_flags: npt.NDArray[np.bool_]  # per 10 ms frame: the reference was active
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+def read_wav(path: Path, *, role: str, channel: Channel | None = None) -> tuple[npt.NDArray[np.float32], int]:
+    """Read a WAV as float32 mono and its rate; ``InputError`` names the file, the problem and the fix.
+
+    Integer PCM (8/16/24/32-bit) and 32/64-bit float files are accepted. A file with more than one channel
+    needs ``channel`` (a number, or ``"mix"``).
+    """
+    if not path.exists():
+        raise InputError(f"{role} file {path} does not exist: check the path")
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(12)
+    except OSError as error:
+        raise InputError(f"{role} file {path} cannot be read ({error.strerror}): check its permissions") from None
+    if header[:4] not in (b"RIFF", b"RIFX", b"RF64") or header[8:12] != b"WAVE":
+        raise InputError(f"{role} file {path} is not a WAV file (no RIFF/WAVE header): record or convert it "
+                         "to PCM WAV")
+    try:
+        data, rate = _read_pcm(path)
+    except InputError:
+        raise
+    except (wave.Error, EOFError, ValueError, OSError) as error:
+        detail = str(error) or type(error).__name__
+        raise InputError(f"{role} file {path} is not a readable WAV file ({detail}): record or convert it "
+                         "to PCM WAV") from None
+    if data.shape[1] > 1:
+        if channel is None:
+            raise InputError(f"{role} file {path} has {data.shape[1]} channels; the chain takes mono: pass "
+                             f"--{role}-channel N (0 to {data.shape[1] - 1}) or --{role}-channel mix")
+        if channel == "mix":
+            mono = data.mean(axis=1)
+        else:
+            index = int(channel)
+            if not 0 <= index < data.shape[1]:
+                raise InputError(f"{role} file {path} has no channel {index}: use 0 to {data.shape[1] - 1} or mix")
+            mono = data[:, index]
+    else:
+        mono = data[:, 0]
+    if len(mono) == 0:
+        raise InputError(f"{role} file {path} holds no audio: record at least a few seconds")
+    return np.asarray(mono, dtype=np.float32), rate
+
+
+def _read_pcm(path: Path) -> tuple[npt.NDArray[np.float64], int]:
+    """Samples as float64 in [-1, 1], shape (frames, channels), and the rate."""
+    try:
+        with wave.open(str(path), "rb") as wav:
+            rate = wav.getframerate()
+            channels = wav.getnchannels()
+            width = wav.getsampwidth()
+            raw = wav.readframes(wav.getnframes())
+    except wave.Error:
+        # Float and extensible WAVs: the standard module reads integer PCM only.
+        from scipy.io import wavfile
+
+        rate, array = wavfile.read(str(path))
+        array = np.asarray(array)
+        if array.ndim == 1:
+            array = array[:, None]
+        if array.dtype.kind == "f":
+            return array.astype(np.float64), int(rate)
+        if array.dtype.kind in "iu":
+            info = np.iinfo(array.dtype)
+            scaled = (array.astype(np.float64) - (info.max + 1 if array.dtype.kind == "u" else 0)) / (info.max + 1)
+            return scaled, int(rate)
+        raise InputError(f"{path}: unsupported sample type {array.dtype}: use PCM or float WAV") from None
+    if rate <= 0:
+        raise InputError(f"{path}: the header says {rate} Hz: the file is damaged; record it again")
+    if width == 1:
+        ints = np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0
+        scale = 128.0
+    elif width == 2:
+        ints = np.frombuffer(raw, dtype="<i2").astype(np.float64)
+        scale = 32768.0
+    elif width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float64)
+        scale = 8388608.0
+    elif width == 4:
+        ints = np.frombuffer(raw, dtype="<i4").astype(np.float64)
+        scale = 2147483648.0
+    else:
+        raise InputError(f"{path}: {8 * width}-bit samples are not supported: use 16-bit PCM")
+    usable = len(ints) - len(ints) % channels
+    return (ints[:usable] / scale).reshape(-1, channels), rate
+
+
+def write_wav(path: Path, pcm: Pcm, rate_hz: int = RATE_HZ) -> None:
+    """Write 16-bit mono PCM."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate_hz)
+        wav.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+
+
+def load_pair(mic_path: Path, ref_path: Path, *, mic_channel: Channel | None = None,
+              ref_channel: Channel | None = None) -> tuple[Pcm, Pcm]:
+    """Microphone and reference at 16 kHz int16, the reference fitted to the microphone's length."""
+    mic, mic_rate = read_wav(mic_path, role="mic", channel=mic_channel)
+    ref, ref_rate = read_wav(ref_path, role="ref", channel=ref_channel)
+    mic_seconds, ref_seconds = len(mic) / mic_rate, len(ref) / ref_rate
+    slack = max(_LENGTH_SLACK_SECONDS, _LENGTH_SLACK_SHARE * mic_seconds)
+    if abs(mic_seconds - ref_seconds) > slack:
+        raise InputError(f"mic file {mic_path} lasts {mic_seconds:.3f} s but ref file {ref_path} lasts "
+                         f"{ref_seconds:.3f} s: record both at once, from the same start to the same end")
+    return fit_pair(to_int16(resample(mic, mic_rate)), to_int16(resample(ref, ref_rate)))
+
+
+def fit_pair(mic: Pcm, ref: Pcm) -> tuple[Pcm, Pcm]:
+    """Trim or zero-fill the reference to the microphone's length."""
+    if len(ref) >= len(mic):
+        return mic, ref[: len(mic)]
+    # Zero-fill: the reference ended a few milliseconds early; nothing was played then.
+    padded = np.zeros(len(mic), dtype=np.int16)
+    padded[: len(ref)] = ref
+    return mic, padded
+
+
+def run_chain(chain: CaptureChain, mic: Pcm, ref: Pcm) -> OfflineResult:
+    """Feed whole recordings through ``chain`` frame by frame, as the live engine does."""
+    mic_frames = frames(mic)
+    ref_frames = frames(ref)
+    count = len(mic_frames)
+    cleaned = np.zeros((count, FRAME_SAMPLES), dtype=np.int16)
+    speech_flags = np.zeros(count, dtype=bool)
+    far_flags = np.zeros(count, dtype=bool)
+    spans: list[tuple[float, float]] = []
+    start: float | None = None
+    for k in range(count):
+        result = chain.process(mic_frames[k], ref_frames[k], k * FRAME_SECONDS)
+        cleaned[k] = result.pcm
+        speech_flags[k] = result.speech
+        far_flags[k] = result.far_active
+        for event in result.events:
+            start = _collect(event, start, spans)
+    for event in chain.finish():
+        start = _collect(event, start, spans)
+    counters = chain.counters
+    return OfflineResult(
+        cleaned=cleaned.reshape(-1)[: len(mic)], speech=spans, speech_flags=speech_flags, far_flags=far_flags,
+        counters={"frames": counters.frames, "speech_frames": counters.speech_frames,
+                  "far_frames": counters.far_frames, "echo_rejected_frames": counters.echo_rejected_frames,
+                  "voice_starts": counters.voice_starts})
+
+
+def _collect(event: object, start: float | None, spans: list[tuple[float, float]]) -> float | None:
+    if isinstance(event, VoiceStarted):
+        return event.at_seconds
+    if isinstance(event, VoiceStopped) and start is not None:
+        spans.append((round(start, 3), round(event.at_seconds, 3)))
+        return None
+    return start
+
+
+def process_arrays(settings: Settings, mic: Pcm, ref: Pcm, *, echo_canceller: Canceller | None = None,
+                   detector: VoiceDetector | None = None) -> OfflineResult:
+    """Run a fresh configured chain over 16 kHz int16 arrays (the reference fitted to the microphone)."""
+    from kiosk.audio.pipeline import CaptureChain
+
+    mic, ref = fit_pair(mic, ref)
+    chain = CaptureChain(settings, echo_canceller=echo_canceller, detector=detector)
+    return run_chain(chain, mic, ref)
+
+
+def process_files(settings: Settings, mic_path: Path, ref_path: Path, out_path: Path, *,
+                  vad_path: Path | None = None, mic_channel: Channel | None = None,
+                  ref_channel: Channel | None = None, echo_canceller: Canceller | None = None) -> OfflineResult:
+    """``kiosk audio process``: read, run the chain, write the cleaned WAV (and the speech JSON)."""
+    mic, ref = load_pair(mic_path, ref_path, mic_channel=mic_channel, ref_channel=ref_channel)
+    result = process_arrays(settings, mic, ref, echo_canceller=echo_canceller)
+    try:
+        write_wav(out_path, result.cleaned)
+        if vad_path is not None:
+            vad_path.parent.mkdir(parents=True, exist_ok=True)
+            vad_path.write_text(json.dumps({"speech": [list(span) for span in result.speech]}) + "\n")
+    except OSError as error:
+        raise InputError(f"cannot write {error.filename or out_path} ({error.strerror}): choose a writable "
+                         "place for --out and --vad") from None
+    _LOGGER.info("processed %s: %.1f s, %d speech segments", mic_path, len(mic) / RATE_HZ, len(result.speech))
+    return result

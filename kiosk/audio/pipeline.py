@@ -1,0 +1,248 @@
+"""The capture chain: echo cancellation, voice detection with a double-talk-aware barge-in decision, the gate.
+
+``CaptureChain.process(mic, ref, now_seconds)`` takes one 10 ms frame of microphone audio and the far-end
+reference rendered at the same nominal time, and returns a ``ChainFrame``: the cleaned frame, whether the
+visitor at the kiosk speaks, the ``VoiceStarted``/``VoiceStopped`` events, and the frames the gate lets
+through. The same class runs live (the audio engine calls it per frame from the asyncio side, never from
+the PortAudio callback) and offline (``kiosk.audio.offline``), so a recording judges exactly what runs.
+
+Barge-in while the agent speaks: residual echo that the canceller leaves must not count as the visitor.
+The chain keeps the level envelope of the reference over the echo path's delay window, learns how much
+of it leaks through the canceller (a quantile tracker of output level minus reference envelope, frozen
+while the visitor talks), and while the reference is active accepts speech only when the output stands
+``barge_in_margin_db`` above that expected residual.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from kiosk.audio.format import FRAME_SAMPLES, Pcm
+from kiosk.audio.vad import (
+    SILENCE_DBFS,
+    Gate,
+    Segmenter,
+    VoiceDetector,
+    frame_level_dbfs,
+    make_voice_detector,
+)
+from kiosk.events import Event, VoiceStarted
+
+if TYPE_CHECKING:
+    from kiosk.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+# The reference counts as active (the agent or a cue is audible) above this envelope level.
+FAR_ACTIVE_DBFS = -60.0
+# Echo tail after the bulk delay that the reference envelope covers.
+_ECHO_TAIL_MS = 200
+# How often the canceller's own estimates (delay) are read; they change slowly.
+_STATS_EVERY_FRAMES = 25
+# Output level smoothing: about 30 ms, so single quiet or loud frames do not flip the decision.
+_SMOOTH = math.exp(-10.0 / 30.0)
+# Leak tracker: the 90th percentile of (output - reference envelope) over echo-only frames.
+_LEAK_QUANTILE = 0.9
+_LEAK_STEP_DB = 1.0
+_LEAK_START_DB = 0.0  # before learning: assume the canceller removes nothing (no false barge-in)
+_LEAK_CREEP_DB = 0.02  # per frame while "talking", so a rise of the residual is learned within seconds
+_LEAK_MIN_DB = -90.0
+_LEAK_MAX_DB = 20.0
+# Frames a "louder than the echo" decision lasts: bridges dips inside a syllable, but short enough that an
+# echo burst does not ride the detector's longer hold into a VoiceStarted.
+_TALK_HOLD_FRAMES = 8
+# A visitor passes through the canceller nearly unchanged, residual echo does not: when the output is this
+# much quieter than the microphone, what is left is echo the canceller is still removing, not a visitor.
+_MAX_TALK_ATTENUATION_DB = 12.0
+_NO_EVENTS: tuple[Event, ...] = ()
+
+
+class Canceller(Protocol):
+    """What the chain needs from an echo canceller (``kiosk.audio.aec.EchoCanceller`` satisfies it)."""
+
+    def process(self, near: Pcm, far: Pcm) -> Pcm:
+        """Cancel the echo of ``far`` in ``near`` (160-sample int16 frames)."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the adapted echo path."""
+        ...
+
+    def stats(self) -> Any:
+        """Current estimates (``delay_ms``, ``erle_db``, ``converged``, ...)."""
+        ...
+
+
+@dataclass(slots=True)
+class ChainFrame:
+    """One frame through the chain."""
+
+    pcm: Pcm  # cleaned 10 ms frame (valid until the next ``process``; copy to keep it)
+    speech: bool  # the visitor at the kiosk speaks in this frame (after the barge-in decision)
+    events: Sequence[Event]  # VoiceStarted / VoiceStopped caused by this frame
+    stream: Sequence[Pcm]  # frames the gate lets through now (pre-roll first, on opening)
+    far_active: bool = False  # the reference (agent or cue) is audible in the echo window
+
+
+@dataclass(slots=True)
+class ChainCounters:
+    """Running counts, for metrics and the benchmark."""
+
+    frames: int = 0
+    speech_frames: int = 0
+    streamed_frames: int = 0
+    far_frames: int = 0
+    echo_rejected_frames: int = 0  # the detector heard speech but it was under the expected echo
+    voice_starts: int = 0
+
+
+class CaptureChain:
+    """Echo canceller -> voice detector -> barge-in decision -> segmenter -> gate, per 10 ms frame."""
+
+    def __init__(self, settings: Settings, *, echo_canceller: Canceller | None = None,
+                 detector: VoiceDetector | None = None) -> None:
+        if echo_canceller is None:
+            from kiosk.audio.aec import make_echo_canceller
+
+            echo_canceller = make_echo_canceller(settings.aec)
+        self.echo_canceller: Canceller = echo_canceller
+        self.detector: VoiceDetector = detector if detector is not None else make_voice_detector(settings.vad)
+        self.segmenter = Segmenter.from_settings(settings.vad)
+        self.gate = Gate.from_settings(settings.vad)
+        self.counters = ChainCounters()
+        self._margin_db = settings.vad.barge_in_margin_db
+        self._freeze_frames = settings.vad.speech_hold_ms // 10
+        delay_ms = settings.aec.delay_ms if settings.aec.delay_ms is not None else settings.aec.max_delay_ms
+        self._history_frames = int(max(delay_ms, settings.aec.max_delay_ms) // 10) + _ECHO_TAIL_MS // 10 + 1
+        self._ref_levels: npt.NDArray[np.float64] = np.full(self._history_frames, SILENCE_DBFS)
+        self._scratch: npt.NDArray[np.float32] = np.zeros(FRAME_SAMPLES, dtype=np.float32)
+        self._fixed_delay_frames = None if settings.aec.delay_ms is None else int(settings.aec.delay_ms // 10)
+        self._delay_frames: int | None = self._fixed_delay_frames
+        self._reset_state()
+
+    def _reset_state(self) -> None:
+        self._ref_levels.fill(SILENCE_DBFS)
+        self._head = 0  # index of the newest reference level
+        self._out_power = 0.0
+        self._mic_power = 0.0
+        self.leak_db = _LEAK_START_DB
+        self._talk_hold = 0
+        self._freeze = 0
+        self._frames_since_stats = _STATS_EVERY_FRAMES
+
+    def reset(self) -> None:
+        """Forget everything adaptive (route change): canceller, detector, segmenter, echo estimates."""
+        self.echo_canceller.reset()
+        self.detector.reset()
+        self.segmenter.reset()
+        self.gate.close()
+        self._delay_frames = self._fixed_delay_frames
+        self._reset_state()
+
+    def open_gate(self) -> None:
+        """Start streaming cleaned frames (the controller decides; pre-roll goes out first)."""
+        self.gate.open()
+
+    def close_gate(self) -> None:
+        """Stop streaming."""
+        self.gate.close()
+
+    def _echo_envelope_dbfs(self) -> float:
+        """Loudest reference level over the window where its echo can still be in the microphone."""
+        n = self._history_frames
+        if self._delay_frames is None:
+            return float(self._ref_levels.max())
+        # Window: from two frames before the bulk delay to the end of the echo tail (ring, newest at head).
+        newest = min(max(self._delay_frames - 2, 0), n - 1)
+        oldest = min(self._delay_frames + _ECHO_TAIL_MS // 10, n - 1)
+        lo = (self._head - oldest) % n
+        hi = (self._head - newest) % n
+        if lo <= hi:
+            return float(self._ref_levels[lo:hi + 1].max())
+        return float(max(self._ref_levels[lo:].max(), self._ref_levels[:hi + 1].max()))
+
+    def _refresh_stats(self) -> None:
+        self._frames_since_stats = 0
+        if self._fixed_delay_frames is not None:
+            return
+        stats = self.echo_canceller.stats()
+        delay_ms = getattr(stats, "delay_ms", None)
+        converged = bool(getattr(stats, "converged", False))
+        if converged and isinstance(delay_ms, int | float) and delay_ms >= 0:
+            self._delay_frames = int(delay_ms // 10)
+        else:
+            self._delay_frames = None
+
+    def process(self, mic: Pcm, ref: Pcm, now_seconds: float) -> ChainFrame:
+        """Run one 10 ms frame (``mic`` and ``ref`` are 160 int16 samples) captured at ``now_seconds``."""
+        counters = self.counters
+        counters.frames += 1
+        out = self.echo_canceller.process(mic, ref)
+
+        # Reference envelope over the echo window.
+        scratch = self._scratch
+        np.copyto(scratch, ref, casting="unsafe")
+        self._head = (self._head + 1) % self._history_frames
+        self._ref_levels[self._head] = frame_level_dbfs(float(np.dot(scratch, scratch)))
+        self._frames_since_stats += 1
+        if self._frames_since_stats >= _STATS_EVERY_FRAMES:
+            self._refresh_stats()
+        envelope = self._echo_envelope_dbfs()
+        far_active = envelope > FAR_ACTIVE_DBFS
+
+        np.copyto(scratch, out, casting="unsafe")
+        self._out_power = _SMOOTH * self._out_power + (1.0 - _SMOOTH) * float(np.dot(scratch, scratch))
+        out_dbfs = frame_level_dbfs(self._out_power)
+        np.copyto(scratch, mic, casting="unsafe")
+        self._mic_power = _SMOOTH * self._mic_power + (1.0 - _SMOOTH) * float(np.dot(scratch, scratch))
+
+        detected = self.detector.is_speech(out)
+        speech = detected
+        if far_active:
+            counters.far_frames += 1
+            excess = out_dbfs - envelope
+            attenuation = frame_level_dbfs(self._mic_power) - out_dbfs
+            if excess > self.leak_db + self._margin_db and attenuation < _MAX_TALK_ATTENUATION_DB:
+                self._talk_hold = _TALK_HOLD_FRAMES + 1
+                self._freeze = self._freeze_frames + 1
+                # Creep up even while frozen: a residual that grew (drift, a moved speaker) is not a visitor.
+                self.leak_db = min(_LEAK_MAX_DB, self.leak_db + _LEAK_CREEP_DB)
+            elif self._freeze == 0 and not self.segmenter.in_speech:
+                # Echo-only frame (as far as we can tell): learn how much of the reference leaks through.
+                if excess > self.leak_db:
+                    self.leak_db = min(_LEAK_MAX_DB, self.leak_db + _LEAK_STEP_DB * _LEAK_QUANTILE)
+                else:
+                    self.leak_db = max(_LEAK_MIN_DB, self.leak_db - _LEAK_STEP_DB * (1.0 - _LEAK_QUANTILE))
+            if self._freeze > 0:
+                self._freeze -= 1
+            if self._talk_hold > 0:
+                self._talk_hold -= 1
+            else:
+                speech = False
+                if detected:
+                    counters.echo_rejected_frames += 1
+        else:
+            self._talk_hold = 0
+            self._freeze = 0
+
+        event = self.segmenter.feed(speech, now_seconds)
+        events: Sequence[Event] = _NO_EVENTS if event is None else (event,)
+        if isinstance(event, VoiceStarted):
+            counters.voice_starts += 1
+        if speech:
+            counters.speech_frames += 1
+        stream = self.gate.process(out)
+        counters.streamed_frames += len(stream)
+        return ChainFrame(pcm=out, speech=speech, events=events, stream=stream, far_active=far_active)
+
+    def finish(self) -> Sequence[Event]:
+        """End of input (offline): close open speech."""
+        event = self.segmenter.finish()
+        return _NO_EVENTS if event is None else (event,)

@@ -1,0 +1,142 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from kiosk.audio.format import FRAME_SAMPLES, frames, to_int16
+from kiosk.audio.pipeline import CaptureChain
+from kiosk.dev import roomsim
+from kiosk.events import VoiceStarted, VoiceStopped
+from kiosk.settings import Settings
+
+SPANS = [(4.0, 6.0), (9.0, 11.5), (14.0, 16.0)]
+
+
+class PassThrough:
+    """No echo cancellation: the output is the microphone."""
+
+    def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
+        return near
+
+    def reset(self) -> None:
+        return None
+
+    def stats(self) -> None:
+        return None
+
+
+@dataclass
+class Run:
+    starts: list[float]  # frame times at which VoiceStarted was emitted
+    onsets: list[float]  # first audible frame of each visitor span
+    chain: CaptureChain
+
+
+def _run(chain: CaptureChain, scenario: roomsim.Scenario, *, ref_silent: bool = False) -> Run:
+    mic = frames(to_int16(scenario.mic))
+    ref = frames(to_int16(scenario.far))
+    if ref_silent:
+        ref[:] = 0
+    starts: list[float] = []
+    for k in range(len(mic)):
+        for event in chain.process(mic[k], ref[k], k * 0.01).events:
+            if isinstance(event, VoiceStarted):
+                starts.append(k * 0.01)
+    near = frames(to_int16(scenario.near)).astype(np.float64)
+    level = 10 * np.log10(np.mean(near**2, axis=1) / 32768.0**2 + 1e-12)
+    onsets = []
+    for start, _ in scenario.near_spans:
+        k = int(start * 100)
+        while level[k] < -50:
+            k += 1
+        onsets.append(k * 0.01)
+    return Run(starts, onsets, chain)
+
+
+def _check_barge_in(run: Run, *, within_seconds: float) -> None:
+    """Every interruption reported within the bound, and no VoiceStarted outside the visitor's spans."""
+    hangover = 0.6
+    for onset in run.onsets:
+        assert any(onset <= s <= onset + within_seconds for s in run.starts), (onset, run.starts)
+    for s in run.starts:
+        assert any(a <= s <= b + hangover for a, b in SPANS), f"false barge-in at {s:.2f} s: {run.starts}"
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_residual_echo_is_not_the_visitor_but_an_interruption_is(seed: int) -> None:
+    # Echo left at -42 dBFS (as after a canceller) under agent speech at -20 dBFS; the visitor at -26 dBFS.
+    scenario = roomsim.make_scenario(seed, seconds=20, visitor_spans=SPANS, echo_dbfs=-42.0)
+    settings = Settings()
+    run = _run(CaptureChain(settings, echo_canceller=PassThrough()), scenario)
+    _check_barge_in(run, within_seconds=0.3)
+    assert run.chain.counters.echo_rejected_frames > 0
+
+
+def test_without_the_far_end_decision_the_same_echo_would_trigger() -> None:
+    # Control for the test above: the echo alone is speech-like enough for the detector, so it is the
+    # double-talk decision (fed the reference) that keeps it from counting.
+    scenario = roomsim.make_scenario(0, seconds=12, visitor_spans=[], echo_dbfs=-30.0)
+    with_ref = _run(CaptureChain(Settings(), echo_canceller=PassThrough()), scenario)
+    blind = _run(CaptureChain(Settings(), echo_canceller=PassThrough()), scenario, ref_silent=True)
+    assert blind.starts, "the control needs an echo the detector hears"
+    assert with_ref.starts == []
+
+
+@pytest.mark.parametrize(("backend", "delay_ms", "drift_ppm", "within_seconds"), [
+    # The default backend. AEC3 suppresses the visitor for the first ~250 ms of double talk, which is
+    # why its bound is looser than the 300 ms the live benchmark aims at.
+    ("hybrid", 40.0, 0.0, 0.5),
+    ("hybrid", 40.0, 100.0, 0.5),
+    ("hybrid", 160.0, 0.0, 0.5),
+    ("webrtc", 40.0, 100.0, 0.5),
+    ("speex", 40.0, 100.0, 0.3),
+    ("speex", 160.0, 0.0, 0.3),
+])
+def test_barge_in_through_real_echo_cancellers(backend: str, delay_ms: float, drift_ppm: float,
+                                               within_seconds: float) -> None:
+    pytest.importorskip("kiosk.audio.aec")
+    scenario = roomsim.make_scenario(2, seconds=20, visitor_spans=SPANS, delay_ms=delay_ms, drift_ppm=drift_ppm)
+    settings = Settings(aec={"backend": backend})
+    run = _run(CaptureChain(settings), scenario)
+    _check_barge_in(run, within_seconds=within_seconds)
+
+
+def test_gate_streams_preroll_then_frames_and_counts() -> None:
+    settings = Settings(vad={"preroll_ms": 200})
+    chain = CaptureChain(settings, echo_canceller=PassThrough())
+    scenario = roomsim.make_scenario(1, seconds=8, visitor_spans=[(2.0, 5.0)], far_active=False)
+    mic = frames(to_int16(scenario.mic))
+    silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+    streamed: list[int] = []
+    stops = 0
+    for k in range(len(mic)):
+        result = chain.process(mic[k], silence, k * 0.01)
+        assert result.pcm is mic[k] or np.array_equal(result.pcm, mic[k])
+        assert not result.far_active
+        streamed.append(len(result.stream))
+        for event in result.events:
+            if isinstance(event, VoiceStarted):
+                chain.open_gate()
+            elif isinstance(event, VoiceStopped):
+                chain.close_gate()
+                stops += 1
+    opened = [n for n in streamed if n > 1]
+    assert opened and opened[0] == 20 + 1  # 200 ms pre-roll plus the frame that opened it
+    counters = chain.counters
+    assert counters.frames == len(mic)
+    assert counters.streamed_frames == sum(streamed)
+    assert 0 < counters.speech_frames < counters.frames
+    assert counters.voice_starts >= 1 and stops >= 1
+    assert counters.far_frames == 0
+
+
+def test_reset_forgets_the_learned_echo_leak() -> None:
+    chain = CaptureChain(Settings(), echo_canceller=PassThrough())
+    scenario = roomsim.make_scenario(0, seconds=4, visitor_spans=[], echo_dbfs=-42.0)
+    _run(chain, scenario)
+    assert chain.leak_db < -10.0
+    chain.reset()
+    assert chain.leak_db == 0.0
+    assert not chain.gate.is_open
