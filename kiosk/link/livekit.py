@@ -1,0 +1,518 @@
+"""The room link on the LiveKit rtc SDK: one conversation session, from the session API to the agent.
+
+``LiveKitRoomLink`` implements ``kiosk.ports.RoomLink`` and ``kiosk.ports.FrameSink``:
+
+- ``open()`` asks the session API (``kiosk.link.session_api``) for a room, connects, publishes the cleaned
+  microphone (``rtc.AudioSource`` 16 kHz mono with a small queue) muted until ``set_publishing(True)``,
+  waits for the agent's audio track and posts ``SessionOpened`` (or ``ApiRefused`` / ``LinkLost``);
+- ``push_frame()`` takes 10 ms frames from the audio engine into a small drop-oldest queue that a task
+  hands to LiveKit; received agent audio (``rtc.AudioStream`` 16 kHz mono, 10 ms) goes to the
+  ``PlayoutSink``;
+- the agent's ``lk.agent.state`` attribute becomes ``AgentStateChanged``; captions on ``lk.transcription``
+  are logged and the last exchange kept in ``Status``;
+- ``interrupt_agent()`` calls the RPC method the agent registers (``livekit.interrupt_rpc_method``,
+  ``kiosk.interrupt``) and drops the agent audio still in flight;
+- SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
+  during a reconnect does not end it. A reconnect that has not succeeded after
+  ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; the controller then
+  calls ``open()`` again for a fresh session.
+
+rtc SDK event callbacks run on the kiosk's loop (the SDK hands its events over from its own threads), so
+they only update state and start tasks. Latency stamps come from the injected clock (the loop's by default).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from livekit import rtc
+
+from kiosk.events import (
+    AgentState,
+    AgentStateChanged,
+    ApiRefused,
+    LinkLost,
+    LinkReconnecting,
+    LinkUp,
+    SessionClosed,
+    SessionOpened,
+)
+from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
+from kiosk.metrics import Exchange, Metrics, Status, credit_burn_per_talk_minute, default_metrics
+from kiosk.ports import EventSink, Pcm, PlayoutSink
+from kiosk.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+RATE_HZ = 16000
+FRAME_SAMPLES = 160
+FRAME_SECONDS = FRAME_SAMPLES / RATE_HZ
+STATE_ATTRIBUTE = "lk.agent.state"
+TRANSCRIPTION_TOPIC = "lk.transcription"
+# After an interrupt, agent audio already in flight (jitter buffer, network) is dropped for this long.
+INTERRUPT_DISCARD_SECONDS = 0.3
+# The receive stream yields concealment silence every 10 ms while the agent sends nothing; after this long
+# without a non-silent frame such silence is not forwarded (it would keep the playout buffer "playing").
+SILENCE_FORWARD_SECONDS = 0.5
+LATENCY_SAMPLES_KEPT = 20000
+# Decoded "silence" is not all zeros (codec noise of +-1 LSB): frames whose peak stays at or below this count
+# as silent (about -66 dBFS).
+SILENCE_PEAK = 16
+
+
+@dataclass(frozen=True)
+class Caption:
+    """One caption line as received."""
+
+    at_seconds: float
+    speaker: str  # "visitor" or "agent"
+    text: str
+    segment_id: str
+    final: bool
+
+
+class LiveKitRoomLink:
+    """A conversation session over LiveKit (``RoomLink`` + ``FrameSink``)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        events: EventSink,
+        playout: PlayoutSink,
+        *,
+        session_api: SessionApi | None = None,
+        metrics: Metrics | None = None,
+        status: Status | None = None,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self._settings = settings
+        self._lk = settings.livekit
+        self._post = events
+        self._playout = playout
+        self._api = session_api or SessionApi(settings.session)
+        self.metrics = metrics or default_metrics()
+        self.status = status or Status()
+        self._clock = clock
+        self._publishing = False
+        self._queue: deque[tuple[Pcm, float]] = deque(maxlen=self._lk.send_queue_frames)
+        self._wake = asyncio.Event()
+        self._room: rtc.Room | None = None
+        self._grant: SessionGrant | None = None
+        self._source: rtc.AudioSource | None = None
+        self._track: rtc.LocalAudioTrack | None = None
+        self._mic_sid = ""
+        self._agent_identity: str | None = None
+        self._agent_audio = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._receiver: asyncio.Task[None] | None = None
+        self._sender: asyncio.Task[None] | None = None
+        self._closing = False
+        self._reconnecting = False
+        self._give_up: asyncio.TimerHandle | None = None
+        self._agent_gone: asyncio.TimerHandle | None = None
+        self._opened_at = 0.0
+        self._visitor_stopped_at: float | None = None
+        self._discard_until = 0.0
+        self._last_voiced_at = -1e9
+        self._press_at: float | None = None
+        self._session_streamed_s = 0.0
+        self._session_agent_s = 0.0
+        self._segments: dict[str, str] = {}  # visitor segments of the current exchange
+        self._agent_segments: dict[str, str] = {}  # agent segments of the current exchange
+        # Figures for benchmarks and the session report (bounded).
+        self.capture_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES_KEPT)
+        self.playout_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES_KEPT)
+        self.press_to_live_s: list[float] = []
+        self.connect_seconds: float | None = None
+        self.captions: deque[Caption] = deque(maxlen=100)
+        self.timeline: list[tuple[float, str]] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else asyncio.get_running_loop().time()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _mark(self, what: str) -> None:
+        self.timeline.append((self._now(), what))
+
+    @property
+    def connected(self) -> bool:
+        """A session is open (connected, or reconnecting)."""
+        return self._room is not None
+
+    @property
+    def session_id(self) -> str:
+        """The open session's id ('' when none)."""
+        return self._grant.session_id if self._grant is not None and self._room is not None else ""
+
+    @property
+    def room(self) -> rtc.Room | None:
+        """The rtc room (tests use it for ``simulate_scenario``)."""
+        return self._room
+
+    # ------------------------------------------------------------------ RoomLink
+    async def open(self) -> None:
+        """Get a session and connect; posts SessionOpened, ApiRefused or LinkLost (never raises for those)."""
+        if self._room is not None:
+            return
+        started = self._now()
+        self._closing = False
+        self._agent_audio.clear()
+        self._mark("session requested")
+        try:
+            grant = await self._api.open_session()
+        except SessionRefused as error:
+            _LOGGER.warning("session refused (%s): %s", error.reason.value, error.message)
+            self.metrics.api_refusals.labels(reason=error.reason.value).inc()
+            self.status.last_refusal = error.reason.value
+            self._mark(f"api refused: {error.reason.value}")
+            self._post(ApiRefused(error.reason, error.message))
+            return
+        self._grant = grant
+        self._mark("session granted")
+        room = rtc.Room()
+        self._wire(room)
+        self._room = room
+        try:
+            await room.connect(grant.livekit_url, grant.token.get_secret_value(),
+                               rtc.RoomOptions(auto_subscribe=True))
+        except rtc.ConnectError as error:
+            self._room = None
+            self.metrics.links_lost.inc()
+            self._mark("connect failed")
+            self._post(LinkLost(f"cannot connect to {grant.livekit_url}: {error}"))
+            return
+        self._mark("connected")
+        self._source = rtc.AudioSource(RATE_HZ, 1, queue_size_ms=self._lk.publish_queue_ms)
+        self._track = rtc.LocalAudioTrack.create_audio_track("kiosk-mic", self._source)
+        if not self._publishing:
+            self._track.mute()
+        try:
+            publication = await room.local_participant.publish_track(
+                self._track, rtc.TrackPublishOptions(source=rtc.TrackSource.SOURCE_MICROPHONE))
+        except Exception as error:  # the SDK raises its own plain exception types when publishing fails
+            await self._teardown()
+            self.metrics.links_lost.inc()
+            self._post(LinkLost(f"cannot publish the microphone in {grant.session_id}: {error}"))
+            return
+        self._mic_sid = publication.sid
+        self._sender = self._spawn(self._send_loop(self._source))
+        try:
+            await asyncio.wait_for(self._agent_audio.wait(), self._lk.agent_wait_seconds)
+        except TimeoutError:
+            await self._teardown()
+            self.metrics.links_lost.inc()
+            self._mark("agent missing")
+            self._post(LinkLost(f"no agent joined room {grant.session_id} within {self._lk.agent_wait_seconds} s; "
+                                "check the agent deployment"))
+            return
+        if self._room is not room:  # lost while waiting; already reported
+            return
+        self._opened_at = self._now()
+        self.connect_seconds = self._opened_at - started
+        self.metrics.connect_seconds.observe(self.connect_seconds)
+        self.metrics.sessions.inc()
+        self.status.session_id = grant.session_id
+        self.status.connected = True
+        self._session_streamed_s = self._session_agent_s = 0.0
+        self._mark("session opened")
+        _LOGGER.info("session %s open in %.0f ms", grant.session_id, self.connect_seconds * 1000)
+        self._post(SessionOpened(grant.session_id))
+
+    async def close(self) -> None:
+        """Leave the room; posts SessionClosed."""
+        if self._room is None:
+            return
+        await self._teardown()
+        self._post(SessionClosed("closed"))
+
+    async def aclose(self) -> None:
+        """Close any session and the HTTP client."""
+        await self.close()
+        await self._api.aclose()
+
+    async def interrupt_agent(self) -> None:
+        """Barge-in: drop agent audio in flight and ask the agent to stop (its ``kiosk.interrupt`` RPC)."""
+        self._discard_until = self._now() + INTERRUPT_DISCARD_SECONDS
+        self._playout.clear()
+        room, agent = self._room, self._agent_identity
+        self._mark("interrupt")
+        if room is None or agent is None:
+            return
+        try:
+            reply = await room.local_participant.perform_rpc(
+                destination_identity=agent, method=self._lk.interrupt_rpc_method, payload="", response_timeout=2.0)
+            _LOGGER.info("agent interrupted: %s", reply)
+        except rtc.RpcError as error:
+            _LOGGER.warning("interrupt RPC %s failed (%s): the agent may not register it",
+                            self._lk.interrupt_rpc_method, error.message)
+
+    def set_publishing(self, on: bool) -> None:
+        """Unmute or mute the published microphone track."""
+        self._publishing = on
+        if on:
+            self._press_at = self._now()
+        else:
+            # Stale microphone audio must not open the next turn: drop what is queued, here and in LiveKit.
+            self._queue.clear()
+            if self._source is not None:
+                self._source.clear_queue()
+        if self._track is not None:
+            if on:
+                self._track.unmute()
+            else:
+                self._track.mute()
+        self._mark("publishing on" if on else "publishing off")
+
+    def note_visitor_stopped(self, at_seconds: float | None = None) -> None:
+        """The visitor stopped speaking (VoiceStopped): start the time-to-first-agent-audio measurement."""
+        self._visitor_stopped_at = at_seconds if at_seconds is not None else self._now()
+
+    # ------------------------------------------------------------------ FrameSink
+    def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
+        """Take one 10 ms frame (``captured_at``: the capture time on the same clock, if the engine knows it)."""
+        if not self._publishing or self._source is None:
+            # Muted or no session: nothing may be streamed (streamed audio is billed), so the frame is dropped.
+            return
+        if len(self._queue) == self._queue.maxlen:
+            # Drop-oldest: LiveKit is behind; fresh audio matters more than old audio.
+            self.metrics.mic_frames_dropped.inc()
+        self._queue.append((pcm, captured_at if captured_at is not None else self._now()))
+        self._wake.set()
+
+    async def _send_loop(self, source: rtc.AudioSource) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                pcm, stamped = self._queue.popleft()
+                frame = rtc.AudioFrame(pcm.tobytes(), RATE_HZ, 1, pcm.size)
+                try:
+                    await source.capture_frame(frame)
+                except Exception as error:  # the SDK raises a bare Exception when the source is gone
+                    _LOGGER.debug("capture_frame failed (%s); frame dropped", error)
+                    continue
+                now = self._now()
+                latency = now - stamped
+                self.capture_latencies_s.append(latency)
+                self.metrics.capture_path_seconds.observe(latency)
+                seconds = pcm.size / RATE_HZ
+                self.metrics.streamed_audio_seconds.inc(seconds)
+                self._session_streamed_s += seconds
+                if self._press_at is not None:
+                    self.press_to_live_s.append(now - self._press_at)
+                    self._press_at = None
+
+    # ------------------------------------------------------------------ receive
+    async def _receive_loop(self, track: rtc.Track) -> None:
+        stream = rtc.AudioStream(track, sample_rate=RATE_HZ, num_channels=1, frame_size_ms=10,
+                                 capacity=self._lk.receive_capacity_frames)
+        try:
+            async for event in stream:
+                received = self._now()
+                pcm = np.frombuffer(event.frame.data, dtype=np.int16).copy()
+                if received < self._discard_until:
+                    continue  # interrupted: audio still in flight from before the interrupt is dropped
+                if int(np.abs(pcm).max(initial=0)) > SILENCE_PEAK:
+                    self._last_voiced_at = received
+                    if self._visitor_stopped_at is not None:
+                        self.metrics.first_agent_audio_seconds.observe(received - self._visitor_stopped_at)
+                        self._mark("first agent audio")
+                        self._visitor_stopped_at = None
+                elif received - self._last_voiced_at > SILENCE_FORWARD_SECONDS:
+                    continue  # concealment silence while the agent sends nothing: not forwarded
+                await self._playout.write(pcm)
+                latency = self._now() - received
+                self.playout_latencies_s.append(latency)
+                self.metrics.playout_path_seconds.observe(latency)
+                self.metrics.agent_audio_seconds.inc(FRAME_SECONDS)
+                self._session_agent_s += pcm.size / RATE_HZ
+        finally:
+            await stream.aclose()
+
+    # ------------------------------------------------------------------ room events
+    def _is_agent(self, participant: rtc.RemoteParticipant) -> bool:
+        return bool(participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
+                    or STATE_ATTRIBUTE in participant.attributes)
+
+    def _agent_state(self, value: str) -> None:
+        try:
+            state = AgentState(value)
+        except ValueError:
+            _LOGGER.warning("unknown %s value %r ignored", STATE_ATTRIBUTE, value)
+            return
+        self.status.agent_state = state.value
+        self._mark(f"agent {state.value}")
+        self._post(AgentStateChanged(state))
+
+    def _wire(self, room: rtc.Room) -> None:
+        # These callbacks run on the loop and are plain functions (the SDK's rule): they start tasks only.
+        @room.on("track_subscribed")
+        def _subscribed(track: rtc.Track, pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
+            if track.kind != rtc.TrackKind.KIND_AUDIO or not self._is_agent(who):
+                return
+            self._agent_identity = who.identity
+            if self._receiver is not None:
+                self._receiver.cancel()
+            self._receiver = self._spawn(self._receive_loop(track))
+            self._agent_audio.set()
+
+        @room.on("participant_connected")
+        def _joined(who: rtc.RemoteParticipant) -> None:
+            if self._is_agent(who):
+                self._agent_identity = who.identity
+                if self._agent_gone is not None:
+                    self._agent_gone.cancel()
+                    self._agent_gone = None
+
+        @room.on("participant_disconnected")
+        def _left(who: rtc.RemoteParticipant) -> None:
+            if who.identity != self._agent_identity or self._closing:
+                return
+            if self._reconnecting:
+                # A full reconnect removes and re-adds every participant: not the end of the session.
+                return
+            self._start_agent_grace()
+
+        @room.on("participant_attributes_changed")
+        def _attributes(changed: dict[str, str], who: rtc.Participant) -> None:
+            if STATE_ATTRIBUTE in changed and isinstance(who, rtc.RemoteParticipant):
+                self._agent_state(changed[STATE_ATTRIBUTE])
+
+        @room.on("reconnecting")
+        def _reconnecting() -> None:
+            self._reconnecting = True
+            self.status.reconnecting = True
+            self.metrics.reconnects.inc()
+            self._mark("reconnecting")
+            loop = asyncio.get_running_loop()
+            if self._give_up is None:
+                self._give_up = loop.call_later(self._lk.reconnect_give_up_seconds, self._on_give_up)
+            self._post(LinkReconnecting())
+
+        @room.on("reconnected")
+        def _reconnected() -> None:
+            self._reconnecting = False
+            self.status.reconnecting = False
+            if self._give_up is not None:
+                self._give_up.cancel()
+                self._give_up = None
+            self._mark("reconnected")
+            if not any(self._is_agent(p) for p in room.remote_participants.values()):
+                self._start_agent_grace()
+            self._post(LinkUp())
+
+        @room.on("disconnected")
+        def _disconnected(reason: Any) -> None:
+            if self._closing or self._room is not room:
+                return
+            self._spawn(self._lost(f"disconnected by the SDK (reason {reason})"))
+
+        room.register_text_stream_handler(TRANSCRIPTION_TOPIC, self._on_caption)
+
+    def _start_agent_grace(self) -> None:
+        if self._agent_gone is None:
+            self._agent_gone = asyncio.get_running_loop().call_later(self._lk.reconnect_grace_seconds,
+                                                                     self._on_agent_gone)
+
+    def _on_agent_gone(self) -> None:
+        self._agent_gone = None
+        if self._room is None or any(self._is_agent(p) for p in self._room.remote_participants.values()):
+            return
+        self._mark("agent left")
+
+        async def end() -> None:
+            await self._teardown()
+            self._post(SessionClosed("agent left"))
+
+        self._spawn(end())
+
+    def _on_give_up(self) -> None:
+        self._give_up = None
+        if self._reconnecting:
+            self._spawn(self._lost(f"reconnect did not succeed within {self._lk.reconnect_give_up_seconds} s"))
+
+    async def _lost(self, reason: str) -> None:
+        if self._room is None:
+            return
+        _LOGGER.warning("link lost: %s", reason)
+        self._mark("link lost")
+        await self._teardown()
+        self.metrics.links_lost.inc()
+        self._post(LinkLost(reason))
+
+    def _on_caption(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
+        self._spawn(self._read_caption(reader))
+
+    async def _read_caption(self, reader: rtc.TextStreamReader) -> None:
+        try:
+            text = (await reader.read_all()).strip()
+        except rtc.StreamError as error:
+            _LOGGER.debug("caption stream ended early: %s", error)
+            return
+        attributes = reader.info.attributes or {}
+        segment = attributes.get("lk.segment_id", reader.info.stream_id)
+        speaker = "visitor" if attributes.get("lk.transcribed_track_id") == self._mic_sid else "agent"
+        final = attributes.get("lk.transcription_final", "true") == "true"
+        self.captions.append(Caption(self._now(), speaker, text, segment, final))
+        _LOGGER.info("caption %s: %s", speaker, text)
+        if speaker == "visitor":
+            if segment not in self._segments:
+                # A new visitor segment starts a new exchange (the visitor's stream repeats the full text).
+                self._segments.clear()
+                self._agent_segments.clear()
+                self.status.last_exchange = Exchange(visitor=text)
+            else:
+                self.status.last_exchange.visitor = text
+            self._segments[segment] = text
+        else:
+            self._agent_segments[segment] = text
+            self.status.last_exchange.agent = " ".join(
+                t for s, t in self._agent_segments.items() if s not in self._segments)
+
+    # ------------------------------------------------------------------ teardown
+    async def _teardown(self) -> None:
+        room, self._room = self._room, None
+        self._closing = True
+        for handle in (self._give_up, self._agent_gone):
+            if handle is not None:
+                handle.cancel()
+        self._give_up = self._agent_gone = None
+        self._reconnecting = False
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        self._receiver = self._sender = None
+        self._queue.clear()
+        if self._opened_at:
+            duration = self._now() - self._opened_at
+            self.metrics.session_duration_seconds.observe(duration)
+            self.metrics.session_seconds.inc(duration)
+            self.metrics.credit_burn_per_talk_minute.set(credit_burn_per_talk_minute(
+                self._session_streamed_s, self._session_agent_s, duration, self._settings.metrics))
+            self._opened_at = 0.0
+        if room is not None:
+            with contextlib.suppress(Exception):  # leaving a room that is already gone is fine
+                await room.disconnect()
+        if self._source is not None:
+            await self._source.aclose()
+        self._source = self._track = None
+        self._agent_identity = None
+        self.status.connected = False
+        self.status.reconnecting = False
+        self.status.session_id = ""
+        self.status.agent_state = ""
+        self._mark("session ended")

@@ -1,0 +1,213 @@
+"""Metrics (prometheus-client) and the JSON status endpoint, served on localhost.
+
+Every metric the kiosk exports is defined here, on a ``Metrics`` object with its own registry (tests make
+fresh ones; the app uses ``default_metrics()``). Areas update them directly (``metrics.aec_erle_db.set(x)``)
+and keep the ``Status`` object current for ``GET /status``. ``MetricsServer`` serves ``GET /metrics``
+(Prometheus text format) and ``GET /status`` (JSON) with aiohttp in the kiosk's one loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from kiosk.settings import MetricsSettings
+
+_LOGGER = logging.getLogger(__name__)
+
+# Kiosk-added latency buckets (seconds): the targets are tens of milliseconds.
+_PATH_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.06, 0.08, 0.1, 0.2, 0.5)
+_CONNECT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
+_SESSION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def credit_burn_per_talk_minute(
+    streamed_in_seconds: float, agent_out_seconds: float, talk_seconds: float, settings: MetricsSettings
+) -> float:
+    """Estimated credits per minute of talk: audio seconds in and out times the per-token rates."""
+    if talk_seconds <= 0:
+        return 0.0
+    credits = (
+        streamed_in_seconds * settings.input_audio_tokens_per_second * settings.input_credits_per_million_tokens
+        + agent_out_seconds * settings.output_audio_tokens_per_second * settings.output_credits_per_million_tokens
+    ) / 1e6
+    return credits / (talk_seconds / 60.0)
+
+
+class Metrics:
+    """Every metric the kiosk exports, on one registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        r = self.registry = registry if registry is not None else CollectorRegistry()
+        # Sessions and the link.
+        self.sessions = Counter("kiosk_sessions", "Sessions opened", registry=r)
+        self.session_duration_seconds = Histogram(
+            "kiosk_session_duration_seconds", "Length of each session", buckets=_SESSION_BUCKETS, registry=r
+        )
+        self.session_seconds = Counter("kiosk_session_seconds", "Seconds spent in sessions", registry=r)
+        self.connect_seconds = Histogram(
+            "kiosk_connect_seconds", "Session API + LiveKit connect + agent audio ready", buckets=_CONNECT_BUCKETS,
+            registry=r,
+        )
+        self.first_agent_audio_seconds = Histogram(
+            "kiosk_first_agent_audio_seconds", "Visitor stopped speaking -> first agent audio received",
+            buckets=_CONNECT_BUCKETS, registry=r,
+        )
+        self.capture_path_seconds = Histogram(
+            "kiosk_capture_path_seconds", "Kiosk-added latency: frame captured -> handed to LiveKit",
+            buckets=_PATH_BUCKETS, registry=r,
+        )
+        self.playout_path_seconds = Histogram(
+            "kiosk_playout_path_seconds", "Kiosk-added latency: frame received -> written to the playout buffer",
+            buckets=_PATH_BUCKETS, registry=r,
+        )
+        self.reconnects = Counter("kiosk_reconnects", "SDK resume/reconnect attempts that began", registry=r)
+        self.links_lost = Counter("kiosk_links_lost", "Final disconnects (a fresh session is needed)", registry=r)
+        self.api_refusals = Counter("kiosk_api_refusals", "Session API refusals", ["reason"], registry=r)
+        self.mic_frames_dropped = Counter(
+            "kiosk_mic_frames_dropped", "Capture frames dropped because the send queue was full", registry=r
+        )
+        self.streamed_audio_seconds = Counter(
+            "kiosk_streamed_audio_seconds", "Audio streamed to the room (billed as input tokens)", registry=r
+        )
+        self.agent_audio_seconds = Counter(
+            "kiosk_agent_audio_seconds", "Agent audio received (billed as output tokens)", registry=r
+        )
+        self.credit_burn_per_talk_minute = Gauge(
+            "kiosk_credit_burn_per_talk_minute", "Estimated credits per minute of session (last session)", registry=r
+        )
+        # Audio (the audio area updates these).
+        self.aec_erle_db = Gauge("kiosk_aec_erle_db", "Echo return loss enhancement (recent)", registry=r)
+        self.aec_delay_ms = Gauge("kiosk_aec_delay_ms", "Estimated bulk delay mic vs reference", registry=r)
+        self.device_overruns = Counter("kiosk_device_overruns", "Capture overruns", ["device"], registry=r)
+        self.device_underruns = Counter("kiosk_device_underruns", "Playback underruns", ["device"], registry=r)
+        self.route = Gauge("kiosk_route", "1 for the audio route in use", ["route"], registry=r)
+        self.route_switches = Counter("kiosk_route_switches", "Audio route switches", registry=r)
+        # Offline spool (the fallback area updates these).
+        self.spool_bytes = Gauge("kiosk_spool_bytes", "Bytes of stored visitor messages", registry=r)
+        self.spool_messages = Gauge("kiosk_spool_messages", "Stored visitor messages", registry=r)
+        self.spool_retention_warning = Gauge(
+            "kiosk_spool_retention_warning", "1 when the spool nears its age or disk limits", registry=r
+        )
+
+    def set_route(self, route: str, all_routes: tuple[str, ...] = ("array", "headset", "none")) -> None:
+        """Mark ``route`` as the one in use (1) and every other as 0."""
+        for name in all_routes:
+            self.route.labels(route=name).set(1.0 if name == route else 0.0)
+
+    def exposition(self) -> bytes:
+        """The registry in the Prometheus text format."""
+        return bytes(generate_latest(self.registry))
+
+
+@dataclass
+class Exchange:
+    """The last visitor/agent exchange, from the captions."""
+
+    visitor: str = ""
+    agent: str = ""
+
+
+@dataclass
+class Status:
+    """What ``GET /status`` shows; the controller, the link and the audio engine keep it current."""
+
+    state: str = "starting"
+    agent_state: str = ""
+    session_id: str = ""
+    connected: bool = False
+    reconnecting: bool = False
+    route: str = "none"
+    last_exchange: Exchange = field(default_factory=Exchange)
+    last_refusal: str = ""
+    aec_erle_db: float | None = None
+    aec_delay_ms: float | None = None
+    spool_messages: int = 0
+    spool_bytes: int = 0
+    spool_warning: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data."""
+        return asdict(self)
+
+
+_METRICS: Metrics | None = None
+
+
+def default_metrics() -> Metrics:
+    """The process-wide metrics (made on first use)."""
+    global _METRICS
+    if _METRICS is None:
+        _METRICS = Metrics()
+    return _METRICS
+
+
+def _counter_value(counter: Counter) -> float:
+    """A label-less counter's current total."""
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total"):
+                return float(sample.value)
+    return 0.0
+
+
+class MetricsServer:
+    """``GET /metrics`` and ``GET /status`` on localhost (aiohttp, in the kiosk's loop)."""
+
+    def __init__(self, settings: MetricsSettings, metrics: Metrics, status: Status) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._status = status
+        self._runner: web.AppRunner | None = None
+        self.port = settings.port
+
+    def summary(self) -> dict[str, Any]:
+        """Derived figures for /status: streamed fraction and credit burn."""
+        m = self._metrics
+        session_s = _counter_value(m.session_seconds)
+        streamed_s = _counter_value(m.streamed_audio_seconds)
+        agent_s = _counter_value(m.agent_audio_seconds)
+        return {
+            "sessions": _counter_value(m.sessions),
+            "session_seconds": session_s,
+            "streamed_audio_seconds": streamed_s,
+            "streamed_fraction": streamed_s / session_s if session_s > 0 else None,
+            "agent_audio_seconds": agent_s,
+            "credit_burn_per_talk_minute": credit_burn_per_talk_minute(streamed_s, agent_s, session_s, self._settings),
+            "reconnects": _counter_value(m.reconnects),
+            "links_lost": _counter_value(m.links_lost),
+        }
+
+    async def _metrics_route(self, request: web.Request) -> web.Response:
+        body = self._metrics.exposition()
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _status_route(self, request: web.Request) -> web.Response:
+        return web.json_response({**self._status.to_dict(), "summary": self.summary()})
+
+    async def start(self) -> None:
+        """Bind and serve; ``port`` holds the bound port afterwards (useful with port 0)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics_route)
+        app.router.add_get("/status", self._status_route)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._settings.host, self._settings.port)
+        await site.start()
+        server = site._server
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        _LOGGER.info("metrics on http://%s:%d/metrics and /status", self._settings.host, self.port)
+
+    async def aclose(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
