@@ -1,0 +1,238 @@
+"""Service health: sd_notify (READY, STATUS, WATCHDOG, STOPPING) and a watchdog fed only while healthy.
+
+``Notifier`` speaks the sd_notify protocol by hand: one datagram per message on the unix socket named
+by ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract namespace). Without that variable (a
+terminal, the tests, the demo) every call is a no-op.
+
+``HealthWatchdog`` pings ``WATCHDOG=1`` only while every health check passes. A check is a callable
+returning ``(ok, why)``; ``progress_check`` builds the usual ones from a counter that must keep moving
+(capture frames processed, controller loop ticks). Pinging from a timer that does not look at the
+audio path would keep a kiosk alive whose PortAudio thread is stuck in ALSA error handling after a
+USB device was power-cycled: deaf, but "healthy". Instead, systemd restarts it.
+
+How the app wires it (``kiosk.app``)::
+
+    notifier = Notifier.from_environment()
+    watchdog = HealthWatchdog(notifier, [
+        progress_check("capture", lambda: engine.frames_captured, max_stall_seconds=2.0, now=loop.time),
+        progress_check("controller", lambda: controller.ticks, max_stall_seconds=2.0, now=loop.time),
+    ])
+    ...  # devices open, first link attempt made
+    notifier.ready("idle")
+    task = asyncio.create_task(watchdog.run())  # systemd arms WatchdogSec= once READY=1 arrives
+    ...
+    notifier.stopping()
+    await watchdog.aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+_LOGGER = logging.getLogger(__name__)
+
+# (ok, why): why says what is wrong when ok is False, and may describe the good state otherwise.
+CheckResult = tuple[bool, str]
+HealthCheck = Callable[[], CheckResult]
+
+# Without a systemd watchdog, still evaluate the checks this often (for STATUS and the logs).
+DEFAULT_INTERVAL_SECONDS = 5.0
+
+
+def _socket_address(value: str) -> str | bytes:
+    """``$NOTIFY_SOCKET`` as a ``sendto`` address: ``@name`` is an abstract socket (leading NUL byte)."""
+    if value.startswith("@"):
+        return b"\0" + value[1:].encode()
+    return value
+
+
+class Notifier:
+    """Send sd_notify messages to the service manager; a no-op when not started by systemd."""
+
+    def __init__(self, socket_path: str | None, watchdog_usec: int | None = None) -> None:
+        self._address = _socket_address(socket_path) if socket_path else None
+        self._watchdog_usec = watchdog_usec
+        self._socket: socket.socket | None = None
+        self._failed = False
+
+    @classmethod
+    def from_environment(cls, environ: Mapping[str, str] | None = None) -> Notifier:
+        """Read ``$NOTIFY_SOCKET`` and ``$WATCHDOG_USEC`` (honouring ``$WATCHDOG_PID``, as sd_watchdog_enabled)."""
+        env = os.environ if environ is None else environ
+        usec: int | None = None
+        raw = env.get("WATCHDOG_USEC", "")
+        pid = env.get("WATCHDOG_PID", "")
+        if raw.isdigit() and int(raw) > 0 and (not pid or pid == str(os.getpid())):
+            usec = int(raw)
+        return cls(env.get("NOTIFY_SOCKET") or None, usec)
+
+    @property
+    def enabled(self) -> bool:
+        """True when there is a service manager to talk to."""
+        return self._address is not None
+
+    @property
+    def watchdog_seconds(self) -> float | None:
+        """The unit's ``WatchdogSec=`` in seconds, or None when no watchdog is armed for this process."""
+        return None if self._watchdog_usec is None else self._watchdog_usec / 1e6
+
+    def notify(self, **fields: str | int) -> bool:
+        """Send ``KEY=value`` lines in one datagram; True if it was sent (False: disabled or failed).
+
+        Failures are logged once and never raised: losing a status line must not take the kiosk down
+        (a lost WATCHDOG=1 shows up as a restart, which is the right outcome for a broken socket).
+        """
+        if self._address is None:
+            return False
+        lines = []
+        for key, value in fields.items():
+            text = str(value).replace("\n", " ")  # a newline would start a new (bogus) assignment
+            lines.append(f"{key}={text}")
+        try:
+            if self._socket is None:
+                self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                self._socket.setblocking(False)
+            self._socket.sendto("\n".join(lines).encode(), self._address)
+        except OSError as error:
+            if not self._failed:
+                _LOGGER.warning("cannot notify the service manager (%s): status and watchdog pings are lost", error)
+                self._failed = True
+            return False
+        self._failed = False
+        return True
+
+    def ready(self, status: str | None = None) -> bool:
+        """``READY=1``: devices are open and the first link attempt was made."""
+        return self.notify(READY=1, **({"STATUS": status} if status else {}))
+
+    def status(self, text: str) -> bool:
+        """``STATUS=...``: one line shown by ``systemctl status kiosk``."""
+        return self.notify(STATUS=text)
+
+    def watchdog(self) -> bool:
+        """``WATCHDOG=1``: only ``HealthWatchdog`` should call this, and only while healthy."""
+        return self.notify(WATCHDOG=1)
+
+    def extend_timeout(self, seconds: float) -> bool:
+        """``EXTEND_TIMEOUT_USEC``: ask for more start-up (or stop) time, e.g. while a device settles."""
+        return self.notify(EXTEND_TIMEOUT_USEC=int(seconds * 1e6))
+
+    def stopping(self) -> bool:
+        """``STOPPING=1``: shutting down on purpose."""
+        return self.notify(STOPPING=1)
+
+    def close(self) -> None:
+        """Close the socket (the notifier reopens it if used again)."""
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+
+@dataclass
+class _Progress:
+    value: object = None
+    changed_at: float | None = None
+
+
+def progress_check(
+    name: str,
+    counter: Callable[[], object],
+    max_stall_seconds: float,
+    now: Callable[[], float],
+) -> HealthCheck:
+    """A check that fails once ``counter()`` has not changed for more than ``max_stall_seconds``.
+
+    ``counter`` reads something the watched part advances anyway (frames processed, loop ticks), so the
+    hot path does no extra work for the watchdog. The first reading starts the clock.
+    """
+    state = _Progress()
+
+    def check() -> CheckResult:
+        t = now()
+        value = counter()
+        if state.changed_at is None or value != state.value:
+            state.value, state.changed_at = value, t
+            return True, f"{name} ok"
+        stalled = t - state.changed_at
+        if stalled > max_stall_seconds:
+            return False, f"{name} stalled for {stalled:.1f} s (limit {max_stall_seconds:g} s)"
+        return True, f"{name} ok"
+
+    return check
+
+
+@dataclass
+class HealthReport:
+    """The outcome of one round of checks."""
+
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+
+class HealthWatchdog:
+    """Evaluate the health checks periodically; ping ``WATCHDOG=1`` only when all of them pass."""
+
+    def __init__(
+        self,
+        notifier: Notifier,
+        checks: Sequence[HealthCheck],
+        interval_seconds: float | None = None,
+    ) -> None:
+        """``interval_seconds`` defaults to half the unit's ``WatchdogSec=`` (as sd_watchdog_enabled advises)."""
+        self._notifier = notifier
+        self._checks = list(checks)
+        if interval_seconds is None:
+            wd = notifier.watchdog_seconds
+            interval_seconds = wd / 2 if wd is not None else DEFAULT_INTERVAL_SECONDS
+        if interval_seconds <= 0:
+            raise ValueError("interval_seconds must be positive")
+        self.interval_seconds = interval_seconds
+        self._stop = asyncio.Event()
+        self.last: HealthReport | None = None
+        self.pings = 0
+
+    def evaluate(self) -> HealthReport:
+        """Run every check once (a check that raises counts as failed, with the error as the reason)."""
+        problems: list[str] = []
+        for check in self._checks:
+            try:
+                ok, why = check()
+            except Exception as error:  # a broken check must read as unhealthy, not kill the watchdog
+                ok, why = False, f"health check {getattr(check, '__name__', check)!r} raised {error!r}"
+            if not ok:
+                problems.append(why)
+        return HealthReport(ok=not problems, problems=problems)
+
+    def step(self) -> HealthReport:
+        """One round: evaluate, ping if healthy, report changes in STATUS and the log."""
+        report = self.evaluate()
+        was_ok = self.last.ok if self.last is not None else True
+        if report.ok:
+            if self._notifier.watchdog():
+                self.pings += 1
+            if not was_ok:
+                _LOGGER.info("healthy again; watchdog pings resumed")
+                self._notifier.status("healthy")
+        elif self.last is None or report.problems != self.last.problems:
+            # Not pinging is the point: systemd restarts the kiosk after WatchdogSec= unless it recovers.
+            _LOGGER.error("unhealthy, watchdog pings withheld: %s", "; ".join(report.problems))
+            self._notifier.status("unhealthy: " + "; ".join(report.problems))
+        self.last = report
+        return report
+
+    async def run(self) -> None:
+        """Step every ``interval_seconds`` until ``aclose()``."""
+        while not self._stop.is_set():
+            self.step()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self.interval_seconds)
+
+    async def aclose(self) -> None:
+        """Stop the loop in ``run()`` (no more pings)."""
+        self._stop.set()

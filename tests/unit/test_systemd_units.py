@@ -1,0 +1,199 @@
+"""systemd/: the unit files verify, the sandbox scores <= 2.0, sysusers and tmpfiles do what they say."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SYSTEMD = ROOT / "systemd"
+UNITS = ("kiosk.service", "kiosk-provision.service", "kiosk-cooldown.service")
+# Executables the units name, made to exist in the scratch root so `verify` checks everything else.
+EXECUTABLES = ("/opt/kiosk/venv/bin/kiosk", "/usr/libexec/kiosk/kiosk-provision")
+
+pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+
+
+def _entries(path: Path) -> dict[str, dict[str, list[str]]]:
+    """Parse a unit file into section -> key -> values (keys may repeat, as in systemd)."""
+    sections: dict[str, dict[str, list[str]]] = {}
+    current: dict[str, list[str]] | None = None
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            current = sections.setdefault(line.strip("[]"), {})
+            continue
+        assert current is not None, f"{path.name}: {line!r} before any section"
+        key, _, value = line.partition("=")
+        current.setdefault(key, []).append(value)
+    return sections
+
+
+def _scratch_root(tmp_path: Path, units: dict[str, str]) -> Path:
+    """A root with this machine's stock units, our units, and stand-ins for the executables."""
+    root = tmp_path / "root"
+    shutil.copytree(Path("/usr/lib/systemd/system"), root / "usr/lib/systemd/system", symlinks=True)
+    (root / "etc/systemd/system").mkdir(parents=True)
+    for name, text in units.items():
+        (root / "etc/systemd/system" / name).write_text(text)
+    for exe in EXECUTABLES:
+        path = root / exe.lstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("#!/bin/sh\n")
+        path.chmod(0o755)
+    return root
+
+
+def _verify(root: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["systemd-analyze", "verify", f"--root={root}", *UNITS],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_units_verify_cleanly(tmp_path: Path) -> None:
+    root = _scratch_root(tmp_path, {u: (SYSTEMD / u).read_text() for u in UNITS})
+    result = _verify(root)
+    # verify exits 0 on unknown keys and bad values; they show up on stderr only.
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
+
+
+def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
+    """The check above can fail: a misspelt key and a bad value are reported."""
+    units = {u: (SYSTEMD / u).read_text() for u in UNITS}
+    units["kiosk.service"] = units["kiosk.service"].replace("Restart=always", "Restart=sometimes\nRestartSecs=3")
+    result = _verify(_scratch_root(tmp_path, units))
+    assert "RestartSecs" in result.stderr and "sometimes" in result.stderr
+
+
+def _exposure(unit: Path) -> tuple[int, float]:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert match, result.stdout + result.stderr
+    return result.returncode, float(match.group(1))
+
+
+def test_hardening_exposure_at_most_2() -> None:
+    returncode, exposure = _exposure(SYSTEMD / "kiosk.service")
+    print(f"kiosk.service exposure: {exposure}")
+    assert exposure <= 2.0
+    assert returncode == 0
+
+
+def test_threshold_fails_a_weak_unit(tmp_path: Path) -> None:
+    """The same command rejects a unit without the sandbox (so the check above is real)."""
+    weak = tmp_path / "weak.service"
+    weak.write_text("[Service]\nType=notify\nExecStart=/opt/kiosk/venv/bin/kiosk\nUser=kiosk\n")
+    returncode, exposure = _exposure(weak)
+    assert exposure > 2.0 and returncode != 0
+
+
+def test_service_contract() -> None:
+    unit = _entries(SYSTEMD / "kiosk.service")
+    svc, head = unit["Service"], unit["Unit"]
+    assert svc["Type"] == ["notify"]
+    assert svc["Restart"] == ["always"]
+    watchdog = re.fullmatch(r"(\d+)s", svc["WatchdogSec"][0])
+    assert watchdog and 2 <= int(watchdog.group(1)) <= 30
+    assert re.fullmatch(r"\d+s", svc["RestartSec"][0]) and int(svc["RestartSec"][0][:-1]) >= 1
+    # Start limits belong in [Unit]; in [Service] systemd ignores them.
+    assert "StartLimitBurst" in head and "StartLimitIntervalSec" in head
+    assert "StartLimitBurst" not in svc
+    # The offline path starts from boot: no waiting for the network or the clock.
+    ordering = " ".join(head.get("After", []) + head.get("Wants", []) + head.get("Requires", []))
+    assert "network-online" not in ordering and "time-sync" not in ordering
+    assert svc["ExecStart"] == ["/opt/kiosk/venv/bin/kiosk"]
+    assert svc["User"] == ["kiosk"] and "DynamicUser" not in svc
+    assert svc["SupplementaryGroups"] == ["audio gpio"]
+    assert svc["DevicePolicy"] == ["closed"]
+    assert sorted(svc["DeviceAllow"]) == ["char-alsa rw", "char-gpiochip rw"]
+    assert svc.get("PrivateDevices", ["no"]) == ["no"]
+    assert svc["LoadCredential"] == ["device-credential:/etc/kiosk/credentials/device-credential"]
+    assert svc["StateDirectory"] == ["kiosk"] and svc["RuntimeDirectory"] == ["kiosk"]
+    assert "LG_WD=%t/kiosk" in svc["Environment"]
+    assert "CPUWeight" in svc and "CPUQuota" not in svc
+    families = svc["RestrictAddressFamilies"][0].split()
+    assert sorted(families) == ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
+    assert head["OnFailure"] == ["kiosk-cooldown.service"]
+    # Secrets never travel in the environment file.
+    example = (SYSTEMD / "kiosk.env.example").read_text()
+    assert not re.search(r"^#?\s*KIOSK_SESSION__CREDENTIAL=", example, flags=re.M)
+
+
+def test_cooldown_does_not_reboot() -> None:
+    svc = _entries(SYSTEMD / "kiosk-cooldown.service")["Service"]
+    commands = " ".join(svc["ExecStart"])
+    assert "reboot" not in commands and "start kiosk.service" in commands
+
+
+@pytest.fixture
+def scratch_etc(tmp_path: Path) -> Path:
+    root = tmp_path / "root"
+    (root / "etc").mkdir(parents=True)
+    for name in ("passwd", "group"):
+        shutil.copy(Path("/etc") / name, root / "etc" / name)
+    return root
+
+
+@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed")
+def test_sysusers_creates_the_service_user(scratch_etc: Path) -> None:
+    subprocess.run(["systemd-sysusers", f"--root={scratch_etc}", str(SYSTEMD / "kiosk.sysusers.conf")],
+                   check=True, capture_output=True, timeout=60)
+    passwd = {line.split(":")[0]: line.split(":") for line in (scratch_etc / "etc/passwd").read_text().splitlines()}
+    groups = {line.split(":")[0]: line.split(":") for line in (scratch_etc / "etc/group").read_text().splitlines()}
+    assert passwd["kiosk"][6] == "/usr/sbin/nologin"
+    for group in ("audio", "gpio"):
+        assert "kiosk" in groups[group][3].split(","), group
+
+
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles not installed")
+def test_tmpfiles_make_an_empty_private_credential(scratch_etc: Path) -> None:
+    conf = SYSTEMD / "kiosk.tmpfiles.conf"
+    subprocess.run(["systemd-tmpfiles", f"--root={scratch_etc}", "--create", str(conf)],
+                   check=True, capture_output=True, timeout=60)
+    cred = scratch_etc / "etc/kiosk/credentials/device-credential"
+    assert cred.read_bytes() == b""
+    assert cred.stat().st_mode & 0o777 == 0o600
+    assert (cred.parent.stat().st_mode & 0o777) == 0o700
+    # A provisioned credential is never overwritten by a later boot.
+    cred.write_text("secret")
+    subprocess.run(["systemd-tmpfiles", f"--root={scratch_etc}", "--create", str(conf)],
+                   check=True, capture_output=True, timeout=60)
+    assert cred.read_text() == "secret"
+
+
+def test_journald_dropin_is_capped() -> None:
+    import configparser
+
+    parser = configparser.ConfigParser(strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(SYSTEMD / "journald-kiosk.conf")
+    journal = parser["Journal"]
+    # Every key is one journald knows (the stock journald.conf lists them all, commented out).
+    stock = Path("/etc/systemd/journald.conf")
+    if stock.exists():
+        known = set(re.findall(r"^#?(\w+)=", stock.read_text(), flags=re.M))
+        assert set(journal) <= known, set(journal) - known
+    assert re.fullmatch(r"\d+M", journal["SystemMaxUse"]) and int(journal["SystemMaxUse"][:-1]) <= 256
+    assert "RuntimeMaxUse" in journal
+
+
+def test_hardware_watchdog_dropin_within_the_pi_limit() -> None:
+    import configparser
+
+    parser = configparser.ConfigParser(strict=True)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read(SYSTEMD / "system-watchdog.conf")
+    manager = parser["Manager"]
+    stock = Path("/etc/systemd/system.conf")
+    if stock.exists():
+        known = set(re.findall(r"^#?(\w+)=", stock.read_text(), flags=re.M))
+        assert set(manager) <= known, set(manager) - known
+    # The Pi's watchdog tops out near 15 s; a longer value leaves no watchdog at all.
+    value = re.fullmatch(r"(\d+)s", manager["RuntimeWatchdogSec"])
+    assert value and 5 <= int(value.group(1)) <= 15
