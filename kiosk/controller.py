@@ -140,7 +140,7 @@ class Controller:
         self._clock = clock
         self._panel = panel
         self._store = store
-        self.bus = bus or EventBus()
+        self.bus = bus if bus is not None else EventBus()  # an empty bus is falsy (__len__)
         self._heartbeat_seconds = heartbeat_seconds
         self._state = initial_state(policy, route=route, echo_path_verified=echo_path_verified)
         self._alive_seconds = clock.now()

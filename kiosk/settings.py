@@ -382,9 +382,11 @@ def _credential(name: str) -> SecretStr | None:
         return None
     path = Path(directory) / name
     try:
-        return SecretStr(path.read_text().strip())
+        value = path.read_text().strip()
     except FileNotFoundError:
         return None
+    # An unprovisioned kiosk has an empty credential file (tmpfiles creates it): that is "no credential".
+    return SecretStr(value) if value else None
 
 
 def _describe(error: ValidationError) -> str:

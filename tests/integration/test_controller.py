@@ -315,3 +315,24 @@ async def test_threadsafe_post_from_another_thread() -> None:
     thread.start()
     thread.join()
     assert await asyncio.wait_for(bus.get(), 1.0) == ButtonPressed()
+
+
+async def test_controller_consumes_the_bus_it_is_given_even_when_empty() -> None:
+    # An empty EventBus is falsy (it has __len__); the composition root hands the controller an empty bus
+    # that the audio engine and the panel already post into.
+    from kiosk.clock import LoopClock
+    from kiosk.controller import Controller
+    from kiosk.dev.behaviour import SimulatedAudio, SimulatedRoom
+    from kiosk.events import Started
+    from kiosk.state import Phase, Policy
+
+    bus = EventBus()
+    clock = LoopClock()
+    controller = Controller(policy=Policy(), audio=SimulatedAudio(bus.post, clock),
+                            link=SimulatedRoom(bus.post, clock), clock=clock, bus=bus)
+    assert controller.bus is bus
+    controller.start()
+    bus.post(Started())
+    await controller.settle()
+    assert controller.phase is Phase.IDLE
+    await controller.aclose()

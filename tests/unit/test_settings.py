@@ -89,3 +89,10 @@ def test_cli_config_redacts_secrets(tmp_path: Path) -> None:
     result = _kiosk("config", env=env)
     assert result.returncode == 0, result.stderr
     assert "topsecret" not in result.stdout and "**********" in result.stdout
+
+
+def test_empty_systemd_credential_is_no_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "device-credential").write_text("\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    monkeypatch.setattr("kiosk.settings.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
+    assert load_settings().session.credential is None

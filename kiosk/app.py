@@ -1,0 +1,255 @@
+"""The composition root: builds every adapter from the settings, wires them, and runs the kiosk.
+
+``kiosk run`` (and ``kiosk`` with no subcommand, as systemd starts it) runs ``Kiosk`` until SIGTERM.
+The demo (``kiosk.dev.demo``) runs the same class against the local stack and the virtual room.
+
+Wiring (see docs/ and DESIGN.md's dataflow)::
+
+    AudioEngine --VoiceStarted/Stopped, DeviceLost--> EventBus --> Controller --effects--> ports
+    AudioEngine --gated frames--> LiveKitRoomLink (FrameSink) --> room
+    room --agent audio--> LiveKitRoomLink --> AudioEngine (PlayoutSink; also the AEC reference)
+    GpioPanel (gpiozero threads) --Button*--> EventBus (call_soon_threadsafe)
+    RouteManager --RouteChanged--> EventBus;  offline Probe --LinkUp/ApiRefused--> EventBus
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from kiosk.audio.engine import AudioEngine
+from kiosk.audio.route import RouteManager
+from kiosk.bus import EventBus
+from kiosk.clock import LoopClock
+from kiosk.controller import Controller
+from kiosk.errors import KioskError
+from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
+from kiosk.fallback.delivery import Deliverer
+from kiosk.fallback.offline import Probe
+from kiosk.fallback.spool import Spool, publish_stats
+from kiosk.health import HealthWatchdog, Notifier, progress_check
+from kiosk.link.livekit import LiveKitRoomLink
+from kiosk.link.session_api import SessionApi, SessionRefused
+from kiosk.metrics import Metrics, MetricsServer, Status
+from kiosk.panel.gpio import open_panel
+from kiosk.ports import Panel, Pcm, Recording
+from kiosk.settings import Settings
+from kiosk.state import KioskState, Phase, Policy, Transition
+
+_LOGGER = logging.getLogger(__name__)
+
+# How often the figures that are not event-driven (AEC, devices, spool) are copied into the metrics.
+PUBLISH_INTERVAL_SECONDS = 5.0
+# The watchdog's view of "alive": capture frames and controller heartbeats within this window.
+MAX_STALL_SECONDS = 3.0
+
+
+class _SpoolStore:
+    """``ports.MessageStore`` over the spool (its store returns only once the message is durable)."""
+
+    def __init__(self, spool: Spool) -> None:
+        self._spool = spool
+
+    async def store_recording(self, recording: Recording) -> str:
+        return str(await self._spool.store_async(recording.pcm))
+
+
+class _Frames:
+    """``ports.FrameSink`` that forwards to the room link once it exists (the engine is built first)."""
+
+    def __init__(self) -> None:
+        self.target: LiveKitRoomLink | None = None
+
+    def push_frame(self, pcm: Pcm) -> None:
+        if self.target is not None:
+            self.target.push_frame(pcm)
+
+
+class Kiosk:
+    """Every part of the kiosk, wired; ``await start()``, then ``await aclose()``."""
+
+    def __init__(self, settings: Settings, *, panel: Panel | None = None) -> None:
+        """``panel`` replaces the GPIO panel (the demo's virtual panel); it must post into ``self.bus``."""
+        self.settings = settings
+        self.metrics = Metrics()
+        self.status = Status()
+        self.notifier = Notifier.from_environment()
+        self.bus = EventBus()
+        self._frames = _Frames()
+        self.engine = AudioEngine(settings, self.bus.post, self._frames)
+        self.session_api = SessionApi(settings.session)
+        self.link = LiveKitRoomLink(settings, self.bus.post, self.engine, session_api=self.session_api,
+                                    metrics=self.metrics, status=self.status)
+        self._frames.target = self.link
+        self.route = RouteManager(settings, self.engine, self.bus.post)
+        self.spool = Spool.from_settings(settings.spool)
+        self.deliverer = Deliverer.from_settings(settings, self.spool)
+        self.panel: Panel | None = panel
+        self.controller: Controller | None = None
+        self.metrics_server = MetricsServer(settings.metrics, self.metrics, self.status) \
+            if settings.metrics.enabled else None
+        self.watchdog: HealthWatchdog | None = None
+        self._probe: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.listeners: list[Callable[[KioskState, Event, Transition], None]] = []
+
+    # ------------------------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open devices and pins, start every task, make the first link attempt, then tell systemd READY."""
+        loop = asyncio.get_running_loop()
+        self.bus.bind(loop)
+        settings = self.settings
+        if self.panel is None:
+            self.panel = open_panel(settings.panel, settings.interaction, self.bus.post, loop=loop)
+        await self.engine.start()
+        await self.route.start()
+        self.controller = Controller(
+            policy=Policy.from_settings(settings.interaction, settings.spool),
+            audio=self.engine, link=self.link, clock=LoopClock(loop), panel=self.panel,
+            store=_SpoolStore(self.spool), bus=self.bus, route=self.route.route,
+            echo_path_verified=self.route.echo_path_verified,
+        )
+        self.controller.add_listener(self._observe)
+        self.controller.start()
+        if self.metrics_server is not None:
+            await self.metrics_server.start()
+        if self.deliverer is not None:
+            self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+        self._tasks.append(asyncio.create_task(self._publish(), name="publish-metrics"))
+        self.watchdog = HealthWatchdog(self.notifier, [
+            progress_check("capture", lambda: self.engine.frames_processed, max_stall_seconds=MAX_STALL_SECONDS,
+                           now=loop.time),
+            self._controller_alive,
+        ])
+        self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))
+        # The first link attempt: is the service there and the model available? Offline from boot is a
+        # state like any other, so this never blocks start-up for long.
+        refusal = await self._check_service()
+        self.bus.post(Started())
+        if refusal is not None:
+            self.bus.post(ApiRefused(refusal, "start-up check"))
+        self.notifier.ready("offline" if refusal is not None else "idle")
+        _LOGGER.info("kiosk started: route %s, mode %s, AEC %s, %s", self.route.route.value,
+                     settings.interaction.mode.value, settings.aec.backend.value,
+                     "offline" if refusal is not None else "online")
+
+    async def aclose(self) -> None:
+        """Stop everything in reverse order; safe to call twice."""
+        self.notifier.stopping()
+        if self._probe is not None:
+            self._probe.cancel()
+        if self.watchdog is not None:
+            await self.watchdog.aclose()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks.clear()
+        if self.deliverer is not None:
+            await self.deliverer.aclose()
+        if self.controller is not None:
+            await self.controller.aclose()
+        await self.link.aclose()
+        await self.session_api.aclose()
+        await self.route.aclose()
+        await self.engine.aclose()
+        if self.metrics_server is not None:
+            await self.metrics_server.aclose()
+        if self.panel is not None:
+            self.panel.close()
+        self.spool.close()
+        self.notifier.close()
+
+    # ------------------------------------------------------------------------------------ behaviour
+    def _controller_alive(self) -> tuple[bool, str]:
+        controller = self.controller
+        if controller is None:
+            return False, "controller not started"
+        stalled = asyncio.get_running_loop().time() - controller.alive_seconds
+        return stalled <= MAX_STALL_SECONDS, f"controller loop stalled for {stalled:.1f} s"
+
+    async def _check_service(self) -> RefusalReason | None:
+        """Ask the catalog whether the first profile's model is available (None: it is)."""
+        try:
+            status = await self.session_api.model_status(self.settings.session.profiles[0].llm_model)
+        except SessionRefused as error:
+            return error.reason
+        except (TimeoutError, KioskError, OSError) as error:
+            _LOGGER.warning("session API check failed: %s", error)
+            return RefusalReason.UNREACHABLE
+        return RefusalReason.MAINTENANCE if status == "maintenance" else None
+
+    def _observe(self, old: KioskState, event: Event, transition: Transition) -> None:
+        """Keep the status endpoint current, run the offline probe while offline, wake delivery online."""
+        new = transition.state
+        self.status.state = new.phase.value
+        self.status.route = new.route.value
+        if isinstance(event, ApiRefused):
+            self.status.last_refusal = event.reason.value
+        if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
+            last = event.reason if isinstance(event, ApiRefused) else None
+            self._probe = asyncio.create_task(Probe(self._check_service, self.bus.post).run(last), name="probe")
+        if isinstance(event, VoiceStopped):
+            self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
+        if isinstance(event, (LinkUp, SessionOpened)):
+            if self._probe is not None:
+                self._probe.cancel()
+            if self.deliverer is not None:
+                self.deliverer.wake()
+        for listener in self.listeners:
+            listener(old, event, transition)
+
+    async def _publish(self) -> None:
+        """Copy the polled figures (AEC, devices, route, spool) into the metrics and the status."""
+        while True:
+            with contextlib.suppress(Exception):  # figures are best effort; never let them end the kiosk
+                stats = self.engine.chain.echo_canceller.stats() if hasattr(self.engine.chain, "echo_canceller") \
+                    else None
+                if stats is not None:
+                    self.status.aec_erle_db = round(stats.erle_db, 1)
+                    self.status.aec_delay_ms = stats.delay_ms
+                    self.metrics.aec_erle_db.set(stats.erle_db)
+                    if stats.delay_ms is not None:
+                        self.metrics.aec_delay_ms.set(stats.delay_ms)
+                self.metrics.set_route(self.route.route.value)
+                publish_stats(self.spool, self.metrics, self.status)
+            await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)
+
+
+async def run_until_stopped(settings: Settings) -> int:
+    """Run the kiosk until SIGTERM or SIGINT."""
+    kiosk = Kiosk(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await kiosk.start()
+        controller_task = kiosk.controller.start() if kiosk.controller is not None else None
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if controller_task is not None:
+            waiters.append(controller_task)  # type: ignore[arg-type]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if controller_task is not None and controller_task.done() and not stop.is_set():
+            # A programming error ended the controller: exit non-zero and let systemd restart us.
+            controller_task.result()
+    finally:
+        await kiosk.aclose()
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    """The service's main job."""
+    return asyncio.run(run_until_stopped(settings))
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``kiosk run``."""
+    run = subparsers.add_parser("run", help="run the kiosk (the service's main job; the default)")
+    run.set_defaults(handler=_cmd_run)
