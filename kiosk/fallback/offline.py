@@ -15,22 +15,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
+from kiosk.effects import OfflineReason
 from kiosk.events import ApiRefused, Event, LinkLost, LinkUp, RefusalReason, SessionOpened
 from kiosk.link.backoff import Backoff
 from kiosk.ports import EventSink
 
 _LOGGER = logging.getLogger(__name__)
-
-
-class OfflineReason(StrEnum):
-    """Why no conversation is possible; each has its own cue and LED pattern."""
-
-    OFFLINE = "offline"
-    MAINTENANCE = "maintenance"
-    CREDITS_EXHAUSTED = "credits_exhausted"
-    BUDGET_CAP = "budget_cap"
 
 
 @dataclass(frozen=True)
