@@ -1,0 +1,345 @@
+"""The audio engine: devices, the capture chain per 10 ms frame, playout, recording and device loss.
+
+``AudioEngine`` implements ``kiosk.ports.AudioEngine`` (gate, cues, recording, clearing playback) and
+``kiosk.ports.PlayoutSink`` (agent audio in). It owns an ``AudioIO``; a reader task on the loop wakes
+every 10 ms, moves what the PortAudio callbacks captured through the ``CaptureChain`` and:
+
+* posts the chain's VoiceStarted / VoiceStopped to the ``EventSink``;
+* pushes the frames the gate lets through to the ``FrameSink`` (the room link's published track);
+* keeps cleaned frames while a visitor's message is being recorded;
+* posts PlaybackStarted / PlaybackFinished as the playout buffer fills and runs dry;
+* watches the device: no capture for ``audio.device_timeout_ms`` or a stopped stream posts DeviceLost,
+  closes the device and retries with backoff until it opens again (DeviceFound).
+
+``switch_devices`` moves capture and playback to other devices (the route manager's headset switch)
+without touching the ``FrameSink``: the published track goes on, only its source changes.
+``last_frame_seconds`` (loop time of the newest captured frame) feeds the health watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
+from kiosk.audio.io import AudioIO, StreamLayout
+from kiosk.errors import DeviceError
+from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStarted
+from kiosk.ports import EventSink, FrameSink, Pcm, Recording
+from kiosk.settings import AecBackend, Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+_TICK_SECONDS = 0.01
+_REOPEN_FIRST_SECONDS = 0.25
+_SETTLE_SECONDS = 3.0
+
+
+class Chain(Protocol):
+    """What the engine needs of ``kiosk.audio.pipeline.CaptureChain``."""
+
+    def process(self, mic: Pcm, ref: Pcm, now_seconds: float) -> Any:
+        """One 10 ms frame pair -> a ChainFrame (pcm, speech, events, stream)."""
+        ...
+
+    def open_gate(self) -> None:
+        """Start streaming."""
+        ...
+
+    def close_gate(self) -> None:
+        """Stop streaming."""
+        ...
+
+
+ChainFactory = Callable[[Settings], Chain]
+# Called with (chain frame, mic frame, reference frame, loop time) for every frame; for benchmarks and tests.
+FrameListener = Callable[[Any, Pcm, Pcm, float], None]
+
+
+def default_chain(settings: Settings) -> Chain:
+    """The configured capture chain."""
+    from kiosk.audio.pipeline import CaptureChain
+
+    return CaptureChain(settings)
+
+
+def without_aec(settings: Settings) -> Settings:
+    """The settings for a route with no acoustic echo path (headset): echo cancellation off."""
+    aec = settings.aec.model_copy(update={"backend": AecBackend.NONE})
+    return settings.model_copy(update={"aec": aec})
+
+
+class AudioEngine:
+    """Capture chain and playout on real devices (see the module docstring)."""
+
+    def __init__(self, settings: Settings, events: EventSink, frames: FrameSink | None = None, *,
+                 chain_factory: ChainFactory = default_chain, capture_device: str | None = None,
+                 playback_device: str | None = None, echo_cancel: bool = True) -> None:
+        self.settings = settings
+        self._events = events
+        self._frames = frames
+        self._chain_factory = chain_factory
+        self.capture_device = capture_device or settings.audio.capture_device
+        self.playback_device = playback_device or settings.audio.playback_device
+        self.echo_cancel = echo_cancel
+        self.chain: Chain = chain_factory(settings if echo_cancel else without_aec(settings))
+        self.io: AudioIO | None = None
+        self.layout: StreamLayout | None = None
+        self.last_frame_seconds: float | None = None  # loop time of the newest captured frame
+        self.frames_processed = 0
+        self.device_losses = 0
+        self.dropped_playout_samples = 0  # agent audio discarded while no device was open
+        self.listeners: list[FrameListener] = []
+        self._gate = False
+        self._recording: list[Pcm] | None = None
+        self._recording_limit_frames = int(settings.spool.max_message_seconds * RATE_HZ / FRAME_SAMPLES)
+        self._playing = False
+        self._drained = asyncio.Event()  # set by the reader whenever the playout buffer is empty
+        self._lost = False
+        self._last_capture_seconds = 0.0
+        self._opened_seconds = 0.0
+        self._capturing = False  # the current device has delivered audio since it opened
+        self._task: asyncio.Task[None] | None = None
+        self._reopen: asyncio.Task[None] | None = None
+        self._switch_lock = asyncio.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Open the devices (or, if that fails, post DeviceLost and keep retrying) and start the reader."""
+        loop = asyncio.get_running_loop()
+        self._last_capture_seconds = loop.time()
+        try:
+            await self._open(self.capture_device, self.playback_device)
+        except DeviceError as error:
+            _LOGGER.error("%s", error.message)
+            self._mark_lost()
+        self._task = asyncio.create_task(self._run(), name="audio-engine")
+
+    async def aclose(self) -> None:
+        """Stop the reader and close the devices."""
+        self._closed = True
+        for task in (self._task, self._reopen):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._reopen = None
+        await self._close_io()
+
+    async def _open(self, capture: str, playback: str) -> None:
+        settings = self.settings.audio
+        io = AudioIO(settings, capture, playback)
+        layout = await asyncio.to_thread(io.open)
+        self.io, self.layout = io, layout
+        self._last_capture_seconds = self._opened_seconds = asyncio.get_running_loop().time()
+        self._capturing = False
+
+    async def _close_io(self) -> None:
+        io, self.io = self.io, None
+        self._drained.set()  # nothing will play any more: release anyone waiting for the end
+        if io is not None:
+            await asyncio.to_thread(io.close)
+
+    # ------------------------------------------------------------------ route
+    async def switch_devices(self, capture: str, playback: str, *, echo_cancel: bool) -> bool:
+        """Move to other devices (route change); the frame sink and the gate stay. False if they fail to open."""
+        async with self._switch_lock:
+            if self._reopen is not None:
+                self._reopen.cancel()
+                self._reopen = None
+            await self._close_io()
+            self.capture_device, self.playback_device = capture, playback
+            if echo_cancel != self.echo_cancel:
+                self.echo_cancel = echo_cancel
+                self.chain = self._chain_factory(self.settings if echo_cancel else without_aec(self.settings))
+                if self._gate:
+                    self.chain.open_gate()
+            try:
+                await self._open(capture, playback)
+            except DeviceError as error:
+                _LOGGER.error("%s", error.message)
+                self._mark_lost()
+                return False
+            if self._lost:
+                self._lost = False
+                self._events(DeviceFound(device=capture))
+            return True
+
+    async def suspend(self) -> None:
+        """No usable device at all (route none): close and stop retrying until ``switch_devices``."""
+        async with self._switch_lock:
+            if self._reopen is not None:
+                self._reopen.cancel()
+                self._reopen = None
+            await self._close_io()
+            if not self._lost:
+                self._lost = True
+                self.device_losses += 1
+                self._events(DeviceLost(device=self.capture_device))
+
+    def _mark_lost(self) -> None:
+        if not self._lost:
+            self._lost = True
+            self.device_losses += 1
+            _LOGGER.warning("audio device '%s' lost; retrying", self.capture_device)
+            self._events(DeviceLost(device=self.capture_device))
+        if self._reopen is None and not self._closed:
+            self._reopen = asyncio.create_task(self._reopen_loop(), name="audio-reopen")
+
+    async def _reopen_loop(self) -> None:
+        delay = _REOPEN_FIRST_SECONDS
+        try:
+            while True:
+                await asyncio.sleep(delay)
+                async with self._switch_lock:
+                    if self.io is not None:
+                        return
+                    try:
+                        await self._open(self.capture_device, self.playback_device)
+                    except DeviceError as error:
+                        _LOGGER.debug("reopen failed: %s", error.message)
+                        delay = min(delay * 2, self.settings.audio.reopen_max_seconds)
+                        continue
+                    self._lost = False
+                    _LOGGER.info("audio device '%s' is back", self.capture_device)
+                    self._events(DeviceFound(device=self.capture_device))
+                    return
+        finally:
+            if self._reopen is asyncio.current_task():
+                self._reopen = None
+
+    # ------------------------------------------------------------------ reader
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        timeout_seconds = self.settings.audio.device_timeout_ms / 1000
+        while True:
+            await asyncio.sleep(_TICK_SECONDS)
+            io = self.io
+            now = loop.time()
+            if io is None:
+                continue
+            if io.pump():
+                self._last_capture_seconds = now
+                self._capturing = True
+            pending = io.pending_frames
+            while (pair := io.pull()) is not None:
+                pending -= 1
+                self._frame(pair[0], pair[1], now - _TICK_SECONDS * max(pending, 0))
+            self._playout_events(io)
+            # Sound servers take a while to settle after opening (a first block, then a gap): allow more then.
+            settled = self._capturing and now - self._opened_seconds > _SETTLE_SECONDS
+            limit = timeout_seconds if settled else max(timeout_seconds, _SETTLE_SECONDS)
+            if not io.active or now - self._last_capture_seconds > limit:
+                if self._switch_lock.locked():
+                    continue  # a switch is closing or opening the device on purpose
+                _LOGGER.warning("no capture from '%s' for %.0f ms (stream %s)", self.capture_device,
+                                (now - self._last_capture_seconds) * 1000, "running" if io.active else "stopped")
+                await self._close_io()
+                self._mark_lost()
+
+    def _frame(self, mic: Pcm, ref: Pcm, now: float) -> None:
+        out = self.chain.process(mic, ref, now)
+        self.frames_processed += 1
+        self.last_frame_seconds = now
+        for event in out.events:
+            self._events(event)
+        if self._frames is not None:
+            for frame in out.stream:
+                self._frames.push_frame(np.array(frame, dtype=np.int16))
+        if self._recording is not None and len(self._recording) < self._recording_limit_frames:
+            self._recording.append(np.array(out.pcm, dtype=np.int16))
+        for listener in self.listeners:
+            listener(out, mic, ref, now)
+
+    def _playout_events(self, io: AudioIO) -> None:
+        playing = io.playout_queued_samples > 0
+        if playing and not self._playing:
+            self._events(PlaybackStarted())
+        elif self._playing and not playing:
+            self._events(PlaybackFinished())
+        self._playing = playing
+        if not playing:
+            self._drained.set()
+
+    # ------------------------------------------------------------------ ports.AudioEngine
+    def set_gate(self, streaming: bool) -> None:
+        """Open or close the gate to the room link (pre-roll goes out first on opening)."""
+        self._gate = streaming
+        if streaming:
+            self.chain.open_gate()
+        else:
+            self.chain.close_gate()
+
+    def clear_playback(self) -> None:
+        """Drop queued agent audio at once (barge-in, session end)."""
+        if self.io is not None:
+            self.io.clear_playout()
+
+    async def play_cue(self, name: str) -> None:
+        """Play a local cue to the end (it also feeds the echo reference, like any playout)."""
+        from kiosk.audio.cues import load_cue
+
+        pcm = load_cue(name, self.settings.spool.language)
+        await self.write(pcm)
+        await self.drain()
+
+    def start_recording(self) -> None:
+        """Start keeping cleaned capture audio (up to spool.max_message_seconds)."""
+        self._recording = []
+
+    def stop_recording(self) -> Recording:
+        """Stop and hand over what was recorded."""
+        frames, self._recording = self._recording or [], None
+        pcm = np.concatenate(frames) if frames else np.zeros(0, dtype=np.int16)
+        return Recording(pcm=pcm, duration_seconds=len(pcm) / RATE_HZ)
+
+    # ------------------------------------------------------------------ ports.PlayoutSink
+    async def write(self, pcm: Pcm) -> None:
+        """Queue 16 kHz mono audio; waits while the bounded playout buffer is full."""
+        offset = 0
+        while offset < len(pcm):
+            io = self.io
+            if io is None:
+                # Drop: no device to play on (lost, or route none); holding the agent's audio would only
+                # make it play late, and stalling the producer would stall the room link.
+                self.dropped_playout_samples += len(pcm) - offset
+                return
+            taken = io.queue_playout(pcm[offset:])
+            offset += taken
+            if offset < len(pcm):
+                await asyncio.sleep(_TICK_SECONDS)
+
+    def clear(self) -> None:
+        """Drop everything queued (barge-in)."""
+        self.clear_playback()
+
+    async def drain(self) -> None:
+        """Wait until the playout buffer has played out (or the device went away)."""
+        if self.io is not None and self.io.playout_queued_samples > 0:
+            self._drained.clear()
+            await self._drained.wait()
+
+    # ------------------------------------------------------------------ introspection
+    @property
+    def lost(self) -> bool:
+        """Whether the engine currently has no working device."""
+        return self._lost
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and the status endpoint."""
+        counters = self.io.counters if self.io is not None else None
+        return {
+            "capture_device": self.capture_device,
+            "playback_device": self.playback_device,
+            "layout": self.layout.describe() if self.layout is not None else None,
+            "frames": self.frames_processed,
+            "device_losses": self.device_losses,
+            "dropped_playout_samples": self.dropped_playout_samples,
+            "stream": vars(counters) if counters is not None else None,
+        }

@@ -1,0 +1,170 @@
+"""The audio route: array, headset or none, following the configured devices as they come and go.
+
+The route manager knows the configured devices by name (``audio.capture_device`` / ``playback_device`` for
+the array, ``audio.headset_capture_device`` / ``headset_playback_device`` for the headset) and decides:
+
+* headset present: capture and playback move to it (``AudioEngine.switch_devices``); the published track
+  stays, only its source changes. A headset has no acoustic echo path: echo cancellation goes off and the
+  route is posted with ``echo_path_verified=False`` (the controller falls back to push-to-talk semantics
+  for barge-in).
+* headset gone: back to the array (echo cancellation on, ``echo_path_verified`` True unless the
+  configured backend is ``none``).
+* neither: route none; the engine closes and posts DeviceLost; the manager keeps checking and moves back
+  as soon as a device returns (DeviceFound from the engine, RouteChanged from here).
+
+Watching: PortAudio only enumerates at initialisation, so devices are listed by a fresh PortAudio in a
+child process, and only when a cheap fingerprint of the sound configuration changed (sound cards and
+ALSA configuration files, polled every ``audio.route_poll_seconds``), plus periodically while no route
+works. On the Pi, udev events (pyudev, when installed) trigger a check at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from kiosk.audio.devices import DeviceInfo, enumerate_fresh, present, sound_fingerprint
+from kiosk.audio.engine import AudioEngine
+from kiosk.errors import DeviceError
+from kiosk.events import HeadsetPlugged, HeadsetUnplugged, Route, RouteChanged
+from kiosk.ports import EventSink
+from kiosk.settings import AecBackend, Settings
+
+_LOGGER = logging.getLogger(__name__)
+
+_RETRY_NONE_SECONDS = 2.0  # re-enumerate this often while no route works, even without a fingerprint change
+
+Enumerator = Callable[[], Awaitable[Sequence[DeviceInfo]]]
+
+
+class RouteManager:
+    """Chooses and switches the audio route (see the module docstring)."""
+
+    def __init__(self, settings: Settings, engine: AudioEngine, events: EventSink, *,
+                 enumerate_devices: Enumerator = enumerate_fresh,
+                 fingerprint: Callable[[], str] = sound_fingerprint) -> None:
+        self.settings = settings
+        self.engine = engine
+        self._events = events
+        self._enumerate = enumerate_devices
+        self._fingerprint = fingerprint
+        on_array = engine.capture_device == settings.audio.capture_device and not engine.lost
+        self.route = Route.ARRAY if on_array else Route.NONE
+        self.headset_present = False
+        self.switches = 0  # route changes made (for metrics and the session report)
+        self._task: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._udev: Any = None
+
+    @property
+    def echo_path_verified(self) -> bool:
+        """Whether voice barge-in is safe on the current route (the array with an echo canceller)."""
+        return self.route is Route.ARRAY and self.settings.aec.backend is not AecBackend.NONE
+
+    async def start(self) -> None:
+        """Check once (move to the headset if it is already plugged in), then watch."""
+        await self.check()
+        self._start_udev()
+        self._task = asyncio.create_task(self._watch(), name="audio-route")
+
+    async def aclose(self) -> None:
+        """Stop watching."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._udev is not None:
+            with contextlib.suppress(Exception):  # teardown of an optional fast path: nothing to recover
+                asyncio.get_running_loop().remove_reader(self._udev.fileno())
+            self._udev = None
+
+    async def _watch(self) -> None:
+        poll = self.settings.audio.route_poll_seconds
+        last = self._fingerprint()
+        since_check = 0.0
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), poll)
+            woken = self._wake.is_set()
+            self._wake.clear()
+            since_check += poll
+            current = self._fingerprint()
+            stale = self.route is Route.NONE and since_check >= _RETRY_NONE_SECONDS
+            if woken or current != last or stale:
+                last = current
+                since_check = 0.0
+                await self.check()
+
+    async def check(self) -> Route:
+        """Enumerate the devices now and switch the route if it should change; returns the route."""
+        audio = self.settings.audio
+        try:
+            devices = await self._enumerate()
+        except DeviceError as error:
+            _LOGGER.warning("%s", error.message)
+            return self.route
+        array = present(audio.capture_device, "capture", devices) and present(
+            audio.playback_device, "playback", devices)
+        headset = present(audio.headset_capture_device, "capture", devices) and present(
+            audio.headset_playback_device, "playback", devices)
+        if headset != self.headset_present:
+            self.headset_present = headset
+            _LOGGER.info("headset %s", "plugged in" if headset else "unplugged")
+            self._events(HeadsetPlugged() if headset else HeadsetUnplugged())
+        want = Route.HEADSET if headset else Route.ARRAY if array else Route.NONE
+        if want is not self.route:
+            await self._switch(want)
+        return self.route
+
+    async def _switch(self, want: Route) -> None:
+        audio = self.settings.audio
+        if want is Route.NONE:
+            _LOGGER.error("no usable sound device: '%s' is gone%s; retrying", audio.capture_device,
+                          " and no headset is present" if audio.headset_capture_device else "")
+            await self.engine.suspend()
+            self._set(Route.NONE)
+            return
+        if want is Route.HEADSET:
+            assert audio.headset_capture_device and audio.headset_playback_device
+            ok = await self.engine.switch_devices(audio.headset_capture_device, audio.headset_playback_device,
+                                                  echo_cancel=False)
+        else:
+            ok = await self.engine.switch_devices(audio.capture_device, audio.playback_device, echo_cancel=True)
+        # A device that is listed but fails to open leaves the route at none; the next check retries.
+        self._set(want if ok else Route.NONE)
+
+    def _set(self, route: Route) -> None:
+        if route is self.route:
+            return
+        self.route = route
+        self.switches += 1
+        _LOGGER.info("audio route: %s (echo path verified: %s)", route.value, self.echo_path_verified)
+        self._events(RouteChanged(route=route, echo_path_verified=self.echo_path_verified))
+
+    # ------------------------------------------------------------------ udev fast path (the Pi)
+    def _start_udev(self) -> None:
+        try:
+            import pyudev
+        except ImportError:
+            return  # optional: fingerprint polling covers it
+        try:
+            context = pyudev.Context()
+            monitor = pyudev.Monitor.from_netlink(context)
+            monitor.filter_by(subsystem="sound")
+            monitor.start()
+        except Exception as error:  # netlink may be unavailable in a container: polling still works
+            _LOGGER.debug("udev monitoring unavailable: %s", error)
+            return
+
+        def ready() -> None:
+            # Runs on the loop (add_reader): drain the netlink socket and wake the watcher.
+            while monitor.poll(timeout=0) is not None:
+                pass
+            self._wake.set()
+
+        asyncio.get_running_loop().add_reader(monitor.fileno(), ready)
+        self._udev = monitor

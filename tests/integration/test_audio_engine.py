@@ -1,0 +1,141 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kiosk.audio.engine import AudioEngine
+from kiosk.dev.pulse import ARRAY_DEVICE, PulseServer
+from kiosk.dev.speech import espeak, normalise
+from kiosk.dev.virtual_room import VirtualRoom
+from kiosk.events import DeviceFound, DeviceLost, Event, PlaybackFinished, PlaybackStarted, VoiceStarted
+from kiosk.ports import Pcm
+from kiosk.settings import Settings, load_settings
+
+pytestmark = [pytest.mark.pulse, pytest.mark.slow]
+
+
+class Recorder:
+    """EventSink and FrameSink that remember what they got."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.frames: list[Pcm] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def push_frame(self, pcm: Pcm) -> None:
+        self.frames.append(pcm)
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, kind: type[Event], timeout_seconds: float, count: int = 1) -> Event:
+        async def wait() -> Event:
+            while len(self.of(kind)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+            return self.of(kind)[count - 1]
+        return await asyncio.wait_for(wait(), timeout_seconds)
+
+
+def settings_for(device: str = ARRAY_DEVICE, **audio: object) -> Settings:
+    # The virtual devices' speaker-to-microphone path measured about 0.5 s here (sound-server buffering),
+    # beyond the default search range of the delay estimator.
+    return load_settings(None, audio={"capture_device": device, "playback_device": device, **audio},
+                         aec={"max_delay_ms": 1000})
+
+
+def speech(text: str, dbfs: float) -> np.ndarray:
+    return normalise(espeak(text), dbfs)
+
+
+async def until(predicate: Callable[[], bool], timeout_seconds: float) -> None:
+    async def poll() -> None:
+        while not predicate():  # noqa: ASYNC110 - polls plain counters that have no event to wait on
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(poll(), timeout_seconds)
+
+
+async def test_visitor_speech_is_detected_and_streamed(pulse_devices: PulseServer) -> None:
+    sink = Recorder()
+    engine = AudioEngine(settings_for(), sink, sink)
+    with VirtualRoom(pulse_devices) as room:
+        await engine.start()
+        try:
+            await until(lambda: engine.frames_processed > 20, 10)
+            engine.set_gate(True)
+            engine.start_recording()
+            room.say(speech("Hello, where can I find the registration desk?", -24))
+            await sink.wait_for(VoiceStarted, 15)
+            await until(lambda: not room.busy, 15)
+            await asyncio.sleep(0.5)
+            recording = engine.stop_recording()
+        finally:
+            await engine.aclose()
+    assert len(sink.frames) > 50  # the gate let cleaned frames through to the frame sink
+    assert recording.duration_seconds > 1.0
+    loud = np.sqrt(np.mean(recording.pcm.astype(np.float64) ** 2))
+    assert loud > 100, "the recording holds no speech"
+    assert engine.last_frame_seconds is not None
+
+
+async def test_agent_audio_plays_and_echo_is_reduced(pulse_devices: PulseServer) -> None:
+    sink = Recorder()
+    engine = AudioEngine(settings_for(), sink, sink)
+    levels: list[tuple[float, float, bool]] = []
+
+    def listen(frame: Any, mic: Pcm, ref: Pcm, now: float) -> None:
+        out = frame.pcm
+        levels.append((float(np.dot(mic.astype(np.float64), mic)), float(np.dot(out.astype(np.float64), out)),
+                       bool(frame.speech)))
+
+    engine.listeners.append(listen)
+    agent = (speech("Welcome to our booth. I can tell you about the products, the talks and where to find "
+                    "the coffee. Ask me anything you like, and take your time.", -18) * 32767).astype(np.int16)
+    with VirtualRoom(pulse_devices, echo_gain_db=-6.0):
+        await engine.start()
+        try:
+            await until(lambda: engine.frames_processed > 20, 10)
+            await engine.write(np.concatenate([agent, agent]))
+            await engine.drain()
+            await asyncio.sleep(0.5)
+            aec = engine.chain.echo_canceller.stats()  # type: ignore[attr-defined]
+        finally:
+            await engine.aclose()
+    assert sink.of(PlaybackStarted) and sink.of(PlaybackFinished)
+    mic_energy = sum(m for m, _, _ in levels[len(levels) // 2:])
+    out_energy = sum(o for _, o, _ in levels[len(levels) // 2:])
+    assert mic_energy > 0, "no echo reached the microphone"
+    reduction_db = 10 * np.log10(mic_energy / max(out_energy, 1.0))
+    print(f"live echo reduction {reduction_db:.1f} dB; {aec}")
+    # Loose on purpose: through the sound server the echo path moved between 0.05 and 0.9 s from run to run
+    # on a loaded machine (see docs/audio-io.md), which no canceller holds; when it stays put the reduction
+    # is 20-60 dB. The deterministic figures are in the offline tests and the benchmark.
+    assert reduction_db > 1.0, f"echo reduced by only {reduction_db:.1f} dB ({aec}, {engine.stats()})"
+
+
+async def test_device_unplug_posts_lost_and_replug_found(pulse_devices: PulseServer) -> None:
+    sink = Recorder()
+    engine = AudioEngine(settings_for(device_timeout_ms=500), sink, sink)
+    await engine.start()
+    try:
+        await until(lambda: engine.frames_processed > 20, 10)
+        pulse_devices.unplug("array")
+        await sink.wait_for(DeviceLost, 10)
+        assert engine.lost
+        frames = engine.frames_processed
+        await asyncio.sleep(1.0)
+        pulse_devices.plug("array")
+        await sink.wait_for(DeviceFound, 20)
+        await until(lambda: engine.frames_processed > frames + 20, 10)
+    finally:
+        await engine.aclose()
+    assert not engine.lost
+    assert engine.device_losses == 1

@@ -1,0 +1,127 @@
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from kiosk.audio.engine import AudioEngine
+from kiosk.audio.route import RouteManager
+from kiosk.dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE, HEADSET_MIC_SINK, PulseServer
+from kiosk.dev.speech import espeak, normalise
+from kiosk.events import (
+    DeviceFound,
+    DeviceLost,
+    Event,
+    HeadsetPlugged,
+    HeadsetUnplugged,
+    Route,
+    RouteChanged,
+    VoiceStarted,
+)
+from kiosk.ports import Pcm
+from kiosk.settings import load_settings
+
+pytestmark = [pytest.mark.pulse, pytest.mark.slow]
+
+
+class Recorder:
+    """EventSink and FrameSink that remember what they got."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.frames: list[Pcm] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        self.events.append(event)
+        self._changed.set()
+
+    def push_frame(self, pcm: Pcm) -> None:
+        self.frames.append(pcm)
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, kind: type[Event], timeout_seconds: float, count: int = 1) -> Event:
+        async def wait() -> Event:
+            while len(self.of(kind)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+            return self.of(kind)[count - 1]
+        return await asyncio.wait_for(wait(), timeout_seconds)
+
+
+async def until(predicate: Callable[[], bool], timeout_seconds: float) -> None:
+    async def poll() -> None:
+        while not predicate():  # noqa: ASYNC110 - polls plain counters that have no event to wait on
+            await asyncio.sleep(0.05)
+    await asyncio.wait_for(poll(), timeout_seconds)
+
+
+def route_events(sink: Recorder) -> list[tuple[Route, bool]]:
+    return [(e.route, e.echo_path_verified) for e in sink.of(RouteChanged)]  # type: ignore[attr-defined]
+
+
+async def test_headset_takes_over_and_hands_back(pulse_devices: PulseServer) -> None:
+    pulse_devices.unplug("headset")
+    settings = load_settings(None, audio={
+        "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE, "headset_capture_device": HEADSET_DEVICE,
+        "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": 0.2, "device_timeout_ms": 500})
+    sink = Recorder()
+    engine = AudioEngine(settings, sink, sink)
+    await engine.start()
+    manager = RouteManager(settings, engine, sink)
+    await manager.start()
+    switch_ms: list[float] = []
+    try:
+        assert manager.route is Route.ARRAY
+        await until(lambda: engine.frames_processed > 20, 10)
+        engine.set_gate(True)
+        await until(lambda: len(sink.frames) > 20, 10)
+
+        # Plugged in mid-conversation: the route moves, the frame sink keeps getting frames.
+        started = time.monotonic()
+        pulse_devices.plug("headset")
+        await sink.wait_for(RouteChanged, 10)
+        switch_ms.append((time.monotonic() - started) * 1000)
+        assert sink.of(HeadsetPlugged)
+        assert route_events(sink) == [(Route.HEADSET, False)]
+        assert engine.capture_device == HEADSET_DEVICE and not engine.echo_cancel
+        frames = len(sink.frames)
+        await until(lambda: len(sink.frames) > frames + 20, 10)
+        # The visitor speaks into the headset: capture really comes from it now.
+        voice = (normalise(espeak("Can you hear me through the headset?"), -20) * 32767).astype(np.int16)
+        pulse_devices.play(HEADSET_MIC_SINK, voice.tobytes()).wait(timeout=30)
+        await sink.wait_for(VoiceStarted, 10)
+
+        # Unplugged: back to the array, echo cancellation on again.
+        started = time.monotonic()
+        pulse_devices.unplug("headset")
+        await sink.wait_for(RouteChanged, 10, count=2)
+        switch_ms.append((time.monotonic() - started) * 1000)
+        assert sink.of(HeadsetUnplugged)
+        assert route_events(sink)[-1] == (Route.ARRAY, True)
+        assert engine.capture_device == ARRAY_DEVICE and engine.echo_cancel
+        frames = len(sink.frames)
+        await until(lambda: len(sink.frames) > frames + 20, 10)
+
+        # The array lost with no headset: route none, DeviceLost; back when it returns.
+        pulse_devices.unplug("array")
+        await sink.wait_for(RouteChanged, 10, count=3)
+        assert route_events(sink)[-1] == (Route.NONE, False)
+        await sink.wait_for(DeviceLost, 10)
+        await asyncio.sleep(1.0)
+        pulse_devices.plug("array")
+        await sink.wait_for(RouteChanged, 15, count=4)
+        await sink.wait_for(DeviceFound, 10)
+        assert route_events(sink)[-1] == (Route.ARRAY, True)
+        frames = engine.frames_processed
+        await until(lambda: engine.frames_processed > frames + 20, 10)
+    finally:
+        await manager.aclose()
+        await engine.aclose()
+    assert manager.switches == 4
+    print(f"route switch times (ms): {[round(ms) for ms in switch_ms]}")
