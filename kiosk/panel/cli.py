@@ -61,8 +61,9 @@ def _cmd_panel(args: argparse.Namespace, settings: Settings) -> int:
 
 
 async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, interactive: bool,
-                    source: TextIO, out: TextIO = sys.stdout) -> dict[str, object]:
+                    source: TextIO, out: TextIO | None = None) -> dict[str, object]:
     """Run the controller with the virtual panel until quit (or the end of the script); returns the report."""
+    out = out if out is not None else sys.stdout  # looked up at call time (a default would pin the import's)
     from kiosk.clock import LoopClock
     from kiosk.controller import Controller
     from kiosk.dev.behaviour import MemoryMessageStore, SimulatedAudio, SimulatedRoom
