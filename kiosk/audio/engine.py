@@ -74,6 +74,10 @@ def without_aec(settings: Settings) -> Settings:
     return settings.model_copy(update={"aec": aec})
 
 
+# A dry playout buffer counts as the end of playback only after this long (network jitter between packets).
+PLAYBACK_END_HANGOVER_SECONDS = 0.3
+
+
 class AudioEngine:
     """Capture chain and playout on real devices (see the module docstring)."""
 
@@ -99,6 +103,7 @@ class AudioEngine:
         self._recording: list[Pcm] | None = None
         self._recording_limit_frames = int(settings.spool.max_message_seconds * RATE_HZ / FRAME_SAMPLES)
         self._playing = False
+        self._empty_since: float | None = None  # loop time the playout buffer ran dry while playing
         self._drained = asyncio.Event()  # set by the reader whenever the playout buffer is empty
         self._lost = False
         self._last_capture_seconds = 0.0
@@ -258,14 +263,25 @@ class AudioEngine:
             listener(out, mic, ref, now)
 
     def _playout_events(self, io: AudioIO) -> None:
-        playing = io.playout_queued_samples > 0
-        if playing and not self._playing:
-            self._events(PlaybackStarted())
-        elif self._playing and not playing:
+        queued = io.playout_queued_samples > 0
+        now = asyncio.get_running_loop().time()
+        if queued:
+            self._empty_since = None
+            if not self._playing:
+                self._playing = True
+                self._events(PlaybackStarted())
+            return
+        self._drained.set()
+        if not self._playing:
+            return
+        # Agent audio arrives in bursts over the network: a buffer that runs dry for a moment between two
+        # packets is not the end of the answer. Only a gap longer than the hangover is.
+        if self._empty_since is None:
+            self._empty_since = now
+        elif now - self._empty_since >= PLAYBACK_END_HANGOVER_SECONDS:
+            self._playing = False
+            self._empty_since = None
             self._events(PlaybackFinished())
-        self._playing = playing
-        if not playing:
-            self._drained.set()
 
     # ------------------------------------------------------------------ ports.AudioEngine
     def set_gate(self, streaming: bool) -> None:

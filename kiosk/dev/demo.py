@@ -101,8 +101,11 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
         "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE,
         "headset_capture_device": HEADSET_DEVICE, "headset_playback_device": HEADSET_DEVICE,
     })
+    # The virtual room's speaker-to-microphone path (two PulseAudio hops) can exceed the default search range.
+    aec = base.aec if real_devices else base.aec.model_copy(update={"max_delay_ms": max(base.aec.max_delay_ms, 1000)})
     return base.model_copy(update={
         "audio": audio,
+        "aec": aec,
         "session": api,
         "spool": base.spool.model_copy(update={"directory": spool_dir}),
         "metrics": base.metrics.model_copy(update={"port": 0}),
