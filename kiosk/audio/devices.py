@@ -70,6 +70,7 @@ def quiet_stderr() -> Iterator[None]:
 
 
 _ALSA_HANDLER: Any = None
+_JACK_HANDLER: Any = None
 _ALSA_LIB: Any = None
 
 
@@ -98,7 +99,7 @@ def refresh_alsa_config() -> None:
 
 
 def silence_alsa_errors() -> None:
-    """Route ALSA library error messages (probe chatter of absent plugins) nowhere, once per process."""
+    """Route ALSA (and JACK) library messages (probe chatter of absent plugins) nowhere, once per process."""
     global _ALSA_HANDLER
     if _ALSA_HANDLER is not None:
         return
@@ -109,6 +110,27 @@ def silence_alsa_errors() -> None:
                                     ctypes.c_char_p)
     _ALSA_HANDLER = handler_type(lambda *_: None)  # kept referenced: ALSA calls it from C
     lib.snd_lib_error_set_handler(_ALSA_HANDLER)
+    _silence_jack()
+
+
+def _silence_jack() -> None:
+    """Send libjack's error and info messages nowhere.
+
+    PortAudio probes JACK at start-up; with no JACK server (the kiosk never uses one) libjack prints
+    "Cannot connect to server" lines on every enumeration.
+    """
+    global _JACK_HANDLER
+    name = ctypes.util.find_library("jack")
+    if name is None:
+        return
+    try:
+        jack = ctypes.CDLL(name)
+    except OSError:
+        return
+    handler_type = ctypes.CFUNCTYPE(None, ctypes.c_char_p)
+    _JACK_HANDLER = handler_type(lambda _: None)  # kept referenced: libjack calls it from C
+    jack.jack_set_error_function(_JACK_HANDLER)
+    jack.jack_set_info_function(_JACK_HANDLER)
 
 
 def list_devices(pa: Any = None) -> list[DeviceInfo]:
