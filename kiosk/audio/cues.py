@@ -14,10 +14,7 @@ import functools
 import importlib.resources
 import io
 import logging
-import shutil
-import subprocess
 import sys
-import tempfile
 import wave
 from collections.abc import Sequence
 from pathlib import Path
@@ -228,15 +225,9 @@ def write_wav(path: Path, pcm: Pcm, rate_hz: int = RATE_HZ) -> None:
 
 def render_spoken(text: str, voice: str, speed_wpm: int = 150) -> Pcm:
     """Render ``text`` with espeak-ng at 16 kHz, silence trimmed, peak-normalised (build time only)."""
-    exe = shutil.which("espeak-ng")
-    if exe is None:
-        raise CueError("espeak-ng is not installed: run scripts/bootstrap", "espeak_missing")
-    with tempfile.TemporaryDirectory() as tmp:
-        out = Path(tmp) / "cue.wav"
-        subprocess.run([exe, "-v", voice, "-s", str(speed_wpm), "-w", str(out), text], check=True,
-                       capture_output=True, timeout=60)
-        pcm = read_cue_file(out)
-    audio = to_float(pcm)
+    from kiosk.dev.speech import espeak
+
+    audio = espeak(text, voice, speed_wpm)
     loud = np.flatnonzero(np.abs(audio) > 10 ** (-50 / 20))
     if loud.size:
         pad = RATE_HZ // 20  # keep 50 ms around the speech

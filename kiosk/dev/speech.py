@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from scipy.signal import resample_poly
 
+from kiosk.audio.format import resample
 from kiosk.errors import KioskError
 
 RATE_HZ = 16000
@@ -64,10 +64,7 @@ def read_wav_mono(path: Path) -> tuple[Signal, int]:
 
 def to_rate(audio: Signal, rate_hz: int, target_hz: int = RATE_HZ) -> Signal:
     """Resample with a polyphase filter (exact for the common ratios)."""
-    if rate_hz == target_hz:
-        return audio.astype(np.float32)
-    g = np.gcd(rate_hz, target_hz)
-    return np.asarray(resample_poly(audio, target_hz // g, rate_hz // g), dtype=np.float32)
+    return resample(audio, rate_hz, target_hz)
 
 
 @functools.lru_cache(maxsize=64)
