@@ -33,6 +33,7 @@ from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.offline import Probe
 from kiosk.fallback.spool import Spool, publish_stats
 from kiosk.health import HealthWatchdog, Notifier, progress_check
+from kiosk.link.backoff import Backoff
 from kiosk.link.livekit import LiveKitRoomLink
 from kiosk.link.session_api import SessionApi, SessionRefused
 from kiosk.metrics import Metrics, MetricsServer, Status
@@ -73,8 +74,14 @@ class _Frames:
 class Kiosk:
     """Every part of the kiosk, wired; ``await start()``, then ``await aclose()``."""
 
-    def __init__(self, settings: Settings, *, panel: Panel | None = None) -> None:
-        """``panel`` replaces the GPIO panel (the demo's virtual panel); it must post into ``self.bus``."""
+    def __init__(self, settings: Settings, *, panel: Panel | None = None,
+                 probe_backoff: Backoff | None = None) -> None:
+        """``panel`` replaces the GPIO panel (the demo's virtual panel); it must post into ``self.bus``.
+
+        ``probe_backoff`` paces the offline probe (default: 2 s doubling to 60 s, full jitter); tests pass a
+        shorter one so a restored link is noticed within their time bound.
+        """
+        self.probe_backoff = probe_backoff or Backoff(base_seconds=2.0, max_seconds=60.0)
         self.settings = settings
         self.metrics = Metrics()
         self.status = Status()
@@ -194,7 +201,8 @@ class Kiosk:
             self.status.last_refusal = event.reason.value
         if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
             last = event.reason if isinstance(event, ApiRefused) else None
-            self._probe = asyncio.create_task(Probe(self._check_service, self.bus.post).run(last), name="probe")
+            probe = Probe(self._check_service, self.bus.post, self.probe_backoff)
+            self._probe = asyncio.create_task(probe.run(last), name="probe")
         if isinstance(event, VoiceStopped):
             self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
         if isinstance(event, (LinkUp, SessionOpened)):

@@ -502,6 +502,15 @@ class AlignedEchoCanceller:
     FIRST_INTERVAL_FRAMES = 10
     FIRST_WINDOW_SAMPLES = RATE_HZ // 4
     GIVE_UP_FRAMES = 500  # far-end frames without a confident first estimate before using delay 0
+    # Collapse watch: once the echo path has held (slow ERLE >= ERLE_GOOD_DB), a fast ERLE (about 3
+    # far-end frames) under COLLAPSE_DB for COLLAPSE_FRAMES in a row means the path moved (or a visitor
+    # talks). Then the delay is re-estimated every FIRST_INTERVAL_FRAMES on the last QUICK_WINDOW_MS for
+    # QUICK_FRAMES, instead of once per INTERVAL_MS on a whole WINDOW_MS that still holds the old path.
+    COLLAPSE_DB = 6.0
+    COLLAPSE_FRAMES = 3
+    QUICK_WINDOW_MS = 400
+    QUICK_FRAMES = 150
+    COLLAPSE_DB_RATIO = 10 ** (COLLAPSE_DB / 10)
 
     def __init__(self, backend: _Backend, *, delay_ms: float | None = None, max_delay_ms: float = 400.0,
                  drift_compensation: bool = True) -> None:
@@ -509,6 +518,7 @@ class AlignedEchoCanceller:
         self.name = backend.name
         self._max_lag = int(max_delay_ms * _SAMPLES_PER_MS)
         self._window = int(self.WINDOW_MS * _SAMPLES_PER_MS)
+        self._quick_window = int(self.QUICK_WINDOW_MS * _SAMPLES_PER_MS)
         self._interval_frames = int(self.INTERVAL_MS / 10)
         self._margin = self.MARGIN_MS * _SAMPLES_PER_MS
         self._fixed = None if delay_ms is None else delay_ms * _SAMPLES_PER_MS
@@ -538,6 +548,12 @@ class AlignedEchoCanceller:
         self._out_power = 1e-9
         self._good_frames = 0
         self._converged = False
+        self._held = False  # the path held since the last alignment (slow ERLE reached ERLE_GOOD_DB)
+        self._fast_mic = 1e-9
+        self._fast_out = 1e-9
+        self._low_frames = 0
+        self._quick_frames = 0  # frames of quick re-estimation left after a collapse
+        self.collapses = 0
         self._far.clear()
         self._near.clear()
         if self._fixed is not None:
@@ -586,9 +602,12 @@ class AlignedEchoCanceller:
         # Until the delay is known, try every 100 ms on what there is (from a quarter second on), so the
         # canceller starts early; then once per interval on the full window.
         known = self._model.known
-        interval = self._interval_frames if known else self.FIRST_INTERVAL_FRAMES
+        quick = self._quick_frames > 0
+        if quick:
+            self._quick_frames -= 1
+        interval = self._interval_frames if known and not quick else self.FIRST_INTERVAL_FRAMES
         held = self._near.end - self._near.start
-        window = min(self._window, held)
+        window = min(self._quick_window if quick else self._window, held)
         if self._since_estimate < interval or window < self.FIRST_WINDOW_SAMPLES:
             return
         self._since_estimate = 0
@@ -608,6 +627,7 @@ class AlignedEchoCanceller:
         mid = float(end - window // 2)
         jumped = self._model.add(mid, est.delay_samples, est.confidence, self.STRONG_CONFIDENCE)
         if jumped or not self._anchored:
+            self._quick_frames = 0
             self._anchor(now)
         else:
             self._steer(now)
@@ -641,6 +661,8 @@ class AlignedEchoCanceller:
             if consumed == 0 and made == 0:
                 break
         self._anchored = True
+        self._held = False
+        self._low_frames = 0
         self.backend.set_delay_hint_ms(self._margin / _SAMPLES_PER_MS)
         _LOGGER.info("echo delay %.1f ms (drift %.0f ppm)", self._model.at(now) / _SAMPLES_PER_MS,
                      self._model.slope * 1e6)
@@ -696,6 +718,30 @@ class AlignedEchoCanceller:
         self._good_frames = self._good_frames + 1 if erle >= self.ERLE_GOOD_DB else 0
         if self._good_frames >= 100:
             self._converged = True
+        if self._good_frames >= 30:
+            self._held = True
+        self._watch_collapse(mic, res)
+
+    def _watch_collapse(self, mic: float, res: float) -> None:
+        """Start quick re-estimation when the removed echo collapses after the path had held."""
+        fast = 0.3  # about 3 far-end frames: a delay step shows within 30-50 ms
+        self._fast_mic += fast * (mic + 1.0 - self._fast_mic)
+        self._fast_out += fast * (res + 1.0 - self._fast_out)
+        if not self._held or self._fixed is not None or self._quick_frames > 0:
+            return
+        if self._fast_mic < self.COLLAPSE_DB_RATIO * self._fast_out:
+            self._low_frames += 1
+        else:
+            self._low_frames = 0
+        if self._low_frames >= self.COLLAPSE_FRAMES:
+            # The echo the canceller removes collapsed: the path moved, or a visitor talks. Re-estimate at
+            # once on a short window; a visitor leaves the delay where it is (the estimates agree with the
+            # line), a moved path is confirmed by two agreeing estimates 100 ms apart.
+            self._low_frames = 0
+            self._held = False
+            self._quick_frames = self.QUICK_FRAMES
+            self._since_estimate = self.FIRST_INTERVAL_FRAMES
+            self.collapses += 1
 
 
 def make_echo_canceller(settings: AecSettings) -> EchoCanceller:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from kiosk.errors import KioskError
-from kiosk.events import AgentStateChanged, Event, PlaybackFinished, SessionOpened, VoiceStarted, VoiceStopped
+from kiosk.events import Event, PlaybackFinished, PlaybackStarted, SessionOpened, VoiceStarted, VoiceStopped
 from kiosk.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
@@ -133,16 +133,16 @@ async def _scripted(kiosk: Any, panel: Any, room: Any, recorder: _Recorder, ques
         panel.release()
         released = loop.time()
         opened = await recorder.wait_for(SessionOpened, pressed, 1.0)
-        speaking = await recorder.wait_for(AgentStateChanged, released, ANSWER_WAIT_SECONDS,
-                                           lambda e: e.state.value == "speaking")
-        finished = await recorder.wait_for(PlaybackFinished, speaking or released, ANSWER_WAIT_SECONDS) \
+        # The agent may take the turn before the button comes up (its own end-of-turn detection).
+        speaking = await recorder.wait_for(PlaybackStarted, pressed + 0.4, ANSWER_WAIT_SECONDS)
+        finished = await recorder.wait_for(PlaybackFinished, speaking, ANSWER_WAIT_SECONDS) \
             if speaking is not None else None
         exchanges.append({
             "question": question,
             "voice_started": await recorder.wait_for(VoiceStarted, pressed, 0.0) is not None,
             "voice_stopped": await recorder.wait_for(VoiceStopped, pressed, 0.0) is not None,
             "session_opened_s": round(opened - pressed, 3) if opened is not None else None,
-            "agent_speaking_after_release_s": round(speaking - released, 3) if speaking is not None else None,
+            "answer_started_after_release_s": round(speaking - released, 3) if speaking is not None else None,
             "answer_played": finished is not None,
         })
     return exchanges
@@ -249,7 +249,7 @@ def _print_report(report: dict[str, Any]) -> None:
     print("session report")
     for i, exchange in enumerate(report["exchanges"], start=1):
         print(f"  question {i}: {exchange['question']!r}: answer played: {exchange['answer_played']}, "
-              f"agent speaking {exchange['agent_speaking_after_release_s']} s after release")
+              f"answer started {exchange['answer_started_after_release_s']} s after release")
     print("  timeline: " + " -> ".join(f"{e['state']}@{e['t_seconds']}s" for e in report["timeline"]))
     latency = report["latency"]
     print(f"  connect: {latency['connect_s']} s; capture path: {latency['capture_path']}; "
