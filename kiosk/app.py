@@ -66,9 +66,9 @@ class _Frames:
     def __init__(self) -> None:
         self.target: LiveKitRoomLink | None = None
 
-    def push_frame(self, pcm: Pcm) -> None:
+    def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
         if self.target is not None:
-            self.target.push_frame(pcm)
+            self.target.push_frame(pcm, captured_at=captured_at)
 
 
 class Kiosk:

@@ -46,8 +46,8 @@ class Cancellable(Protocol):
 class FrameSink(Protocol):
     """Where cleaned capture frames go when the gate is open (the room link's published track)."""
 
-    def push_frame(self, pcm: Pcm) -> None:
-        """Take one 10 ms frame; never blocks (drops the oldest audio when its queue is full)."""
+    def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
+        """Take one 10 ms frame (``captured_at``: loop time it was captured); never blocks, drops the oldest."""
         ...
 
 

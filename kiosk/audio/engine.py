@@ -256,7 +256,8 @@ class AudioEngine:
             self._events(event)
         if self._frames is not None:
             for frame in out.stream:
-                self._frames.push_frame(np.array(frame, dtype=np.int16))
+                # Stamped when the frame left the capture ring: the link measures the rest of the path from here.
+                self._frames.push_frame(np.array(frame, dtype=np.int16), captured_at=now)
         if self._recording is not None and len(self._recording) < self._recording_limit_frames:
             self._recording.append(np.array(out.pcm, dtype=np.int16))
         for listener in self.listeners:

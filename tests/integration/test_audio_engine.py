@@ -30,7 +30,7 @@ class Recorder:
         self.events.append(event)
         self._changed.set()
 
-    def push_frame(self, pcm: Pcm) -> None:
+    def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
         self.frames.append(pcm)
 
     def of(self, kind: type[Event]) -> list[Event]:
