@@ -308,7 +308,10 @@ def _dispatch(b: _Builder, event: Event) -> None:
             return
         case LinkUp():
             b.set(online=True)
-            if s.phase is Phase.OFFLINE:
+            # A visitor who is being offered, or is leaving, a message keeps that: "online" from a probe
+            # (a catalog check) does not prove a session will be granted, and taking the offer away mid-way
+            # would confuse. The offer's own end brings the kiosk back to idle.
+            if s.phase is Phase.OFFLINE and s.message is MessageStep.NONE:
                 b.leave(keep_message=False)
                 b.rest()
             return
@@ -541,7 +544,9 @@ def _recording(b: _Builder, event: Event) -> None:
             b.do(StartRecording())
             b.timer(Timer.MAX_MESSAGE, p.max_message_seconds)
             b.timer(Timer.NO_SPEECH, p.no_speech_timeout_seconds)
-            b.set(message=MessageStep.RECORDING, heard_voice=s.voice_active)
+            # Only voice that starts once recording runs counts: voice reported across the tone is mostly
+            # the tone's own echo, and letting it count ends the message at the first VoiceStopped.
+            b.set(message=MessageStep.RECORDING, heard_voice=False)
         case VoiceStarted() if recording:
             b.cancel(Timer.NO_SPEECH)
         case VoiceStopped() if recording and s.heard_voice:

@@ -302,7 +302,7 @@ class AudioEngine:
         """Play a local cue to the end (it also feeds the echo reference, like any playout)."""
         from kiosk.audio.cues import load_cue
 
-        pcm = load_cue(name, self.settings.spool.language)
+        pcm = load_cue(name, self.settings.spool.language, self.settings.spool.cues_directory)
         await self.write(pcm)
         await self.drain()
 
