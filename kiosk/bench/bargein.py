@@ -121,6 +121,10 @@ async def _measure(settings: Settings, *, quiet_seconds: float, trials: int) -> 
         while True:
             await engine.write(agent[i % len(agent)])
             i += 1
+            if engine.io is None:
+                # While the device is lost (reopening) a write drops at once without waiting: without this
+                # sleep the loop spun here and starved every other task, and the run never ended.
+                await asyncio.sleep(0.05)
 
     room = VirtualRoom(None, seed=3, echo_gain_db=-6.0, noise_kind="pink", noise_dbfs=-55.0)
     room.start()
