@@ -36,7 +36,7 @@ from kiosk.events import (
     VoiceStopped,
 )
 from kiosk.panel.gpio import GpioPanel
-from kiosk.ports import Cancellable, Clock, EventSink, Recording
+from kiosk.ports import Cancellable, Clock, EventSink, Pcm, Recording
 from kiosk.settings import ButtonSpec, InteractionMode, InteractionSettings, PanelSettings
 from kiosk.state import Policy
 
@@ -304,3 +304,34 @@ async def build_rig(
     if started:
         await rig.post(Started())
     return rig
+
+
+class EventRecorder:
+    """An ``EventSink`` and ``FrameSink`` that remember what they got (tests of the audio engine and route)."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.frames: list[Pcm] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, event: Event) -> None:
+        """Keep the event (this object is the EventSink)."""
+        self.events.append(event)
+        self._changed.set()
+
+    def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
+        """Keep the frame."""
+        self.frames.append(pcm)
+
+    def of(self, kind: type[Event]) -> list[Event]:
+        """The events of one kind, in order."""
+        return [e for e in self.events if isinstance(e, kind)]
+
+    async def wait_for(self, kind: type[Event], timeout_seconds: float, count: int = 1) -> Event:
+        """The ``count``-th event of ``kind``, waiting up to ``timeout_seconds`` for it."""
+        async def wait() -> Event:
+            while len(self.of(kind)) < count:
+                self._changed.clear()
+                await self._changed.wait()
+            return self.of(kind)[count - 1]
+        return await asyncio.wait_for(wait(), timeout_seconds)

@@ -8,41 +8,17 @@ import numpy as np
 import pytest
 
 from kiosk.audio.engine import AudioEngine
+from kiosk.dev.behaviour import EventRecorder as Recorder
 from kiosk.dev.pulse import ARRAY_DEVICE, PulseServer
 from kiosk.dev.speech import espeak, normalise
 from kiosk.dev.virtual_room import VirtualRoom
-from kiosk.events import DeviceFound, DeviceLost, Event, PlaybackFinished, PlaybackStarted, VoiceStarted
+from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStarted, VoiceStarted
 from kiosk.ports import Pcm
 from kiosk.settings import Settings, load_settings
 
 pytestmark = [pytest.mark.pulse, pytest.mark.slow]
 
 
-class Recorder:
-    """EventSink and FrameSink that remember what they got."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.frames: list[Pcm] = []
-        self._changed = asyncio.Event()
-
-    def __call__(self, event: Event) -> None:
-        self.events.append(event)
-        self._changed.set()
-
-    def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
-        self.frames.append(pcm)
-
-    def of(self, kind: type[Event]) -> list[Event]:
-        return [e for e in self.events if isinstance(e, kind)]
-
-    async def wait_for(self, kind: type[Event], timeout_seconds: float, count: int = 1) -> Event:
-        async def wait() -> Event:
-            while len(self.of(kind)) < count:
-                self._changed.clear()
-                await self._changed.wait()
-            return self.of(kind)[count - 1]
-        return await asyncio.wait_for(wait(), timeout_seconds)
 
 
 def settings_for(device: str = ARRAY_DEVICE, **audio: object) -> Settings:
