@@ -11,11 +11,12 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiosk.bench import bench_subcommands
 from kiosk.errors import InputError
+from kiosk.settings import Settings
 
 if TYPE_CHECKING:
     from kiosk.bench import BenchSection
-    from kiosk.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -50,12 +51,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                          "file (0-based) or mix")
     process.set_defaults(handler=_cmd_process)
 
-    # `bench` is shared with other areas' benchmarks: whoever registers first creates it.
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="benchmarks that print figures and write docs/performance.md")
-        bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    bench_sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    bench_sub = bench_subcommands(subparsers)
     bench_audio = bench_sub.add_parser(
         "audio", help="echo cancellation, voice detection and barge-in figures",
         description="Measure the capture chain: echo cancellers, voice detection, barge-in through the virtual "

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kiosk.bench import bench_subcommands
 from kiosk.settings import Settings
 
 if TYPE_CHECKING:
@@ -41,11 +42,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     check.add_argument("--join", action="store_true", help="also join the room and wait for the agent's audio")
     check.set_defaults(handler=_cmd_check)
 
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="benchmarks that print figures and write docs/performance.md")
-        bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    bench_sub = next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))
+    bench_sub = bench_subcommands(subparsers)
     bench_link = bench_sub.add_parser(
         "link", help="link latency on the local stack (capture, playout, pre-warm, cold session)",
         description="Run the local stack (private network, LiveKit server, stand-in API and agent) and measure "
