@@ -111,6 +111,9 @@ class VadSettings(_Section):
     preroll_ms: int = Field(300, ge=0, le=2000, description="audio kept before speech starts and streamed with it")
     hangover_ms: int = Field(600, ge=0, le=5000, description="silence before speech counts as stopped")
     min_speech_ms: int = Field(150, ge=0, le=2000, description="speech shorter than this is ignored")
+    onset_lookback_ms: int = Field(
+        50, ge=0, le=300, description="a speech segment is dated this much before its first detected frame"
+    )
     min_level_dbfs: float = Field(
         -36.0, ge=-96, le=0, description="speech peaks must reach this level (rejects distant talkers)"
     )

@@ -136,24 +136,30 @@ class Segmenter:
 
     ``feed(is_speech, now_seconds)`` takes the flag of the frame that starts at ``now_seconds`` (each frame
     lasts ``frame_seconds``). Speech starts after ``min_speech_ms`` of consecutive speech frames;
-    ``VoiceStarted.at_seconds`` is the start of the first of them. Speech stops after ``hangover_ms`` without
-    a speech frame; ``VoiceStopped.at_seconds`` is the end of the last speech frame.
+    ``VoiceStarted.at_seconds`` is the start of the first of them, moved back by ``onset_lookback_ms`` (webrtcvad
+    flags a word's first tens of milliseconds late) but never into the previous segment. Speech stops after
+    ``hangover_ms`` without a speech frame; ``VoiceStopped.at_seconds`` is the end of the last speech frame.
+    The look-back only dates the segment: the event is emitted when the minimum speech is reached, as without it.
     """
 
-    def __init__(self, *, min_speech_ms: float, hangover_ms: float, frame_seconds: float = FRAME_SECONDS) -> None:
+    def __init__(self, *, min_speech_ms: float, hangover_ms: float, onset_lookback_ms: float = 0.0,
+                 frame_seconds: float = FRAME_SECONDS) -> None:
         self._min_speech_seconds = min_speech_ms / 1000.0
         self._hangover_seconds = hangover_ms / 1000.0
+        self._lookback_seconds = onset_lookback_ms / 1000.0
         self._frame_seconds = frame_seconds
         # Half a frame of slack so float sums of 10 ms steps compare as intended.
         self._eps = frame_seconds / 2
         self.in_speech = False
         self._run_start: float | None = None
         self._last_speech_end = 0.0
+        self._last_stop: float | None = None
 
     @classmethod
     def from_settings(cls, settings: VadSettings) -> Segmenter:
-        """A segmenter with the configured minimum speech and hangover."""
-        return cls(min_speech_ms=settings.min_speech_ms, hangover_ms=settings.hangover_ms)
+        """A segmenter with the configured minimum speech, hangover and onset look-back."""
+        return cls(min_speech_ms=settings.min_speech_ms, hangover_ms=settings.hangover_ms,
+                   onset_lookback_ms=settings.onset_lookback_ms)
 
     def reset(self) -> None:
         """Back to silence without an event (the controller already knows)."""
@@ -171,13 +177,16 @@ class Segmenter:
                 self._run_start = now_seconds
             if end - self._run_start + self._eps >= self._min_speech_seconds:
                 self.in_speech = True
-                started = self._run_start
+                started = self._run_start - self._lookback_seconds
+                if self._last_stop is not None:
+                    started = max(started, self._last_stop)
                 self._run_start = None
-                return VoiceStarted(at_seconds=started)
+                return VoiceStarted(at_seconds=max(started, 0.0))
             return None
         if self.in_speech:
             if end - self._last_speech_end + self._eps >= self._hangover_seconds:
                 self.in_speech = False
+                self._last_stop = self._last_speech_end
                 return VoiceStopped(at_seconds=self._last_speech_end)
             return None
         # A silent frame breaks a run that has not reached the minimum yet.
@@ -190,6 +199,7 @@ class Segmenter:
         if not self.in_speech:
             return None
         self.in_speech = False
+        self._last_stop = self._last_speech_end
         return VoiceStopped(at_seconds=self._last_speech_end)
 
 

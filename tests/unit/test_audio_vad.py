@@ -5,15 +5,16 @@ import pytest
 
 from kiosk.audio.format import FRAME_SAMPLES
 from kiosk.audio.vad import Gate, Segmenter, WebRtcVoiceDetector, frame_level_dbfs
-from kiosk.bench.vad import Corpus, RawWebRtc, build_corpus, mix, run_detector, score
+from kiosk.bench.vad import Corpus, RawWebRtc, build_corpus, mix, run_detector, score, segments
 from kiosk.dev import roomsim
 from kiosk.events import VoiceStarted, VoiceStopped
-from kiosk.settings import VadSettings
+from kiosk.settings import Settings, VadSettings
 
 
-def _run(flags: str, *, min_speech_ms: float, hangover_ms: float, finish: bool = False) -> list[tuple[str, float]]:
+def _run(flags: str, *, min_speech_ms: float, hangover_ms: float, finish: bool = False,
+         onset_lookback_ms: float = 0.0) -> list[tuple[str, float]]:
     """Feed a flag string ('1' speech, '0' silence; one char per 10 ms frame) and list the events."""
-    seg = Segmenter(min_speech_ms=min_speech_ms, hangover_ms=hangover_ms)
+    seg = Segmenter(min_speech_ms=min_speech_ms, hangover_ms=hangover_ms, onset_lookback_ms=onset_lookback_ms)
     out: list[tuple[str, float]] = []
     for k, c in enumerate(flags):
         event = seg.feed(c == "1", 100.0 + k * 0.01)  # an arbitrary clock origin: only differences matter
@@ -49,6 +50,17 @@ def _run(flags: str, *, min_speech_ms: float, hangover_ms: float, finish: bool =
 def test_segmenter_table(flags: str, min_speech_ms: float, hangover_ms: float,
                          expected: list[tuple[str, float]]) -> None:
     assert _run(flags, min_speech_ms=min_speech_ms, hangover_ms=hangover_ms) == expected
+
+
+def test_segmenter_dates_onsets_back_but_not_into_the_previous_segment() -> None:
+    # The first segment moves 30 ms back (not before 0); the second would reach into the first: it starts
+    # where the first stopped. The events still come when the minimum speech is reached.
+    assert _run("0000011100011100000", min_speech_ms=30, hangover_ms=20, onset_lookback_ms=30) == [
+        ("VoiceStarted", 0.02), ("VoiceStopped", 0.08), ("VoiceStarted", 0.08), ("VoiceStopped", 0.14)]
+    # Recordings start at 0 s: no segment is dated before that.
+    seg = Segmenter(min_speech_ms=30, hangover_ms=20, onset_lookback_ms=50)
+    started = [seg.feed(True, k * 0.01) for k in range(3)][-1]
+    assert isinstance(started, VoiceStarted) and started.at_seconds == 0.0
 
 
 def test_segmenter_finish_closes_open_speech_at_its_last_frame() -> None:
@@ -131,6 +143,20 @@ def test_detector_quality_floor_at_10_db(corpus: Corpus, noise: str) -> None:
     assert ours.f1 >= 0.95
     # The hold and level cues must beat webrtcvad alone on recall, not just match it.
     assert ours.recall >= raw.recall + 0.05
+
+
+@pytest.mark.parametrize("noise", ["white", "pink"])
+def test_speech_segments_meet_the_targets_at_10_db(corpus: Corpus, noise: str) -> None:
+    # The VAD's output (the intervals `kiosk audio process --vad` writes) on the fixed corpus: the issue's
+    # targets, recall >= 0.98 with F1 >= 0.93 at 10 dB SNR.
+    pcm = mix(corpus.clean, noise, 10.0)
+    ours = score(segments(Settings(), pcm), corpus.labels)
+    assert ours.recall >= 0.98
+    assert ours.f1 >= 0.93
+    # Without the onset look-back the same detector misses the targets' recall: the look-back is doing work.
+    settings = Settings()
+    bare = settings.model_copy(update={"vad": settings.vad.model_copy(update={"onset_lookback_ms": 0})})
+    assert score(segments(bare, pcm), corpus.labels).recall < ours.recall
 
 
 def test_detector_ignores_silence_and_hiss() -> None:
