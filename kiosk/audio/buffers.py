@@ -31,6 +31,7 @@ class StreamCounters:
     underruns: int = 0  # device buffers that ran out of queued playout audio mid-stream (zero-filled)
     underrun_samples: int = 0  # samples zero-filled in those buffers
     input_xruns: int = 0  # PortAudio input overflow/underflow flags
+    input_underflow_samples: int = 0  # duplex: microphone samples PortAudio padded with zeros (kept in the timeline)
     output_xruns: int = 0  # PortAudio output underflow/overflow flags
     ref_missing_frames: int = 0  # two-stream layout: 10 ms frames with no reference yet (zero-filled)
 

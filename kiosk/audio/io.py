@@ -269,10 +269,11 @@ class AudioIO:
         if status & _OUTPUT_FLAGS:
             c.output_xruns += 1
         if status & _INPUT_UNDERFLOW:
-            # Drop: with an unspecified buffer size PortAudio marks a buffer of made-up zeros this way (no
-            # input was ready). Keeping it would insert silence into the microphone timeline and push the
-            # echo later against the reference; dropping keeps microphone and reference on one clock.
-            return self._render(frame_count), _PA_CONTINUE
+            # Kept: PortAudio padded this block with zeros because no input was ready. Dropping it moved the
+            # echo earlier against the reference at every such block (measured: the path shrank step by
+            # step towards zero, where no canceller can follow); keeping it moves it later, which the
+            # canceller's delay estimator follows. Counted.
+            c.input_underflow_samples += frame_count
         if in_data is not None and self._mic is not None:
             block = np.frombuffer(in_data, dtype=np.int16)
             self._mic.write(block)

@@ -105,3 +105,24 @@ def test_match_device_errors_list_candidates() -> None:
         match_device("hdmi", "capture", DEVICES)  # playback only
     assert not present(None, "capture", DEVICES)
     assert present("respeaker", "capture", DEVICES)
+
+
+def test_duplex_callback_keeps_padded_input_blocks_on_the_shared_clock() -> None:
+    # A duplex block flagged paInputUnderflow holds zeros PortAudio padded in. It stays in the microphone
+    # timeline (dropping it moved the echo earlier than its reference, which no canceller can follow), so
+    # microphone and reference keep the same sample count; the padding is counted.
+    from kiosk.audio.buffers import DropOldestRing
+    from kiosk.audio.io import AudioIO
+    from kiosk.settings import AudioSettings
+
+    io = AudioIO(AudioSettings())
+    io._mic = DropOldestRing(4096)
+    io._ref = DropOldestRing(4096)
+    speech = np.arange(1, 65, dtype=np.int16).tobytes()
+    for data, status in ((speech, 0), (bytes(128), 0x1), (speech, 0)):
+        out, _ = io._duplex_callback(data, 64, None, status)
+        assert len(out) == 128
+    counters = io.counters
+    assert counters.input_underflow_samples == 64 and counters.input_xruns == 1
+    assert counters.captured_samples == counters.played_samples == 192
+    assert io._mic.available == io._ref.available == 192
