@@ -78,7 +78,10 @@ def run_child(spool_dir: Path, url: str, seed: int, kill_after_seconds: float | 
         time.sleep(kill_after_seconds)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
-    lines = [first, *proc.stdout.read().splitlines()]
+    rest = proc.stdout.read()
+    # A line cut short by the kill (no newline yet) was never a confirmation the parent could act on.
+    complete = rest if rest.endswith("\n") else rest[: rest.rfind("\n") + 1]
+    lines = [first, *complete.splitlines()]
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read() if proc.stderr else ""
     return lines, time.monotonic() - started
 
