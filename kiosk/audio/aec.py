@@ -231,6 +231,8 @@ class HybridBackend:
         self._delay: Pcm = np.zeros(lat + _FRAME, dtype=np.int16)  # speex output, delayed by ``lat``
         self._mic_delay: Pcm = np.zeros(lat + _FRAME, dtype=np.int16)
         self._out: Pcm = np.zeros(_FRAME, dtype=np.int16)
+        # Speex's linear residual of the frame just returned (no suppression: linear in the echo path).
+        self.linear_residual: Pcm = np.zeros(_FRAME, dtype=np.int16)
         self._mix = np.zeros(_FRAME, dtype=np.float64)
         self._ramp = (np.arange(_FRAME, dtype=np.float64) + 0.5) / _FRAME
         self._baseline_db = 0.0
@@ -251,6 +253,7 @@ class HybridBackend:
         self._mic_delay[lat:] = near
         a = self._aec3.process(near, ref)
         s = self._delay[:_FRAME]
+        self.linear_residual[:] = s
         mic = self._mic_delay[:_FRAME]
         a_power = _power(a, self._power_buf)
         mic_power = _power(mic, self._power_buf)
@@ -595,6 +598,22 @@ class AlignedEchoCanceller:
         erle = 10.0 * math.log10(self._mic_power / self._out_power)
         return AecStats(delay_ms=delay, drift_ppm=self._model.slope * 1e6, erle_db=erle,
                         converged=self._converged, frames=self._frames)
+
+    @property
+    def linear_residual(self) -> Pcm | None:
+        """The backend's linear-filter residual of the last frame, if it has one (hybrid)."""
+        residual = getattr(self.backend, "linear_residual", None)
+        return residual if isinstance(residual, np.ndarray) else None
+
+    @property
+    def settled(self) -> bool:
+        """The echo path held since the last alignment and no collapse is being re-estimated.
+
+        False from a reset until ERLE has held, and from the moment the removed echo collapses (a moved
+        path, or a visitor talking over the agent) until it holds again: then the output may be echo the
+        canceller no longer removes. Cheap: read per frame by the capture chain.
+        """
+        return self._held and self._quick_frames == 0
 
     # ---- internals
     def _maybe_estimate(self, now: float) -> None:

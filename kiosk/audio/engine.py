@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -359,4 +360,11 @@ class AudioEngine:
             "device_losses": self.device_losses,
             "dropped_playout_samples": self.dropped_playout_samples,
             "stream": vars(counters) if counters is not None else None,
+            "chain": self._chain_counters(),
         }
+
+    def _chain_counters(self) -> dict[str, Any] | None:
+        counters = getattr(self.chain, "counters", None)
+        if counters is None or not dataclasses.is_dataclass(counters) or isinstance(counters, type):
+            return None
+        return dataclasses.asdict(counters)

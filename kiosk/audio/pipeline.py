@@ -11,6 +11,15 @@ The chain keeps the level envelope of the reference over the echo path's delay w
 of it leaks through the canceller (a quantile tracker of output level minus reference envelope, frozen
 while the visitor talks), and while the reference is active accepts speech only when the output stands
 ``barge_in_margin_db`` above that expected residual.
+
+That needs a canceller that still follows the echo path. When the path moves (a clock slip or an underrun
+in the audio path shifts the echo by a few milliseconds) every canceller leaks for a second or two, and the
+leak stands far above the learned residual, like a visitor. So the chain also learns how loud the echo is
+in the microphone itself (the echo return loss against the reference envelope, learnt only while the
+canceller reports its path ``settled`` and nobody talks). A frame that passes the output test but whose
+microphone is not ``barge_in_margin_db`` above that expected echo could be such a leak: ``EchoCoherence``
+then checks whether the canceller's linear residual is the reference's echo at some lag near the estimated
+delay, and if it is, speech is refused for a while. A visitor's speech does not correlate with the agent's.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from kiosk.audio.format import FRAME_SAMPLES, Pcm
+from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm
 from kiosk.audio.vad import (
     SILENCE_DBFS,
     Gate,
@@ -61,7 +70,104 @@ _TALK_HOLD_FRAMES = 8
 # A visitor passes through the canceller nearly unchanged, residual echo does not: when the output is this
 # much quieter than the microphone, what is left is echo the canceller is still removing, not a visitor.
 _MAX_TALK_ATTENUATION_DB = 12.0
+# Echo return loss tracker (microphone level minus reference envelope over echo-only frames): the same
+# 90th-percentile tracker, slower (the acoustic path changes with the volume or the room, not per word).
+_ERL_STEP_DB = 0.2
+_ERL_START_DB = 0.0  # before learning: the echo is as loud as the reference (no false barge-in)
 _NO_EVENTS: tuple[Event, ...] = ()
+# Residual coherence: the last _COHERENCE_MS of the canceller's (linear) residual against the reference
+# from _COHERENCE_EARLY_MS before to _COHERENCE_LATE_MS after the estimated echo delay, at 8 kHz. A
+# normalised correlation of _ECHO_COHERENCE or more means the residual is the reference's echo (the path
+# moved): speech is then refused for _ECHO_VETO_FRAMES. Checked every _COHERENCE_EVERY_FRAMES frames, and
+# only on frames that would otherwise count as a visitor quieter than the echo.
+_COHERENCE_MS = 100
+_COHERENCE_EARLY_MS = 60
+_COHERENCE_LATE_MS = 200
+_COHERENCE_RATE_HZ = 8000
+_ECHO_COHERENCE = 0.4
+_ECHO_VETO_FRAMES = 20
+_COHERENCE_EVERY_FRAMES = 3
+_PRE_EMPHASIS = 0.95
+
+
+class EchoCoherence:
+    """Tells whether the canceller's residual is the echo of the reference at some lag near the echo delay.
+
+    Keeps the residual and the reference, halved to 8 kHz, in preallocated rings. ``measure(delay)``
+    returns the largest normalised cross-correlation (0..1) of the newest ``_COHERENCE_MS`` of residual with
+    the reference over lags around ``delay`` (both pre-emphasised, so that speech's strong low frequencies do
+    not dominate). A visitor's speech does not correlate with the reference; echo that the canceller fails
+    to remove after the path moved by a few milliseconds does, at its new lag.
+    """
+
+    def __init__(self, max_delay_samples: int) -> None:
+        per_ms = _COHERENCE_RATE_HZ // 1000
+        self._window = _COHERENCE_MS * per_ms
+        self._early = _COHERENCE_EARLY_MS * per_ms
+        self._late = _COHERENCE_LATE_MS * per_ms
+        self._step = RATE_HZ // _COHERENCE_RATE_HZ
+        self._max_delay = max_delay_samples // self._step
+        self._fft_size = 1 << (self._window + self._early + self._late).bit_length()
+        size = self._window + self._max_delay + self._late + 2
+        self._ref: npt.NDArray[np.float32] = np.zeros(size, dtype=np.float32)
+        self._out: npt.NDArray[np.float32] = np.zeros(size, dtype=np.float32)
+        self._half: npt.NDArray[np.float32] = np.zeros(FRAME_SAMPLES // self._step, dtype=np.float32)
+        self._head = 0  # next write index in both rings
+
+    def reset(self) -> None:
+        """Forget the history."""
+        self._ref.fill(0.0)
+        self._out.fill(0.0)
+        self._head = 0
+
+    def _write(self, ring: npt.NDArray[np.float32], frame: Pcm) -> None:
+        half = self._half
+        np.sum(frame.reshape(-1, self._step), axis=1, out=half, dtype=np.float32)
+        n = len(half)
+        end = self._head + n
+        if end <= len(ring):
+            ring[self._head:end] = half
+        else:
+            split = len(ring) - self._head
+            ring[self._head:] = half[:split]
+            ring[:n - split] = half[split:]
+
+    def push(self, out: Pcm, ref: Pcm) -> None:
+        """Add one 10 ms frame of residual and reference (16 kHz)."""
+        self._write(self._out, out)
+        self._write(self._ref, ref)
+        self._head = (self._head + len(self._half)) % len(self._ref)
+
+    def _last(self, ring: npt.NDArray[np.float32], count: int, skip: int) -> npt.NDArray[np.float64]:
+        """``count`` samples ending ``skip`` samples before the newest, oldest first, as float64."""
+        idx = (self._head - skip - count + np.arange(count)) % len(ring)
+        return ring[idx].astype(np.float64)
+
+    def measure(self, delay_samples: int | None) -> float:
+        """Largest normalised correlation of the newest residual with the reference near ``delay_samples``."""
+        if delay_samples is None:
+            lo, hi = 0, self._max_delay + self._late
+        else:
+            delay = delay_samples // self._step
+            lo = min(max(delay - self._early, 0), self._max_delay)
+            hi = min(delay + self._late, self._max_delay + self._late)
+        w = self._window
+        # Reference that can have produced the residual window at lags lo..hi (one more sample for the
+        # pre-emphasis), and the window itself.
+        ref_raw = self._last(self._ref, w + hi - lo + 1, lo)
+        out_raw = self._last(self._out, w + 1, 0)
+        ref = ref_raw[1:] - _PRE_EMPHASIS * ref_raw[:-1]
+        out = out_raw[1:] - _PRE_EMPHASIS * out_raw[:-1]
+        size = max(self._fft_size, 1 << len(ref).bit_length())
+        spectrum = np.fft.rfft(ref, size) * np.conj(np.fft.rfft(out, size))
+        corr = np.fft.irfft(spectrum, size)[: len(ref) - w + 1]
+        energy = np.cumsum(ref * ref)
+        ref_energy = energy[w - 1:] - np.concatenate(([0.0], energy[:-w]))
+        out_energy = float(np.dot(out, out))
+        # Lags where the reference was (nearly) silent cannot hold the echo: they score 0.
+        floor = max(float(ref_energy.max()) * 1e-3, 1.0)
+        norm = np.sqrt(np.maximum(ref_energy, floor) * max(out_energy, 1.0))
+        return float(np.max(np.abs(corr) / norm))
 
 
 class Canceller(Protocol):
@@ -100,6 +206,8 @@ class ChainCounters:
     streamed_frames: int = 0
     far_frames: int = 0
     echo_rejected_frames: int = 0  # the detector heard speech but it was under the expected echo
+    coherence_checks: int = 0  # residual-against-reference correlations computed
+    echo_vetoes: int = 0  # ... that found the echo of the reference (the path moved): speech refused a while
     voice_starts: int = 0
 
 
@@ -125,6 +233,10 @@ class CaptureChain:
         self._scratch: npt.NDArray[np.float32] = np.zeros(FRAME_SAMPLES, dtype=np.float32)
         self._fixed_delay_frames = None if settings.aec.delay_ms is None else int(settings.aec.delay_ms // 10)
         self._delay_frames: int | None = self._fixed_delay_frames
+        self.coherence = EchoCoherence(int(max(delay_ms, settings.aec.max_delay_ms) * RATE_HZ / 1000))
+        self._fixed_delay_samples = (None if settings.aec.delay_ms is None
+                                     else int(settings.aec.delay_ms * RATE_HZ / 1000))
+        self._echo_delay_samples: int | None = self._fixed_delay_samples
         self._reset_state()
 
     def _reset_state(self) -> None:
@@ -133,6 +245,9 @@ class CaptureChain:
         self._out_power = 0.0
         self._mic_power = 0.0
         self.leak_db = _LEAK_START_DB
+        self.erl_db = _ERL_START_DB
+        self._echo_veto = 0
+        self._since_coherence = _COHERENCE_EVERY_FRAMES
         self._talk_hold = 0
         self._freeze = 0
         self._frames_since_stats = _STATS_EVERY_FRAMES
@@ -144,6 +259,8 @@ class CaptureChain:
         self.segmenter.reset()
         self.gate.close()
         self._delay_frames = self._fixed_delay_frames
+        self._echo_delay_samples = self._fixed_delay_samples
+        self.coherence.reset()
         self._reset_state()
 
     def open_gate(self) -> None:
@@ -175,10 +292,11 @@ class CaptureChain:
         stats = self.echo_canceller.stats()
         delay_ms = getattr(stats, "delay_ms", None)
         converged = bool(getattr(stats, "converged", False))
-        if converged and isinstance(delay_ms, int | float) and delay_ms >= 0:
-            self._delay_frames = int(delay_ms // 10)
-        else:
-            self._delay_frames = None
+        if not isinstance(delay_ms, int | float) or delay_ms < 0:
+            self._echo_delay_samples = self._delay_frames = None
+            return
+        self._echo_delay_samples = int(delay_ms * RATE_HZ / 1000)
+        self._delay_frames = int(delay_ms // 10) if converged else None
 
     def process(self, mic: Pcm, ref: Pcm, now_seconds: float) -> ChainFrame:
         """Run one 10 ms frame (``mic`` and ``ref`` are 160 int16 samples) captured at ``now_seconds``."""
@@ -203,13 +321,32 @@ class CaptureChain:
         np.copyto(scratch, mic, casting="unsafe")
         self._mic_power = _SMOOTH * self._mic_power + (1.0 - _SMOOTH) * float(np.dot(scratch, scratch))
 
+        linear = getattr(self.echo_canceller, "linear_residual", None)
+        self.coherence.push(out if linear is None else linear, ref)
         detected = self.detector.is_speech(out)
         speech = detected
         if far_active:
             counters.far_frames += 1
             excess = out_dbfs - envelope
-            attenuation = frame_level_dbfs(self._mic_power) - out_dbfs
-            if excess > self.leak_db + self._margin_db and attenuation < _MAX_TALK_ATTENUATION_DB:
+            mic_dbfs = frame_level_dbfs(self._mic_power)
+            attenuation = mic_dbfs - out_dbfs
+            mic_excess = mic_dbfs - envelope
+            settled = bool(getattr(self.echo_canceller, "settled", True))
+            candidate = excess > self.leak_db + self._margin_db and attenuation < _MAX_TALK_ATTENUATION_DB
+            if candidate and mic_excess <= self.erl_db + self._margin_db:
+                # Louder than the canceller usually leaves, but not louder than the echo alone: is what
+                # came through the echo itself, at a lag the canceller has not caught up with?
+                self._since_coherence += 1
+                if self._since_coherence >= _COHERENCE_EVERY_FRAMES:
+                    self._since_coherence = 0
+                    counters.coherence_checks += 1
+                    if self.coherence.measure(self._echo_delay_samples) >= _ECHO_COHERENCE:
+                        self._echo_veto = _ECHO_VETO_FRAMES
+                        counters.echo_vetoes += 1
+                candidate = self._echo_veto == 0
+            if self._echo_veto > 0:
+                self._echo_veto -= 1
+            if candidate:
                 self._talk_hold = _TALK_HOLD_FRAMES + 1
                 self._freeze = self._freeze_frames + 1
                 # Creep up even while frozen: a residual that grew (drift, a moved speaker) is not a visitor.
@@ -220,6 +357,12 @@ class CaptureChain:
                     self.leak_db = min(_LEAK_MAX_DB, self.leak_db + _LEAK_STEP_DB * _LEAK_QUANTILE)
                 else:
                     self.leak_db = max(_LEAK_MIN_DB, self.leak_db - _LEAK_STEP_DB * (1.0 - _LEAK_QUANTILE))
+                if settled:
+                    # Only while the canceller holds the path: its collapse is also what a visitor causes.
+                    if mic_excess > self.erl_db:
+                        self.erl_db = min(_LEAK_MAX_DB, self.erl_db + _ERL_STEP_DB * _LEAK_QUANTILE)
+                    else:
+                        self.erl_db = max(_LEAK_MIN_DB, self.erl_db - _ERL_STEP_DB * (1.0 - _LEAK_QUANTILE))
             if self._freeze > 0:
                 self._freeze -= 1
             if self._talk_hold > 0:

@@ -52,12 +52,14 @@ class _Capture:
     def __post_init__(self) -> None:
         self.times = np.zeros(self.capacity_frames)
         self.speech = np.zeros(self.capacity_frames, dtype=bool)
+        self.started = np.zeros(self.capacity_frames, dtype=bool)
         self.mic = np.zeros(self.capacity_frames * 160, dtype=np.int16)
 
     def frame(self, out: Any, mic: npt.NDArray[np.int16], _ref: object, now: float) -> None:
         if self.frames < self.capacity_frames:
             self.times[self.frames] = now
             self.speech[self.frames] = bool(out.speech)
+            self.started[self.frames] = any(isinstance(e, VoiceStarted) for e in out.events)
             self.mic[self.frames * 160:(self.frames + 1) * 160] = mic
             self.frames += 1
 
@@ -93,6 +95,7 @@ class _Result:
     false_starts: int
     quiet_seconds: float
     trials: list[tuple[float, float | None]]  # (onset loop time or nan, latency in seconds or None)
+    started: list[float | None]  # per located trial: seconds from the onset to the frame emitting VoiceStarted
     stats: dict[str, object]
     room_skipped_seconds: float
 
@@ -129,6 +132,7 @@ async def _measure(settings: Settings, *, quiet_seconds: float, trials: int) -> 
     room = VirtualRoom(None, seed=3, echo_gain_db=-6.0, noise_kind="pink", noise_dbfs=-55.0)
     room.start()
     trials_out: list[tuple[float, float | None]] = []  # (onset, latency or None)
+    started_out: list[float | None] = []
     try:
         await engine.start()
         speaker = asyncio.create_task(speak_forever())
@@ -166,8 +170,12 @@ async def _measure(settings: Settings, *, quiet_seconds: float, trials: int) -> 
         window = (capture.times[:n] >= onset) & (capture.times[:n] <= onset + 2.0) & capture.speech[:n]
         hits = np.flatnonzero(window)
         trials_out.append((onset, float(capture.times[hits[0]] - onset) if hits.size else None))
+        # VoiceStarted (what interrupts the agent) from the onset on, if no segment was open already.
+        window = (capture.times[:n] >= onset) & (capture.times[:n] <= onset + 2.0) & capture.started[:n]
+        hits = np.flatnonzero(window)
+        started_out.append(float(capture.times[hits[0]] - onset) if hits.size else None)
     return _Result(false_starts=false_starts, quiet_seconds=quiet_end - quiet_start, trials=trials_out,
-                   stats=stats, room_skipped_seconds=room.skipped_in_samples / RATE_HZ)
+                   started=started_out, stats=stats, room_skipped_seconds=room.skipped_in_samples / RATE_HZ)
 
 
 def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
@@ -190,6 +198,11 @@ def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
     quiet = result.quiet_seconds
     backend = settings.aec.backend.value
 
+    started = [lat for lat in result.started if lat is not None]
+    started_within = sum(1 for lat in started if lat <= DETECT_WITHIN_SECONDS)
+    stream = result.stats.get("stream", {})
+    chain = result.stats.get("chain", {})
+
     def pct(q: float) -> float | None:
         return float(np.percentile(latencies, q)) * 1000 if latencies else None
 
@@ -205,7 +218,14 @@ def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
             ["latency median (ms)", pct(50)],
             ["latency p90 (ms)", pct(90)],
             ["latency max (ms)", max(latencies) * 1000 if latencies else None],
+            [f"VoiceStarted within {DETECT_WITHIN_SECONDS * 1000:.0f} ms (150 ms minimum speech included)",
+             f"{started_within} of {len(result.started)}"],
+            ["VoiceStarted latency median (ms)", float(np.median(started)) * 1000 if started else None],
             ["room simulator late-block skips (s)", round(result.room_skipped_seconds, 2)],
+            ["microphone samples PortAudio padded (input underflow)",
+             stream.get("input_underflow_samples") if isinstance(stream, dict) else None],
+            ["residual checks / echo vetoes (path moved)",
+             f"{chain.get('coherence_checks')} / {chain.get('echo_vetoes')}" if isinstance(chain, dict) else None],
         ],
         targets=[
             TargetCheck("false barge-ins", false_starts, "= 0", false_starts == 0),
