@@ -71,8 +71,8 @@ _TALK_HOLD_FRAMES = 8
 # much quieter than the microphone, what is left is echo the canceller is still removing, not a visitor.
 _MAX_TALK_ATTENUATION_DB = 12.0
 # Echo return loss tracker (microphone level minus reference envelope over echo-only frames): the same
-# 90th-percentile tracker, slower (the acoustic path changes with the volume or the room, not per word).
-_ERL_STEP_DB = 0.2
+# 90th-percentile tracker.
+_ERL_STEP_DB = 1.0
 _ERL_START_DB = 0.0  # before learning: the echo is as loud as the reference (no false barge-in)
 _NO_EVENTS: tuple[Event, ...] = ()
 # Residual coherence: the last _COHERENCE_MS of the canceller's (linear) residual against the reference
