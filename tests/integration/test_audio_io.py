@@ -10,7 +10,10 @@ from kiosk.dev.pulse import ARRAY_DEVICE, MIC_DEVICE, SPEAKER_DEVICE, PulseServe
 from kiosk.dev.virtual_room import VirtualRoom
 from kiosk.settings import AudioSettings
 
-pytestmark = [pytest.mark.pulse, pytest.mark.slow]
+# One rerun: through the sound server's two streams the echo path can step in the middle of a burst, and the
+# pulse ALSA plugin occasionally stops a duplex stream with a poll error (both measured, docs/audio-io.md);
+# a second failure in a row is a real one.
+pytestmark = [pytest.mark.pulse, pytest.mark.slow, pytest.mark.flaky(reruns=1)]
 
 
 def noise_bursts(seconds: int, seed: int = 1) -> np.ndarray:

@@ -134,6 +134,7 @@ def _live(server: Any, **room: Any) -> tuple[list[doctor.Check], doctor.Recommen
 
 @pytest.mark.pulse
 @pytest.mark.slow
+@pytest.mark.flaky(reruns=1)  # a delay step of the sound server under load can spoil one sweep (docs/audio-io.md)
 def test_live_loopback_through_real_devices(pulse_devices: Any) -> None:
     checks, recommendation, text = _live(pulse_devices, echo_gain_db=-6.0)
     by_name = {c.name: c for c in checks}
