@@ -72,7 +72,6 @@ _TALK_HOLD_FRAMES = 8
 _MAX_TALK_ATTENUATION_DB = 12.0
 # Echo return loss tracker (microphone level minus reference envelope over echo-only frames): the same
 # 90th-percentile tracker.
-_ERL_STEP_DB = 1.0
 _ERL_START_DB = 0.0  # before learning: the echo is as loud as the reference (no false barge-in)
 _NO_EVENTS: tuple[Event, ...] = ()
 # Residual coherence: the last _COHERENCE_MS of the canceller's (linear) residual against the reference
@@ -88,6 +87,13 @@ _ECHO_COHERENCE = 0.4
 _ECHO_VETO_FRAMES = 20
 _COHERENCE_EVERY_FRAMES = 3
 _PRE_EMPHASIS = 0.95
+
+
+def _track_quantile(estimate_db: float, value_db: float) -> float:
+    """One step of the 90th-percentile tracker (the leak and the echo return loss use it)."""
+    if value_db > estimate_db:
+        return min(_LEAK_MAX_DB, estimate_db + _LEAK_STEP_DB * _LEAK_QUANTILE)
+    return max(_LEAK_MIN_DB, estimate_db - _LEAK_STEP_DB * (1.0 - _LEAK_QUANTILE))
 
 
 class EchoCoherence:
@@ -331,7 +337,6 @@ class CaptureChain:
             mic_dbfs = frame_level_dbfs(self._mic_power)
             attenuation = mic_dbfs - out_dbfs
             mic_excess = mic_dbfs - envelope
-            settled = bool(getattr(self.echo_canceller, "settled", True))
             candidate = excess > self.leak_db + self._margin_db and attenuation < _MAX_TALK_ATTENUATION_DB
             if candidate and mic_excess <= self.erl_db + self._margin_db:
                 # Louder than the canceller usually leaves, but not louder than the echo alone: is what
@@ -353,16 +358,10 @@ class CaptureChain:
                 self.leak_db = min(_LEAK_MAX_DB, self.leak_db + _LEAK_CREEP_DB)
             elif self._freeze == 0 and not self.segmenter.in_speech:
                 # Echo-only frame (as far as we can tell): learn how much of the reference leaks through.
-                if excess > self.leak_db:
-                    self.leak_db = min(_LEAK_MAX_DB, self.leak_db + _LEAK_STEP_DB * _LEAK_QUANTILE)
-                else:
-                    self.leak_db = max(_LEAK_MIN_DB, self.leak_db - _LEAK_STEP_DB * (1.0 - _LEAK_QUANTILE))
-                if settled:
+                self.leak_db = _track_quantile(self.leak_db, excess)
+                if getattr(self.echo_canceller, "settled", True):
                     # Only while the canceller holds the path: its collapse is also what a visitor causes.
-                    if mic_excess > self.erl_db:
-                        self.erl_db = min(_LEAK_MAX_DB, self.erl_db + _ERL_STEP_DB * _LEAK_QUANTILE)
-                    else:
-                        self.erl_db = max(_LEAK_MIN_DB, self.erl_db - _ERL_STEP_DB * (1.0 - _LEAK_QUANTILE))
+                    self.erl_db = _track_quantile(self.erl_db, mic_excess)
             if self._freeze > 0:
                 self._freeze -= 1
             if self._talk_hold > 0:
