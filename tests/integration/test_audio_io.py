@@ -83,9 +83,11 @@ def test_played_signal_comes_back_through_the_room(pulse_devices: PulseServer, c
     assert np.abs(ref).max() > 1000, "the reference does not carry what was played"
     echoes = burst_echoes(mic, ref)
     assert len(echoes) >= 2, "fewer than two bursts were played and captured"
-    good = [lag for score, lag in echoes if score > 0.6]
+    good = [lag for score, lag in echoes if score > 0.4]
     # Bursts come back nearly intact (band-limited by the sound server's resampling: about 0.8); a delay step
-    # of the sound server in the middle of a burst spoils that one, so half is the bar.
+    # of the sound server in the middle of a burst, or a padded input block kept in the timeline, splits it
+    # into two shifted parts (measured about 0.5 at 48 kHz), still far above an unrelated signal (under 0.1).
+    # Half the bursts is the bar.
     assert len(good) >= max(1, len(echoes) // 2), f"echoes (score, lag): {echoes}"
 
 
