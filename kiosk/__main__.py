@@ -3,12 +3,17 @@
 Each area registers its own subcommands (``register(subparsers)`` in the modules listed in
 ``_COMMAND_MODULES``); a handler is ``handler(args, settings) -> exit status``. Handlers import what they
 need lazily, so ``kiosk config`` stays fast and works without sound devices.
+
+Development commands (the demo, the local stack, the benchmarks) are not part of the product: a package
+that is installed beside it (``kiosk-dev``) adds them through the entry-point group ``kiosk.commands``,
+each entry naming a module with the same ``register(subparsers)``. Without it, they are simply absent.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import json
 import logging
 import sys
@@ -26,15 +31,14 @@ Handler = Callable[[argparse.Namespace, Settings], int]
 # Modules that add subcommands; each has ``register(subparsers: argparse._SubParsersAction) -> None``.
 _COMMAND_MODULES = (
     "kiosk.app",  # run (the service's main job)
-    "kiosk.audio.cli",  # audio process, bench audio
+    "kiosk.audio.cli",  # audio process
     "kiosk.audio.devices",  # devices
-    "kiosk.panel.cli",  # panel (virtual terminal panel), doctor gpio helpers
-    "kiosk.link.cli",  # session/link tools
-    "kiosk.fallback.cli",  # messages list|export|deliver
-    "kiosk.dev.cli",  # local stack tools
-    "kiosk.dev.demo",  # demo
+    "kiosk.link.cli",  # link check
+    "kiosk.fallback.cli",  # messages list|export|deliver, cues check
     "kiosk.doctor",  # doctor
 )
+# Entry points of installed packages that add (development) commands.
+COMMAND_ENTRY_POINTS = "kiosk.commands"
 
 EXIT_CONFIG = 2
 
@@ -56,13 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="print the effective settings (secrets redacted)")
     config.set_defaults(handler=_cmd_config)
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name != name:
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
+    for entry in importlib.metadata.entry_points(group=COMMAND_ENTRY_POINTS):
+        entry.load().register(sub)
     return parser
 
 

@@ -1,7 +1,7 @@
 """The composition root: builds every adapter from the settings, wires them, and runs the kiosk.
 
 ``kiosk run`` (and ``kiosk`` with no subcommand, as systemd starts it) runs ``Kiosk`` until SIGTERM.
-The demo (``kiosk.dev.demo``) runs the same class against the local stack and the virtual room.
+The demo (``kiosk_dev.demo``) runs the same class against the local stack and the virtual room.
 
 Wiring (see docs/ and DESIGN.md's dataflow)::
 
@@ -38,7 +38,7 @@ from kiosk.link.livekit import LiveKitRoomLink
 from kiosk.link.session_api import SessionApi, SessionRefused
 from kiosk.metrics import Metrics, MetricsServer, Status
 from kiosk.panel.gpio import open_panel
-from kiosk.ports import Panel, Pcm, Recording
+from kiosk.ports import Panel, Pcm
 from kiosk.settings import Settings
 from kiosk.state import KioskState, Phase, Policy, Transition
 
@@ -48,16 +48,6 @@ _LOGGER = logging.getLogger(__name__)
 PUBLISH_INTERVAL_SECONDS = 5.0
 # The watchdog's view of "alive": capture frames and controller heartbeats within this window.
 MAX_STALL_SECONDS = 3.0
-
-
-class _SpoolStore:
-    """``ports.MessageStore`` over the spool (its store returns only once the message is durable)."""
-
-    def __init__(self, spool: Spool) -> None:
-        self._spool = spool
-
-    async def store_recording(self, recording: Recording) -> str:
-        return str(await self._spool.store_async(recording.pcm))
 
 
 class _Frames:
@@ -118,7 +108,7 @@ class Kiosk:
         self.controller = Controller(
             policy=Policy.from_settings(settings.interaction, settings.spool),
             audio=self.engine, link=self.link, clock=LoopClock(loop), panel=self.panel,
-            store=_SpoolStore(self.spool), bus=self.bus, route=self.route.route,
+            store=self.spool, bus=self.bus, route=self.route.route,
             echo_path_verified=self.route.echo_path_verified,
         )
         self.controller.add_listener(self._observe)
@@ -217,14 +207,12 @@ class Kiosk:
         """Copy the polled figures (AEC, devices, route, spool) into the metrics and the status."""
         while True:
             with contextlib.suppress(Exception):  # figures are best effort; never let them end the kiosk
-                stats = self.engine.chain.echo_canceller.stats() if hasattr(self.engine.chain, "echo_canceller") \
-                    else None
-                if stats is not None:
-                    self.status.aec_erle_db = round(stats.erle_db, 1)
-                    self.status.aec_delay_ms = stats.delay_ms
-                    self.metrics.aec_erle_db.set(stats.erle_db)
-                    if stats.delay_ms is not None:
-                        self.metrics.aec_delay_ms.set(stats.delay_ms)
+                stats = self.engine.aec_stats()
+                self.status.aec_erle_db = round(stats.erle_db, 1)
+                self.status.aec_delay_ms = stats.delay_ms
+                self.metrics.aec_erle_db.set(stats.erle_db)
+                if stats.delay_ms is not None:
+                    self.metrics.aec_delay_ms.set(stats.delay_ms)
                 self.metrics.set_route(self.route.route.value)
                 publish_stats(self.spool, self.metrics, self.status)
             await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)

@@ -49,7 +49,7 @@ from kiosk.events import (
     Route,
     TimerExpired,
 )
-from kiosk.ports import AudioEngine, Cancellable, Clock, MessageStore, Panel, Recording, RoomLink
+from kiosk.ports import AudioControl, Cancellable, Clock, MessageStore, Panel, Recording, RoomLink
 from kiosk.state import KioskState, Phase, Policy, Transition, initial_state, pattern_key, step
 
 _LOGGER = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Controller:
         self,
         *,
         policy: Policy,
-        audio: AudioEngine,
+        audio: AudioControl,
         link: RoomLink,
         clock: Clock,
         panel: Panel | None = None,
@@ -366,7 +366,7 @@ class Controller:
             # The flow must not hang waiting for a cue that cannot play (e.g. a broken file): log it and
             # report it finished, so "leave a message" and the status still move on.
             _LOGGER.warning("cue %s could not play: %s", name.value, error)
-        self.post(CueFinished(name.value))
+        self.post(CueFinished(name))
 
     async def _store_recording(self, recording: Recording) -> None:
         if self._store is None:

@@ -24,6 +24,7 @@ class Cue(StrEnum):
     MESSAGE_STORED = "message_stored"  # played only after RecordingStored
     MESSAGE_FAILED = "message_failed"  # the message could not be stored
     ERROR = "error"  # something failed during a conversation
+    CONSENT_NOTICE = "consent_notice"  # "this assistant uses AI": before the microphone first streams
     # Status (a long hold): the controller plays these in sequence, see ``status_cues``.
     STATUS_PREAMBLE = "status_preamble"
     STATUS_ONLINE = "status_online"

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from kiosk.effects import Cue, Timer
+
 
 class Button(StrEnum):
     """Which physical (or virtual-panel) button."""
@@ -137,7 +139,7 @@ class PlaybackFinished(Event):
 class CueFinished(Event):
     """A local cue finished playing."""
 
-    cue: str = ""
+    cue: Cue
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +195,7 @@ class RouteChanged(Event):
 class TimerExpired(Event):
     """A timer started by a ``StartTimer`` effect ran out."""
 
-    name: str = ""
+    name: Timer
 
 
 @dataclass(frozen=True, slots=True)

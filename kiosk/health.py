@@ -1,4 +1,4 @@
-"""Service health: sd_notify (READY, STATUS, WATCHDOG, STOPPING) and a watchdog fed only while healthy.
+"""Service health: sd_notify (READY, STATUS, WATCHDOG, STOPPING), a watchdog fed only while healthy, and its check.
 
 ``Notifier`` speaks the sd_notify protocol by hand: one datagram per message on the unix socket named
 by ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract namespace). Without that variable (a
@@ -31,9 +31,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import shutil
 import socket
+import subprocess
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+
+from kiosk.checks import Check, Figures, Verdict
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -236,3 +241,108 @@ class HealthWatchdog:
     async def aclose(self) -> None:
         """Stop the loop in ``run()`` (no more pings)."""
         self._stop.set()
+
+
+# ---------------------------------------------------------------------------------- kiosk doctor watchdog
+# The Pi's hardware watchdog tops out near 15 s; longer values fail to arm it.
+MAX_HW_WATCHDOG_SECONDS = 15.0
+Runner = Callable[[Sequence[str]], str | None]
+
+
+def _systemctl(args: Sequence[str]) -> str | None:
+    """``systemctl ...`` output, or None when systemd is not running here."""
+    if not Path("/run/systemd/system").is_dir() or shutil.which("systemctl") is None:
+        return None
+    try:
+        result = subprocess.run(["systemctl", *args], capture_output=True, text=True, timeout=10, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _usec(value: str | None) -> float | None:
+    """A systemd time value (``WatchdogUSec``: microseconds, or "infinity") in seconds."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text in ("infinity", "0"):
+        return 0.0 if text == "0" else float("inf")
+    if text.isdigit():
+        return int(text) / 1e6
+    # systemctl show may print "10s", "1min 30s", "100ms".
+    units = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "min": 60.0, "h": 3600.0}
+    total = 0.0
+    for part in text.split():
+        number = part.rstrip("abcdefghijklmnopqrstuvwxyz")
+        unit = part[len(number):]
+        if not number or unit not in units:
+            return None
+        total += float(number) * units[unit]
+    return total
+
+
+def check_watchdog(
+    environ: dict[str, str] | None = None,
+    run: Runner = _systemctl,
+    sys_root: Path = Path("/"),
+) -> list[Check]:
+    """The unit watchdog (``WatchdogSec=``) and the hardware watchdog (``RuntimeWatchdogSec=``, the device)."""
+    env = dict(os.environ) if environ is None else environ
+    checks: list[Check] = []
+
+    # The unit's watchdog: from our own environment when running inside the service, else systemctl.
+    unit_seconds: float | None = None
+    if env.get("WATCHDOG_USEC", "").isdigit():
+        unit_seconds = int(env["WATCHDOG_USEC"]) / 1e6
+    else:
+        unit_seconds = _usec(run(["show", "kiosk.service", "--property=WatchdogUSec", "--value"]))
+    if unit_seconds is None:
+        checks.append(Check("watchdog", "service watchdog", Verdict.SKIP,
+                            "systemd is not running here: cannot read kiosk.service's WatchdogSec="))
+    elif unit_seconds == 0 or unit_seconds == float("inf"):
+        checks.append(Check("watchdog", "service watchdog", Verdict.WARN, "kiosk.service has no WatchdogSec=",
+                            "install systemd/kiosk.service (WatchdogSec=10s) and `systemctl daemon-reload`"))
+    else:
+        checks.append(Check("watchdog", "service watchdog", Verdict.OK,
+                            f"WatchdogSec={unit_seconds:g}s; pings only while capture and controller are alive",
+                            None, {"watchdog_seconds": unit_seconds}))
+
+    # The hardware watchdog systemd feeds: configured value, and what the kernel device says.
+    runtime = _usec(run(["show", "--property=RuntimeWatchdogUSec", "--value"]))
+    device = sys_root / "sys/class/watchdog/watchdog0"
+    state = _read(device / "state")
+    timeout = _read(device / "timeout")
+    figures: Figures = {
+        "runtime_watchdog_seconds": runtime, "device_state": state,
+        "device_timeout_seconds": int(timeout) if timeout and timeout.isdigit() else None}
+    if not device.exists():
+        checks.append(Check("watchdog", "hardware watchdog", Verdict.SKIP if runtime is None else Verdict.WARN,
+                            "no watchdog device (/sys/class/watchdog/watchdog0)",
+                            "on a Pi: dtparam=watchdog=on (hw/config.txt.snippet)", figures))
+    elif runtime is not None and (runtime == 0 or runtime == float("inf")):
+        checks.append(Check("watchdog", "hardware watchdog", Verdict.WARN,
+                            "systemd does not feed the hardware watchdog (RuntimeWatchdogSec= unset)",
+                            "install systemd/system-watchdog.conf as /etc/systemd/system.conf.d/kiosk-watchdog.conf",
+                            figures))
+    elif runtime is not None and runtime > MAX_HW_WATCHDOG_SECONDS:
+        checks.append(Check("watchdog", "hardware watchdog", Verdict.FAIL,
+                            f"RuntimeWatchdogSec={runtime:g}s: the Pi's watchdog tops out near 15 s, so it is "
+                            "not armed",
+                            "set RuntimeWatchdogSec=15s or less", figures))
+    elif state != "active":
+        checks.append(Check("watchdog", "hardware watchdog", Verdict.WARN,
+                            f"watchdog device is {state or 'in an unknown state'}, not active",
+                            "with an initramfs add watchdog_disarm=0 to cmdline.txt; check RuntimeWatchdogSec=",
+                            figures))
+    else:
+        checks.append(Check("watchdog", "hardware watchdog", Verdict.OK,
+                            f"active, timeout {timeout} s" + (f", fed every {runtime / 2:g} s" if runtime else ""),
+                            None, figures))
+    return checks
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None

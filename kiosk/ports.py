@@ -11,12 +11,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import numpy as np
-import numpy.typing as npt
-
+from kiosk.audio.format import Pcm
 from kiosk.events import Event
 
-Pcm = npt.NDArray[np.int16]
+__all__ = ["AecStats", "AudioControl", "Cancellable", "Clock", "EchoCanceller", "EventSink", "FrameSink",
+           "MessageStore", "Panel", "Pcm", "PlayoutSink", "Recording", "RoomLink", "VoiceDetector"]
 
 # Post an event into the controller's loop. Safe to call from the loop; adapters on other threads use
 # ``loop.call_soon_threadsafe(sink, event)``.
@@ -71,8 +70,8 @@ class Recording:
     duration_seconds: float
 
 
-class AudioEngine(Protocol):
-    """Capture chain and playout as the controller sees them."""
+class AudioControl(Protocol):
+    """The audio engine as the controller sees it: the gate, playback, cues and recording."""
 
     def set_gate(self, streaming: bool) -> None:
         """Open or close the gate that sends cleaned frames to the room link."""
@@ -132,4 +131,60 @@ class Panel(Protocol):
 
     def close(self) -> None:
         """Release the pins."""
+        ...
+
+
+# ------------------------------------------------------------------------------ the capture chain's ports
+@dataclass(frozen=True)
+class AecStats:
+    """What an echo canceller knows about the echo path."""
+
+    delay_ms: float | None  # estimated bulk delay of the echo behind the reference (None: not yet known)
+    drift_ppm: float  # capture clock minus playback clock, as the delay's slope
+    erle_db: float  # online echo return loss enhancement over recent far-end-active frames
+    converged: bool  # a verified echo path: ERLE good for at least a second
+    frames: int  # frames processed since the last reset
+
+
+class EchoCanceller(Protocol):
+    """Removes the echo of the far-end reference from the microphone, one 10 ms frame at a time.
+
+    ``kiosk.audio.aec.make_echo_canceller`` builds the configured one; the capture chain reads ``stats``,
+    ``settled`` and ``linear_residual`` to tell a visitor from echo the canceller failed to remove.
+    """
+
+    name: str
+
+    def process(self, near: Pcm, far: Pcm) -> Pcm:
+        """Cancel the echo of ``far`` in ``near`` (160 int16 samples each); the result is valid until the next call."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the adapted echo path (after a device or route change)."""
+        ...
+
+    def stats(self) -> AecStats:
+        """The current estimates."""
+        ...
+
+    @property
+    def settled(self) -> bool:
+        """The echo path held since the last alignment: the output is not echo the canceller lost track of."""
+        ...
+
+    @property
+    def linear_residual(self) -> Pcm | None:
+        """The linear filter's residual of the last frame, before any suppression (None: no such filter)."""
+        ...
+
+
+class VoiceDetector(Protocol):
+    """Says, per 10 ms frame (160 int16 samples at 16 kHz), whether the visitor at the kiosk speaks."""
+
+    def is_speech(self, frame: Pcm) -> bool:
+        """True if this frame counts as speech."""
+        ...
+
+    def reset(self) -> None:
+        """Forget adaptive state (route change, new session)."""
         ...

@@ -1,5 +1,5 @@
-"""Shared fixtures: each area's fixtures live in the package (kiosk.dev) so the demo can use them too."""
+"""Shared fixtures: pytest plugins under tests/fixtures (the development code they use is in dev/kiosk_dev)."""
 
 from __future__ import annotations
 
-pytest_plugins = ["kiosk.dev.pulse", "kiosk.dev.panel_fixtures", "kiosk.dev.stack", "kiosk.dev.fallback_fixtures"]
+pytest_plugins = ["fixtures.pulse", "fixtures.panel", "fixtures.stack", "fixtures.fallback"]

@@ -36,42 +36,13 @@ import numpy.typing as npt
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
 from kiosk.audio.speex import EchoState, Preprocessor, Resampler
 from kiosk.errors import KioskError
-from kiosk.ports import Pcm
+from kiosk.ports import AecStats, EchoCanceller, Pcm
 from kiosk.settings import AecBackend, AecSettings
 
 _LOGGER = logging.getLogger(__name__)
 
 _FRAME = FRAME_SAMPLES
 _SAMPLES_PER_MS = RATE_HZ / 1000.0
-
-
-@dataclass(frozen=True)
-class AecStats:
-    """What the echo canceller knows about the echo path."""
-
-    delay_ms: float | None  # estimated bulk delay of the echo behind the reference (None: not yet known)
-    drift_ppm: float  # capture clock minus playback clock, as the delay's slope
-    erle_db: float  # online echo return loss enhancement over recent far-end-active frames
-    converged: bool  # a verified echo path: ERLE good for at least a second
-    frames: int  # frames processed since the last reset
-
-
-class EchoCanceller(Protocol):
-    """Removes the echo of the far-end reference from the microphone, one 10 ms frame at a time."""
-
-    name: str
-
-    def process(self, near: Pcm, far: Pcm) -> Pcm:
-        """Cancel the echo of ``far`` in ``near`` (160 int16 samples each); the result is valid until the next call."""
-        ...
-
-    def reset(self) -> None:
-        """Forget the adapted echo path (after a device or route change)."""
-        ...
-
-    def stats(self) -> AecStats:
-        """The current estimates."""
-        ...
 
 
 class AecError(KioskError):
@@ -84,6 +55,7 @@ class AecError(KioskError):
 # ------------------------------------------------------------------------------------- backends
 class _Backend(Protocol):
     name: str
+    linear_residual: Pcm | None  # the linear filter's residual of the last frame, where the backend has one
 
     def process(self, near: Pcm, ref: Pcm) -> Pcm: ...
 
@@ -96,6 +68,7 @@ class NoneBackend:
     """Pass-through: the microphone unchanged (headset route, or to measure without cancellation)."""
 
     name = "none"
+    linear_residual: Pcm | None = None
 
     def __init__(self) -> None:
         self._out: Pcm = np.zeros(_FRAME, dtype=np.int16)
@@ -114,6 +87,8 @@ class NoneBackend:
 
 class SpeexBackend:
     """speexdsp's MDF echo canceller, then (optionally) the preprocessor's residual-echo and noise suppression."""
+
+    linear_residual: Pcm | None = None
 
     def __init__(self, filter_ms: int = 128, residual_suppression: bool = True, noise_suppression: bool = True,
                  echo_suppress_db: int = -40, echo_suppress_active_db: int = -15) -> None:
@@ -149,6 +124,8 @@ class SpeexBackend:
 
 class WebRtcBackend:
     """WebRTC AEC3 (with its suppressor, and optionally noise suppression) via livekit's AudioProcessingModule."""
+
+    linear_residual: Pcm | None = None
 
     def __init__(self, noise_suppression: bool = True, high_pass_filter: bool = True) -> None:
         from livekit import rtc
@@ -232,7 +209,8 @@ class HybridBackend:
         self._mic_delay: Pcm = np.zeros(lat + _FRAME, dtype=np.int16)
         self._out: Pcm = np.zeros(_FRAME, dtype=np.int16)
         # Speex's linear residual of the frame just returned (no suppression: linear in the echo path).
-        self.linear_residual: Pcm = np.zeros(_FRAME, dtype=np.int16)
+        self.linear_residual: Pcm | None = np.zeros(_FRAME, dtype=np.int16)
+        self._linear: Pcm = self.linear_residual
         self._mix = np.zeros(_FRAME, dtype=np.float64)
         self._ramp = (np.arange(_FRAME, dtype=np.float64) + 0.5) / _FRAME
         self._baseline_db = 0.0
@@ -253,7 +231,7 @@ class HybridBackend:
         self._mic_delay[lat:] = near
         a = self._aec3.process(near, ref)
         s = self._delay[:_FRAME]
-        self.linear_residual[:] = s
+        self._linear[:] = s
         mic = self._mic_delay[:_FRAME]
         a_power = _power(a, self._power_buf)
         mic_power = _power(mic, self._power_buf)
@@ -602,8 +580,7 @@ class AlignedEchoCanceller:
     @property
     def linear_residual(self) -> Pcm | None:
         """The backend's linear-filter residual of the last frame, if it has one (hybrid)."""
-        residual = getattr(self.backend, "linear_residual", None)
-        return residual if isinstance(residual, np.ndarray) else None
+        return self.backend.linear_residual
 
     @property
     def settled(self) -> bool:
@@ -761,6 +738,33 @@ class AlignedEchoCanceller:
             self._quick_frames = self.QUICK_FRAMES
             self._since_estimate = self.FIRST_INTERVAL_FRAMES
             self.collapses += 1
+
+
+class PassThrough:
+    """An ``EchoCanceller`` that leaves the microphone as it is and knows nothing of an echo path.
+
+    For measuring a chain without cancellation (no far end at all, as in the voice-detection benchmark).
+    """
+
+    name = "pass-through"
+    settled = True  # nothing to lose track of
+    linear_residual: Pcm | None = None
+
+    def __init__(self) -> None:
+        self._frames = 0
+
+    def process(self, near: Pcm, far: Pcm) -> Pcm:
+        """``near`` itself."""
+        self._frames += 1
+        return near
+
+    def reset(self) -> None:
+        """Nothing to forget but the count."""
+        self._frames = 0
+
+    def stats(self) -> AecStats:
+        """No delay known, nothing removed."""
+        return AecStats(delay_ms=None, drift_ppm=0.0, erle_db=0.0, converged=False, frames=self._frames)
 
 
 def make_echo_canceller(settings: AecSettings) -> EchoCanceller:

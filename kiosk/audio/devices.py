@@ -196,7 +196,7 @@ def sound_fingerprint() -> str:
     """A cheap digest of what decides the device list: sound cards and ALSA configuration files.
 
     Changes when a USB card comes or goes (``/proc/asound/cards``) or a configuration file is rewritten
-    (the virtual devices of ``kiosk.dev.pulse`` come and go that way).
+    (the virtual devices of ``kiosk_dev.pulse`` come and go that way).
     """
     digest = hashlib.sha1()
     with contextlib.suppress(OSError):

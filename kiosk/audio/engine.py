@@ -23,15 +23,16 @@ import contextlib
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
 from kiosk.audio.io import AudioIO, StreamLayout
+from kiosk.audio.pipeline import CaptureChain, ChainFrame
 from kiosk.errors import DeviceError
 from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStarted
-from kiosk.ports import EventSink, FrameSink, Pcm, Recording
+from kiosk.ports import AecStats, EventSink, FrameSink, Pcm, Recording
 from kiosk.settings import AecBackend, Settings
 
 _LOGGER = logging.getLogger(__name__)
@@ -41,32 +42,8 @@ _REOPEN_FIRST_SECONDS = 0.25
 _SETTLE_SECONDS = 3.0
 
 
-class Chain(Protocol):
-    """What the engine needs of ``kiosk.audio.pipeline.CaptureChain``."""
-
-    def process(self, mic: Pcm, ref: Pcm, now_seconds: float) -> Any:
-        """One 10 ms frame pair -> a ChainFrame (pcm, speech, events, stream)."""
-        ...
-
-    def open_gate(self) -> None:
-        """Start streaming."""
-        ...
-
-    def close_gate(self) -> None:
-        """Stop streaming."""
-        ...
-
-
-ChainFactory = Callable[[Settings], Chain]
 # Called with (chain frame, mic frame, reference frame, loop time) for every frame; for benchmarks and tests.
-FrameListener = Callable[[Any, Pcm, Pcm, float], None]
-
-
-def default_chain(settings: Settings) -> Chain:
-    """The configured capture chain."""
-    from kiosk.audio.pipeline import CaptureChain
-
-    return CaptureChain(settings)
+FrameListener = Callable[[ChainFrame, Pcm, Pcm, float], None]
 
 
 def without_aec(settings: Settings) -> Settings:
@@ -83,16 +60,15 @@ class AudioEngine:
     """Capture chain and playout on real devices (see the module docstring)."""
 
     def __init__(self, settings: Settings, events: EventSink, frames: FrameSink | None = None, *,
-                 chain_factory: ChainFactory = default_chain, capture_device: str | None = None,
-                 playback_device: str | None = None, echo_cancel: bool = True) -> None:
+                 capture_device: str | None = None, playback_device: str | None = None,
+                 echo_cancel: bool = True) -> None:
         self.settings = settings
         self._events = events
         self._frames = frames
-        self._chain_factory = chain_factory
         self.capture_device = capture_device or settings.audio.capture_device
         self.playback_device = playback_device or settings.audio.playback_device
         self.echo_cancel = echo_cancel
-        self.chain: Chain = chain_factory(settings if echo_cancel else without_aec(settings))
+        self.chain = CaptureChain(settings if echo_cancel else without_aec(settings))
         self.io: AudioIO | None = None
         self.layout: StreamLayout | None = None
         self.last_frame_seconds: float | None = None  # loop time of the newest captured frame
@@ -163,7 +139,7 @@ class AudioEngine:
             self.capture_device, self.playback_device = capture, playback
             if echo_cancel != self.echo_cancel:
                 self.echo_cancel = echo_cancel
-                self.chain = self._chain_factory(self.settings if echo_cancel else without_aec(self.settings))
+                self.chain = CaptureChain(self.settings if echo_cancel else without_aec(self.settings))
                 if self._gate:
                     self.chain.open_gate()
             try:
@@ -360,11 +336,9 @@ class AudioEngine:
             "device_losses": self.device_losses,
             "dropped_playout_samples": self.dropped_playout_samples,
             "stream": vars(counters) if counters is not None else None,
-            "chain": self._chain_counters(),
+            "chain": dataclasses.asdict(self.chain.counters),
         }
 
-    def _chain_counters(self) -> dict[str, Any] | None:
-        counters = getattr(self.chain, "counters", None)
-        if counters is None or not dataclasses.is_dataclass(counters) or isinstance(counters, type):
-            return None
-        return dataclasses.asdict(counters)
+    def aec_stats(self) -> AecStats:
+        """The echo canceller's current estimates (ERLE, delay) on the route in use."""
+        return self.chain.echo_canceller.stats()

@@ -1,15 +1,21 @@
-"""The internal audio format and the pure helpers around it.
+"""The internal audio format and the pure helpers around it: the one home of rate, frame, ``Pcm`` and WAV I/O.
 
 One format inside the kiosk: 16 kHz, mono, signed 16-bit, 10 ms frames of 160 samples. Devices and
 files at other rates or block sizes are converted at the edge with the helpers here: ``Rechunker``
 turns arbitrary blocks into exact frames (preallocated, no allocation per block), ``to_float`` /
-``to_int16`` convert sample formats, and ``resample`` converts whole recordings (offline only).
+``to_int16`` convert sample formats, ``resample`` converts whole recordings (offline only), and
+``decode_wav`` / ``encode_wav`` (``read_wav`` / ``write_wav`` for files) are the only WAV reader and
+writer: cues, the message spool, ``kiosk audio process`` and the development tools all use them.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import wave
+from dataclasses import dataclass
 from math import gcd
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -133,3 +139,114 @@ class Rechunker:
         """Forget stored samples (device restart, route change)."""
         self._start = 0
         self._count = 0
+
+
+# ------------------------------------------------------------------------------------------------ WAV
+class WavError(ValueError):
+    """Bytes that are not a WAV file the kiosk can read; the message says what is wrong with them."""
+
+
+@dataclass(frozen=True)
+class WavAudio:
+    """A decoded WAV file: samples as float64 in [-1, 1], shape (frames, channels)."""
+
+    samples: npt.NDArray[np.float64]
+    rate_hz: int
+    sample_bits: int  # 8, 16, 24 or 32 for integer PCM; 32 or 64 for float
+    is_float: bool
+    truncated: bool  # the data ended before the length the header gives (a cut-off write)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels."""
+        return int(self.samples.shape[1])
+
+    @property
+    def seconds(self) -> float:
+        """Duration."""
+        return len(self.samples) / self.rate_hz
+
+    def mono_pcm(self) -> Pcm:
+        """Channel 0 as int16 (exact for a 16-bit file)."""
+        return to_int16(self.samples[:, 0])
+
+
+NO_WAV_HEADER = "no RIFF/WAVE header"
+_PCM_SCALE = {1: 128.0, 2: 32768.0, 3: 8388608.0, 4: 2147483648.0}
+
+
+def decode_wav(data: bytes) -> WavAudio:
+    """Decode integer PCM (8/16/24/32-bit) or float (32/64-bit) WAV bytes; ``WavError`` says why not."""
+    if data[:4] not in (b"RIFF", b"RIFX", b"RF64") or data[8:12] != b"WAVE":
+        raise WavError(NO_WAV_HEADER)
+    try:
+        with wave.open(io.BytesIO(data), "rb") as wav:
+            rate, channels, width, nframes = wav.getframerate(), wav.getnchannels(), wav.getsampwidth(), \
+                wav.getnframes()
+            raw = wav.readframes(nframes)
+    except wave.Error as error:
+        if "unknown format" not in str(error):
+            raise WavError(str(error)) from None
+        return _decode_float_wav(data)
+    except (EOFError, ValueError) as error:
+        raise WavError(str(error) or type(error).__name__) from None
+    if rate <= 0 or channels <= 0:
+        raise WavError(f"the header says {rate} Hz and {channels} channel(s)")
+    if width not in _PCM_SCALE:
+        raise WavError(f"{8 * width}-bit samples are not supported")
+    truncated = len(raw) < nframes * channels * width
+    usable = len(raw) - len(raw) % (channels * width)
+    raw = raw[:usable]
+    if width == 1:
+        ints = np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0
+    elif width == 3:
+        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
+        ints = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float64)
+    else:
+        ints = np.frombuffer(raw, dtype="<i2" if width == 2 else "<i4").astype(np.float64)
+    return WavAudio((ints / _PCM_SCALE[width]).reshape(-1, channels), rate, 8 * width, False, truncated)
+
+
+def _decode_float_wav(data: bytes) -> WavAudio:
+    """Float and extensible WAVs (the standard module reads integer PCM only)."""
+    from scipy.io import wavfile
+
+    try:
+        rate, array = wavfile.read(io.BytesIO(data))
+    except (ValueError, EOFError, OSError) as error:
+        raise WavError(str(error) or type(error).__name__) from None
+    array = np.asarray(array)
+    if array.ndim == 1:
+        array = array[:, None]
+    if int(rate) <= 0 or array.ndim != 2 or array.shape[1] == 0:
+        raise WavError(f"the header says {rate} Hz and shape {array.shape}")
+    if array.dtype.kind == "f":
+        return WavAudio(array.astype(np.float64), int(rate), 8 * array.dtype.itemsize, True, False)
+    if array.dtype.kind in "iu":
+        info = np.iinfo(array.dtype)
+        offset = info.max + 1 if array.dtype.kind == "u" else 0
+        return WavAudio((array.astype(np.float64) - offset) / (info.max + 1), int(rate), 8 * array.dtype.itemsize,
+                        False, False)
+    raise WavError(f"unsupported sample type {array.dtype}")
+
+
+def read_wav(path: Path) -> WavAudio:
+    """``decode_wav`` of a file (``OSError`` if it cannot be read)."""
+    return decode_wav(path.read_bytes())
+
+
+def encode_wav(pcm: Pcm, rate_hz: int = RATE_HZ) -> bytes:
+    """Mono int16 samples as the bytes of a 16-bit PCM WAV file."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as wav:
+        wav.setnchannels(1)
+        wav.setsampwidth(2)
+        wav.setframerate(rate_hz)
+        wav.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    return buffer.getvalue()
+
+
+def write_wav(path: Path, pcm: Pcm, rate_hz: int = RATE_HZ) -> None:
+    """Write mono int16 samples as a 16-bit PCM WAV (creating the folder)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(encode_wav(pcm, rate_hz))

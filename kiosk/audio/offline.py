@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import wave
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,13 +18,24 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
-from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm, frames, resample, to_int16
+from kiosk.audio.format import (
+    FRAME_SAMPLES,
+    NO_WAV_HEADER,
+    RATE_HZ,
+    Pcm,
+    WavError,
+    frames,
+    read_wav,
+    resample,
+    to_int16,
+    write_wav,
+)
 from kiosk.errors import InputError
 from kiosk.events import VoiceStarted, VoiceStopped
 
 if TYPE_CHECKING:
-    from kiosk.audio.pipeline import Canceller, CaptureChain
-    from kiosk.audio.vad import VoiceDetector
+    from kiosk.audio.pipeline import CaptureChain
+    from kiosk.ports import EchoCanceller, VoiceDetector
     from kiosk.settings import Settings
 
 _LOGGER = logging.getLogger(__name__)
@@ -49,7 +59,7 @@ class OfflineResult:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def read_wav(path: Path, *, role: str, channel: Channel | None = None) -> tuple[npt.NDArray[np.float32], int]:
+def read_input(path: Path, *, role: str, channel: Channel | None = None) -> tuple[npt.NDArray[np.float32], int]:
     """Read a WAV as float32 mono and its rate; ``InputError`` names the file, the problem and the fix.
 
     Integer PCM (8/16/24/32-bit) and 32/64-bit float files are accepted. A file with more than one channel
@@ -58,21 +68,13 @@ def read_wav(path: Path, *, role: str, channel: Channel | None = None) -> tuple[
     if not path.exists():
         raise InputError(f"{role} file {path} does not exist: check the path")
     try:
-        with path.open("rb") as handle:
-            header = handle.read(12)
+        wav = read_wav(path)
     except OSError as error:
         raise InputError(f"{role} file {path} cannot be read ({error.strerror}): check its permissions") from None
-    if header[:4] not in (b"RIFF", b"RIFX", b"RF64") or header[8:12] != b"WAVE":
-        raise InputError(f"{role} file {path} is not a WAV file (no RIFF/WAVE header): record or convert it "
-                         "to PCM WAV")
-    try:
-        data, rate = _read_pcm(path)
-    except InputError:
-        raise
-    except (wave.Error, EOFError, ValueError, OSError) as error:
-        detail = str(error) or type(error).__name__
-        raise InputError(f"{role} file {path} is not a readable WAV file ({detail}): record or convert it "
-                         "to PCM WAV") from None
+    except WavError as error:
+        kind = "a WAV file" if str(error) == NO_WAV_HEADER else "a readable WAV file"
+        raise InputError(f"{role} file {path} is not {kind} ({error}): record or convert it to PCM WAV") from None
+    data = wav.samples
     if data.shape[1] > 1:
         if channel is None:
             raise InputError(f"{role} file {path} has {data.shape[1]} channels; the chain takes mono: pass "
@@ -88,68 +90,14 @@ def read_wav(path: Path, *, role: str, channel: Channel | None = None) -> tuple[
         mono = data[:, 0]
     if len(mono) == 0:
         raise InputError(f"{role} file {path} holds no audio: record at least a few seconds")
-    return np.asarray(mono, dtype=np.float32), rate
-
-
-def _read_pcm(path: Path) -> tuple[npt.NDArray[np.float64], int]:
-    """Samples as float64 in [-1, 1], shape (frames, channels), and the rate."""
-    try:
-        with wave.open(str(path), "rb") as wav:
-            rate = wav.getframerate()
-            channels = wav.getnchannels()
-            width = wav.getsampwidth()
-            raw = wav.readframes(wav.getnframes())
-    except wave.Error:
-        # Float and extensible WAVs: the standard module reads integer PCM only.
-        from scipy.io import wavfile
-
-        rate, array = wavfile.read(str(path))
-        array = np.asarray(array)
-        if array.ndim == 1:
-            array = array[:, None]
-        if array.dtype.kind == "f":
-            return array.astype(np.float64), int(rate)
-        if array.dtype.kind in "iu":
-            info = np.iinfo(array.dtype)
-            scaled = (array.astype(np.float64) - (info.max + 1 if array.dtype.kind == "u" else 0)) / (info.max + 1)
-            return scaled, int(rate)
-        raise InputError(f"{path}: unsupported sample type {array.dtype}: use PCM or float WAV") from None
-    if rate <= 0:
-        raise InputError(f"{path}: the header says {rate} Hz: the file is damaged; record it again")
-    if width == 1:
-        ints = np.frombuffer(raw, dtype=np.uint8).astype(np.float64) - 128.0
-        scale = 128.0
-    elif width == 2:
-        ints = np.frombuffer(raw, dtype="<i2").astype(np.float64)
-        scale = 32768.0
-    elif width == 3:
-        b = np.frombuffer(raw, dtype=np.uint8).reshape(-1, 3).astype(np.int32)
-        ints = ((b[:, 0] | (b[:, 1] << 8) | (b[:, 2] << 16)) << 8 >> 8).astype(np.float64)
-        scale = 8388608.0
-    elif width == 4:
-        ints = np.frombuffer(raw, dtype="<i4").astype(np.float64)
-        scale = 2147483648.0
-    else:
-        raise InputError(f"{path}: {8 * width}-bit samples are not supported: use 16-bit PCM")
-    usable = len(ints) - len(ints) % channels
-    return (ints[:usable] / scale).reshape(-1, channels), rate
-
-
-def write_wav(path: Path, pcm: Pcm, rate_hz: int = RATE_HZ) -> None:
-    """Write 16-bit mono PCM."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with wave.open(str(path), "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate_hz)
-        wav.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+    return np.asarray(mono, dtype=np.float32), wav.rate_hz
 
 
 def load_pair(mic_path: Path, ref_path: Path, *, mic_channel: Channel | None = None,
               ref_channel: Channel | None = None) -> tuple[Pcm, Pcm]:
     """Microphone and reference at 16 kHz int16, the reference fitted to the microphone's length."""
-    mic, mic_rate = read_wav(mic_path, role="mic", channel=mic_channel)
-    ref, ref_rate = read_wav(ref_path, role="ref", channel=ref_channel)
+    mic, mic_rate = read_input(mic_path, role="mic", channel=mic_channel)
+    ref, ref_rate = read_input(ref_path, role="ref", channel=ref_channel)
     mic_seconds, ref_seconds = len(mic) / mic_rate, len(ref) / ref_rate
     slack = max(_LENGTH_SLACK_SECONDS, _LENGTH_SLACK_SHARE * mic_seconds)
     if abs(mic_seconds - ref_seconds) > slack:
@@ -204,7 +152,7 @@ def _collect(event: object, start: float | None, spans: list[tuple[float, float]
     return start
 
 
-def process_arrays(settings: Settings, mic: Pcm, ref: Pcm, *, echo_canceller: Canceller | None = None,
+def process_arrays(settings: Settings, mic: Pcm, ref: Pcm, *, echo_canceller: EchoCanceller | None = None,
                    detector: VoiceDetector | None = None) -> OfflineResult:
     """Run a fresh configured chain over 16 kHz int16 arrays (the reference fitted to the microphone)."""
     from kiosk.audio.pipeline import CaptureChain
@@ -216,7 +164,7 @@ def process_arrays(settings: Settings, mic: Pcm, ref: Pcm, *, echo_canceller: Ca
 
 def process_files(settings: Settings, mic_path: Path, ref_path: Path, out_path: Path, *,
                   vad_path: Path | None = None, mic_channel: Channel | None = None,
-                  ref_channel: Channel | None = None, echo_canceller: Canceller | None = None) -> OfflineResult:
+                  ref_channel: Channel | None = None, echo_canceller: EchoCanceller | None = None) -> OfflineResult:
     """``kiosk audio process``: read, run the chain, write the cleaned WAV (and the speech JSON)."""
     mic, ref = load_pair(mic_path, ref_path, mic_channel=mic_channel, ref_channel=ref_channel)
     result = process_arrays(settings, mic, ref, echo_canceller=echo_canceller)

@@ -28,21 +28,15 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
 
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm
-from kiosk.audio.vad import (
-    SILENCE_DBFS,
-    Gate,
-    Segmenter,
-    VoiceDetector,
-    frame_level_dbfs,
-    make_voice_detector,
-)
+from kiosk.audio.vad import SILENCE_DBFS, Gate, Segmenter, frame_level_dbfs, make_voice_detector
 from kiosk.events import Event, VoiceStarted
+from kiosk.ports import EchoCanceller, VoiceDetector
 
 if TYPE_CHECKING:
     from kiosk.settings import Settings
@@ -176,22 +170,6 @@ class EchoCoherence:
         return float(np.max(np.abs(corr) / norm))
 
 
-class Canceller(Protocol):
-    """What the chain needs from an echo canceller (``kiosk.audio.aec.EchoCanceller`` satisfies it)."""
-
-    def process(self, near: Pcm, far: Pcm) -> Pcm:
-        """Cancel the echo of ``far`` in ``near`` (160-sample int16 frames)."""
-        ...
-
-    def reset(self) -> None:
-        """Forget the adapted echo path."""
-        ...
-
-    def stats(self) -> Any:
-        """Current estimates (``delay_ms``, ``erle_db``, ``converged``, ...)."""
-        ...
-
-
 @dataclass(slots=True)
 class ChainFrame:
     """One frame through the chain."""
@@ -220,13 +198,13 @@ class ChainCounters:
 class CaptureChain:
     """Echo canceller -> voice detector -> barge-in decision -> segmenter -> gate, per 10 ms frame."""
 
-    def __init__(self, settings: Settings, *, echo_canceller: Canceller | None = None,
+    def __init__(self, settings: Settings, *, echo_canceller: EchoCanceller | None = None,
                  detector: VoiceDetector | None = None) -> None:
         if echo_canceller is None:
             from kiosk.audio.aec import make_echo_canceller
 
             echo_canceller = make_echo_canceller(settings.aec)
-        self.echo_canceller: Canceller = echo_canceller
+        self.echo_canceller: EchoCanceller = echo_canceller
         self.detector: VoiceDetector = detector if detector is not None else make_voice_detector(settings.vad)
         self.segmenter = Segmenter.from_settings(settings.vad)
         self.gate = Gate.from_settings(settings.vad)
@@ -296,13 +274,12 @@ class CaptureChain:
         if self._fixed_delay_frames is not None:
             return
         stats = self.echo_canceller.stats()
-        delay_ms = getattr(stats, "delay_ms", None)
-        converged = bool(getattr(stats, "converged", False))
-        if not isinstance(delay_ms, int | float) or delay_ms < 0:
+        delay_ms = stats.delay_ms
+        if delay_ms is None or delay_ms < 0:
             self._echo_delay_samples = self._delay_frames = None
             return
         self._echo_delay_samples = int(delay_ms * RATE_HZ / 1000)
-        self._delay_frames = int(delay_ms // 10) if converged else None
+        self._delay_frames = int(delay_ms // 10) if stats.converged else None
 
     def process(self, mic: Pcm, ref: Pcm, now_seconds: float) -> ChainFrame:
         """Run one 10 ms frame (``mic`` and ``ref`` are 160 int16 samples) captured at ``now_seconds``."""
@@ -327,7 +304,7 @@ class CaptureChain:
         np.copyto(scratch, mic, casting="unsafe")
         self._mic_power = _SMOOTH * self._mic_power + (1.0 - _SMOOTH) * float(np.dot(scratch, scratch))
 
-        linear = getattr(self.echo_canceller, "linear_residual", None)
+        linear = self.echo_canceller.linear_residual
         self.coherence.push(out if linear is None else linear, ref)
         detected = self.detector.is_speech(out)
         speech = detected
@@ -359,7 +336,7 @@ class CaptureChain:
             elif self._freeze == 0 and not self.segmenter.in_speech:
                 # Echo-only frame (as far as we can tell): learn how much of the reference leaks through.
                 self.leak_db = _track_quantile(self.leak_db, excess)
-                if getattr(self.echo_canceller, "settled", True):
+                if self.echo_canceller.settled:
                     # Only while the canceller holds the path: its collapse is also what a visitor causes.
                     self.erl_db = _track_quantile(self.erl_db, mic_excess)
             if self._freeze > 0:

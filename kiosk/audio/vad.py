@@ -1,4 +1,4 @@
-"""Voice detection: a ``VoiceDetector`` port (webrtcvad adapter), a pure ``Segmenter`` and the streaming ``Gate``.
+"""Voice detection: the ``VoiceDetector`` port's webrtcvad adapter, a pure ``Segmenter`` and the streaming ``Gate``.
 
 Per 10 ms frame the detector says "speech at the kiosk" or not. The webrtcvad decision is combined with
 two level cues that reject a distant voice (another visitor a few metres away, a television): the
@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -24,6 +23,7 @@ import numpy.typing as npt
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm
 from kiosk.errors import ConfigError
 from kiosk.events import VoiceStarted, VoiceStopped
+from kiosk.ports import VoiceDetector
 from kiosk.settings import VadSettings
 
 _LOGGER = logging.getLogger(__name__)
@@ -43,18 +43,6 @@ def frame_level_dbfs(power_sum: float) -> float:
     if power_sum <= 0.0:
         return SILENCE_DBFS
     return max(SILENCE_DBFS, 10.0 * math.log10(power_sum / _FULL_SCALE_POWER))
-
-
-class VoiceDetector(Protocol):
-    """Says, per 10 ms frame (160 int16 samples at 16 kHz), whether the visitor at the kiosk speaks."""
-
-    def is_speech(self, frame: Pcm) -> bool:
-        """True if this frame counts as speech."""
-        ...
-
-    def reset(self) -> None:
-        """Forget adaptive state (route change, new session)."""
-        ...
 
 
 class WebRtcVoiceDetector:

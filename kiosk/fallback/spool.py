@@ -29,7 +29,6 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import io
 import logging
 import os
 import shutil
@@ -37,7 +36,6 @@ import sqlite3
 import threading
 import time
 import uuid
-import wave
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -47,9 +45,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, NewType
 from urllib.parse import quote
 
-import numpy as np
-
-from kiosk.audio.format import RATE_HZ, Pcm
+from kiosk.audio.format import RATE_HZ, Pcm, WavError, decode_wav, encode_wav
 from kiosk.errors import KioskError
 
 if TYPE_CHECKING:
@@ -178,28 +174,16 @@ def _parse_file_name(name: str) -> _FileName | None:
     return _FileName(int(created), MessageId(message_id), sha)
 
 
-def encode_wav(pcm: Pcm, rate_hz: int = RATE_HZ) -> bytes:
-    """Mono int16 samples as a 16-bit PCM WAV file's bytes."""
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
-        wav.setsampwidth(2)
-        wav.setframerate(rate_hz)
-        wav.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
-    return buffer.getvalue()
-
-
-def decode_wav(data: bytes) -> Pcm:
+def decode_message(data: bytes) -> Pcm:
     """A spool WAV's samples; raise ``SpoolError`` unless it is 16 kHz mono 16-bit and complete."""
     try:
-        with wave.open(io.BytesIO(data), "rb") as wav:
-            params = wav.getparams()
-            raw = wav.readframes(params.nframes)
-    except (wave.Error, EOFError) as error:
+        wav = decode_wav(data)
+    except WavError as error:
         raise SpoolError("message_corrupt", f"not a PCM WAV file ({error})") from None
-    if (params.nchannels, params.sampwidth, params.framerate) != (1, 2, RATE_HZ) or len(raw) != 2 * params.nframes:
-        raise SpoolError("message_corrupt", f"not a complete 16 kHz mono 16-bit WAV ({params})")
-    return np.frombuffer(raw, dtype="<i2").astype(np.int16)
+    if (wav.channels, wav.sample_bits, wav.is_float, wav.rate_hz, wav.truncated) != (1, 16, False, RATE_HZ, False):
+        raise SpoolError("message_corrupt", f"not a complete 16 kHz mono 16-bit WAV ({wav.channels} channel(s), "
+                         f"{wav.sample_bits}-bit, {wav.rate_hz} Hz{', cut short' if wav.truncated else ''})")
+    return wav.mono_pcm()
 
 
 def _fsync_directory(path: Path) -> None:
@@ -429,7 +413,7 @@ class Spool:
                 continue
             # Renamed into place but the row commit did not happen: complete and verified, so index it.
             data = path.read_bytes()
-            samples = len(decode_wav(data))
+            samples = len(decode_message(data))
             with self._transaction() as tx:
                 tx.execute(f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'stored', 0, '')",
                            (parsed.id, name, parsed.created_ms / 1000.0, samples / RATE_HZ, len(data),
@@ -448,7 +432,7 @@ class Spool:
         if hashlib.sha256(data).hexdigest() != sha256:
             return "checksum mismatch"
         try:
-            decode_wav(data)
+            decode_message(data)
         except SpoolError as error:
             return error.message
         return ""
@@ -669,7 +653,7 @@ class Spool:
 
     def pcm(self, message: Message) -> Pcm:
         """The message's samples (16 kHz mono int16), verified."""
-        return decode_wav(self.read(message))
+        return decode_message(self.read(message))
 
     def export(self, message: Message, directory: Path) -> Path:
         """Copy a verified message to ``directory`` as ``<time>_<id>.wav``; return the new path."""

@@ -1,9 +1,11 @@
 """``kiosk doctor gpio``: check the panel on the real header: blink each LED, wait for each button.
 
-``check_gpio`` returns one ``CheckResult`` per check; the doctor command (``kiosk.doctor``) prints
-them. Interactive runs ask the person at the kiosk what they saw and wait for each button press;
+``check_gpio`` returns one ``Check`` per part; the doctor command (``kiosk.doctor``) prints them.
+Interactive runs ask the person at the kiosk what they saw and wait for each button press;
 non-interactive runs check what needs no person: the pin factory loads, every pin can be claimed,
 each button reads released at rest (a button reading pressed at rest means wrong pull or wiring).
+gpiozero's own warnings (its pin factory fallbacks off a Pi) become part of the pin factory's line
+instead of raw text before the report.
 """
 
 from __future__ import annotations
@@ -11,23 +13,22 @@ from __future__ import annotations
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
+from kiosk.checks import Check, Verdict
 from kiosk.errors import DeviceError
 from kiosk.settings import LedSpec, PanelSettings, Settings
 
 _LOGGER = logging.getLogger(__name__)
 
+_WIRING_FIX = "check the wiring against hw/README.md"
+_FACTORY_FIX = "set panel.pin_factory (lgpio on a Pi, with python3-lgpio installed; mock without a Pi)"
 
-@dataclass(frozen=True)
-class CheckResult:
-    """One doctor check: what was checked, whether it passed, and the detail (the fix when it failed)."""
 
-    name: str
-    ok: bool
-    detail: str
+def _result(name: str, ok: bool, detail: str, fix: str = _WIRING_FIX) -> Check:
+    return Check("gpio", name, Verdict.OK if ok else Verdict.FAIL, detail, None if ok else fix)
 
 
 def _led_name(index: int, led: LedSpec) -> str:
@@ -43,7 +44,7 @@ def check_gpio(
     say: Callable[[str], None] = print,
     button_timeout_seconds: float = 15.0,
     blink_seconds: float = 0.6,
-) -> list[CheckResult]:
+) -> list[Check]:
     """Check the configured buttons and LEDs; interactive runs ask what lit and wait for presses.
 
     ``settings`` is the whole settings or just their panel section; ``interactive`` None means "when
@@ -58,18 +59,25 @@ def check_gpio(
     panel = settings.panel if isinstance(settings, Settings) else settings
     if interactive is None:
         interactive = sys.stdin.isatty()
-    results: list[CheckResult] = []
+    results: list[Check] = []
     if not panel.enabled:
-        return [CheckResult("gpio panel", True, "panel.enabled is false: nothing to check")]
-    try:
-        factory = pin_factory if pin_factory is not None else make_pin_factory(panel.pin_factory)
-        if factory is None:
-            from gpiozero import Device
+        return [Check("gpio", "panel", Verdict.SKIP, "panel.enabled is false: nothing to check")]
+    with warnings.catch_warnings(record=True) as caught:
+        # gpiozero warns (PinFactoryFallback) for each factory it tries and skips: fold them into this line.
+        warnings.simplefilter("always")
+        try:
+            factory = pin_factory if pin_factory is not None else make_pin_factory(panel.pin_factory)
+            if factory is None:
+                from gpiozero import Device
 
-            factory = Device._default_pin_factory()
-    except (DeviceError, GPIOZeroError) as error:
-        return [CheckResult("gpio pin factory", False, f"{error}")]
-    results.append(CheckResult("gpio pin factory", True, type(factory).__name__))
+                factory = Device._default_pin_factory()
+        except (DeviceError, GPIOZeroError) as error:
+            tried = "; ".join(str(w.message) for w in caught)
+            return [_result("pin factory", False, f"{error}" + (f" (tried: {tried})" if tried else ""),
+                            _FACTORY_FIX)]
+    skipped = [str(w.message) for w in caught]
+    results.append(_result("pin factory", True, type(factory).__name__
+                           + (f" (after {len(skipped)} fallback(s): {'; '.join(skipped)})" if skipped else "")))
 
     for index, led in enumerate(panel.leds):
         name = _led_name(index, led)
@@ -85,7 +93,7 @@ def check_gpio(
                 device = LED(led.pins[0], active_high=led.active_high, pin_factory=factory)
                 steps = [("on", True)]
         except GPIOZeroError as error:
-            results.append(CheckResult(name, False, f"cannot claim the pins: {error}; check panel.leds[{index}] "
+            results.append(_result(name, False, f"cannot claim the pins: {error}; check panel.leds[{index}] "
                                                     "and that no other program uses them"))
             continue
         try:
@@ -102,9 +110,9 @@ def check_gpio(
                 detail = "seen lighting as expected" if ok else (
                     "not seen: check the wiring and resistor (hw/README.md), the pins, and "
                     f"panel.leds[{index}].active_high (common-anode RGB LEDs need false)")
-                results.append(CheckResult(name, ok, detail))
+                results.append(_result(name, ok, detail))
             else:
-                results.append(CheckResult(name, True, "pins claimed and driven (no one asked to watch)"))
+                results.append(_result(name, True, "pins claimed and driven (no one asked to watch)"))
         finally:
             device.close()
 
@@ -116,26 +124,45 @@ def check_gpio(
         try:
             button = GpioButton(spec.pin, pull_up=spec.pull_up, pin_factory=factory)
         except GPIOZeroError as error:
-            results.append(CheckResult(name, False, f"cannot claim the pin: {error}; check panel.{field}.pin"))
+            results.append(_result(name, False, f"cannot claim the pin: {error}; check panel.{field}.pin"))
             continue
         try:
             if button.is_pressed:
-                results.append(CheckResult(name, False, "reads pressed at rest: check the wiring, and "
+                results.append(_result(name, False, "reads pressed at rest: check the wiring, and "
                                                         f"panel.{field}.pull_up (true: button to ground)"))
                 continue
             if not interactive:
-                results.append(CheckResult(name, True, "reads released at rest (no one asked to press it)"))
+                results.append(_result(name, True, "reads released at rest (no one asked to press it)"))
                 continue
             say(f"Press and release the {label} within {button_timeout_seconds:.0f} s.")
             pressed = button.wait_for_press(timeout=button_timeout_seconds)
             released = pressed and button.wait_for_release(timeout=button_timeout_seconds)
             if pressed and released:
-                results.append(CheckResult(name, True, "press and release seen"))
+                results.append(_result(name, True, "press and release seen"))
             elif pressed:
-                results.append(CheckResult(name, False, "pressed but never released: a stuck button or a short"))
+                results.append(_result(name, False, "pressed but never released: a stuck button or a short"))
             else:
-                results.append(CheckResult(name, False, f"no press within {button_timeout_seconds:.0f} s: check the "
+                results.append(_result(name, False, f"no press within {button_timeout_seconds:.0f} s: check the "
                                                         f"wiring (hw/README.md) and panel.{field}"))
         finally:
             button.close()
     return results
+
+
+def check_panel(settings: Settings) -> list[Check]:
+    """``kiosk doctor gpio``: ``check_gpio`` on the configured panel, asking the person at a terminal."""
+    def ask(prompt: str) -> str:
+        sys.stderr.write(prompt)
+        sys.stderr.flush()
+        return sys.stdin.readline().strip()
+
+    def say(message: str) -> None:
+        print(message, file=sys.stderr)
+
+    try:
+        # Interactive on a terminal (blink each LED, wait for each button); prompts go to stderr so the
+        # report on stdout (and --json) stays clean.
+        return check_gpio(settings.panel, ask=ask, say=say)
+    except Exception as error:  # a broken pin factory or a missing gpiochip must read as a failed check
+        return [Check("gpio", "panel", Verdict.FAIL, f"the GPIO check failed: {error}",
+                      "check panel.pin_factory and that the kiosk user is in the gpio group")]

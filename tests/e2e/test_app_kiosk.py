@@ -25,12 +25,6 @@ import numpy as np
 import pytest
 
 from kiosk.app import Kiosk
-from kiosk.dev.agent import DEFAULT_ANSWER
-from kiosk.dev.demo import demo_settings
-from kiosk.dev.pulse import HEADSET_DEVICE, HEADSET_MIC_SINK, PulseServer
-from kiosk.dev.speech import espeak, normalise
-from kiosk.dev.stack import LocalStack
-from kiosk.dev.virtual_room import VirtualRoom
 from kiosk.effects import ClearPlayback, Cue, InterruptAgent, OfflineReason, PlayCue, ShowPattern
 from kiosk.events import (
     AgentState,
@@ -48,9 +42,15 @@ from kiosk.events import (
     SessionOpened,
 )
 from kiosk.link.backoff import Backoff
-from kiosk.panel.terminal import VirtualPanel
 from kiosk.settings import Settings
 from kiosk.state import KioskState, MessageStep, Phase, Transition
+from kiosk_dev.agent import DEFAULT_ANSWER
+from kiosk_dev.demo import demo_settings
+from kiosk_dev.pulse import HEADSET_DEVICE, HEADSET_MIC_SINK, PulseServer
+from kiosk_dev.speech import espeak, normalise
+from kiosk_dev.stack import LocalStack
+from kiosk_dev.terminal import VirtualPanel
+from kiosk_dev.virtual_room import VirtualRoom
 
 pytestmark = [pytest.mark.livekit, pytest.mark.pulse, pytest.mark.slow, pytest.mark.timeout(180)]
 
@@ -338,7 +338,7 @@ def endpoint_across_the_link(stack: LocalStack) -> Any:
     network = stack.network
     assert network is not None
     process = subprocess.Popen(network.server_command(
-        [sys.executable, "-m", "kiosk.dev.message_endpoint", "--host", network.server_ip, "--port",
+        [sys.executable, "-m", "kiosk_dev.message_endpoint", "--host", network.server_ip, "--port",
          str(ENDPOINT_PORT), "--token", stack.credential]), stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
@@ -468,6 +468,33 @@ async def test_credits_exhausted_keeps_the_message_offer(open_app: OpenApp, stac
     await app.wait_event(ApiRefused, 15, pressed)
     offered = await app.wait_cue_finished(Cue.LEAVE_MESSAGE, 30, pressed)
     assert offered.new.phase is Phase.OFFLINE and offered.new.message is MessageStep.OFFERED, offered.new
+
+
+async def test_a_message_left_while_the_network_is_up_is_delivered_at_once(open_app: OpenApp,
+                                                                          stack: LocalStack) -> None:
+    """Offline for maintenance while the network is up: the probe keeps the kiosk offline (no LinkUp), so only
+    the store itself can wake delivery (the spool is the controller's message store); the idle pass is 600 s."""
+    with endpoint_across_the_link(stack) as url:
+        app = await open_app(delivery={"url": url, "retry_base_seconds": 0.2, "retry_max_seconds": 1.0,
+                                       "request_timeout_seconds": 2.0})
+        stack.set_model_status("gpt-realtime", "maintenance")
+        pressed = await app.tap()
+        await app.wait_event(ApiRefused, 15, pressed)
+        await app.wait_cue_finished(Cue.LEAVE_MESSAGE, 30, pressed)
+        record_press = await app.tap()
+        tone = await app.wait_cue_finished(Cue.RECORDING_TONE, 10, record_press)
+        await asyncio.sleep(0.3)
+        app.room.say(speech(MESSAGE), name="message")
+        stored = (await app.wait_event(RecordingStored, 30, tone.at)).event
+        assert isinstance(stored, RecordingStored)
+        stored_at = app.now
+        assert await app.until(lambda: not app.kiosk.spool.messages(), 10), app.kiosk.spool.messages()
+        delivered_after = app.now - stored_at
+        assert app.state.phase is Phase.OFFLINE
+        assert not [e for e in app.entries if e.at >= pressed and isinstance(e.event, LinkUp)]
+        summary = await asyncio.to_thread(received, url)
+    assert summary["store_count"] == {stored.message_id: 1}
+    print(f"\nstored while the network was up: delivered {delivered_after:.2f} s after it was stored")
 
 
 async def test_the_operators_cue_replaces_the_shipped_one(open_app: OpenApp, stack: LocalStack,

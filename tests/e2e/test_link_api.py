@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from kiosk.dev.stack import LinkHarness, LocalStack
 from kiosk.events import ApiRefused, LinkLost, RefusalReason, SessionOpened
 from kiosk.settings import SessionProfile
+from kiosk_dev.stack import LinkHarness, LocalStack
 
 pytestmark = [pytest.mark.livekit, pytest.mark.timeout(60)]
 

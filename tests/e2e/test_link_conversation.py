@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 import numpy as np
 import pytest
 
-from kiosk.dev.agent import DEFAULT_ANSWER
-from kiosk.dev.speech import SENTENCES, espeak
-from kiosk.dev.stack import LinkHarness, LocalStack, feed
 from kiosk.events import AgentState, AgentStateChanged
 from kiosk.settings import SessionSource
+from kiosk_dev.agent import DEFAULT_ANSWER
+from kiosk_dev.speech import SENTENCES, espeak
+from kiosk_dev.stack import LinkHarness, LocalStack, feed
 
 pytestmark = [pytest.mark.livekit, pytest.mark.slow, pytest.mark.timeout(120)]
 

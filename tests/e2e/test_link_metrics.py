@@ -7,12 +7,12 @@ import asyncio
 import aiohttp
 import pytest
 
-from kiosk.dev.agent import DEFAULT_ANSWER
-from kiosk.dev.speech import SENTENCES, espeak
-from kiosk.dev.stack import LinkHarness, LocalStack
 from kiosk.events import AgentState, AgentStateChanged
 from kiosk.metrics import MetricsServer, credit_burn_per_talk_minute
 from kiosk.settings import MetricsSettings
+from kiosk_dev.agent import DEFAULT_ANSWER
+from kiosk_dev.speech import SENTENCES, espeak
+from kiosk_dev.stack import LinkHarness, LocalStack
 
 QUESTION = espeak(SENTENCES[0], "en-us")
 

@@ -8,8 +8,6 @@ from collections.abc import AsyncIterator
 import pytest
 from livekit import rtc
 
-from kiosk.dev.speech import SENTENCES, espeak
-from kiosk.dev.stack import LinkHarness, LocalStack
 from kiosk.events import (
     AgentState,
     ApiRefused,
@@ -20,6 +18,8 @@ from kiosk.events import (
     SessionClosed,
     SessionOpened,
 )
+from kiosk_dev.speech import SENTENCES, espeak
+from kiosk_dev.stack import LinkHarness, LocalStack
 
 QUESTION = espeak(SENTENCES[0], "en-us")
 

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from kiosk.audio.devices import list_devices, match_device, sound_fingerprint
-from kiosk.dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE, MIC_DEVICE, SPEAKER_DEVICE, PulseServer
 from kiosk.errors import DeviceError
+from kiosk_dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE, MIC_DEVICE, SPEAKER_DEVICE, PulseServer
 
 pytestmark = pytest.mark.pulse
 

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from kiosk.audio.engine import AudioEngine
-from kiosk.dev.behaviour import EventRecorder as Recorder
-from kiosk.dev.pulse import ARRAY_DEVICE, PulseServer
-from kiosk.dev.speech import espeak, normalise
-from kiosk.dev.virtual_room import VirtualRoom
 from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStarted, VoiceStarted
 from kiosk.ports import Pcm
 from kiosk.settings import Settings, load_settings
+from kiosk_dev.behaviour import EventRecorder as Recorder
+from kiosk_dev.pulse import ARRAY_DEVICE, PulseServer
+from kiosk_dev.speech import espeak, normalise
+from kiosk_dev.virtual_room import VirtualRoom
 
 pytestmark = [pytest.mark.pulse, pytest.mark.slow]
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from kiosk.audio.io import AudioIO
-from kiosk.dev.pulse import ARRAY_DEVICE, MIC_DEVICE, SPEAKER_DEVICE, PulseServer
-from kiosk.dev.virtual_room import VirtualRoom
 from kiosk.settings import AudioSettings
+from kiosk_dev.pulse import ARRAY_DEVICE, MIC_DEVICE, SPEAKER_DEVICE, PulseServer
+from kiosk_dev.virtual_room import VirtualRoom
 
 # One rerun: through the sound server's two streams the echo path can step in the middle of a burst, and the
 # pulse ALSA plugin occasionally stops a duplex stream with a poll error (both measured, docs/audio-io.md);

@@ -9,7 +9,6 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from kiosk.bus import EventBus
-from kiosk.dev.behaviour import Rig
 from kiosk.effects import CloseSession, InterruptAgent, OpenSession, SpeakStatus, StartPublishing
 from kiosk.events import (
     AgentState,
@@ -31,6 +30,7 @@ from kiosk.events import (
     VoiceStopped,
 )
 from kiosk.settings import InteractionMode, InteractionSettings
+from kiosk_dev.behaviour import Rig
 
 MakeRig = Callable[..., Awaitable[Rig]]
 GREEN = (0.0, 1.0, 0.0)
@@ -322,9 +322,9 @@ async def test_controller_consumes_the_bus_it_is_given_even_when_empty() -> None
     # that the audio engine and the panel already post into.
     from kiosk.clock import LoopClock
     from kiosk.controller import Controller
-    from kiosk.dev.behaviour import SimulatedAudio, SimulatedRoom
     from kiosk.events import Started
     from kiosk.state import Phase, Policy
+    from kiosk_dev.behaviour import SimulatedAudio, SimulatedRoom
 
     bus = EventBus()
     clock = LoopClock()

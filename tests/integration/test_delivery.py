@@ -1,7 +1,7 @@
 """Delivery to a stand-in endpoint (real aiohttp over real sockets) that fails, times out and acks twice.
 
 The last test runs the offline flow in a private network namespace joined to the endpoint's namespace by
-a veth pair (``kiosk.dev.netns``; this file is the scenario when run as a script): the link is down, the
+a veth pair (``kiosk_dev.netns``; this file is the scenario when run as a script): the link is down, the
 policy says offline, messages are recorded and stored, the probe sees the endpoint come back and posts
 LinkUp, delivery starts, and the link is taken down and up again during delivery. No message may be
 lost or stored twice at the endpoint.
@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
-from kiosk.dev.fallback_fixtures import RunningEndpoint
-from kiosk.dev.message_endpoint import MessageEndpoint
 from kiosk.fallback.delivery import Deliverer, Uploader, deliver_pass
 from kiosk.fallback.spool import Spool
 from kiosk.link.backoff import Backoff
+from kiosk_dev.message_endpoint import MessageEndpoint
 
 if TYPE_CHECKING:
-    from kiosk.dev.netns import PrivateNetwork
+    from fixtures.fallback import RunningEndpoint
+    from kiosk_dev.netns import PrivateNetwork
 
 TOKEN = "device-secret"
 
@@ -140,6 +140,10 @@ async def test_service_wiring_store_wakes_delivery(spool: Spool, message_endpoin
         message_endpoint.script(["fail"])
         message_id = await spool.store_recording(Recording(speech_like(90, 1.5), 1.5))
         await wait_until_empty(spool, 10)  # woken by the store, not by the idle check
+        for _ in range(200):  # the pass reports a moment after its last delete (at most 10 s)
+            if len(passes) >= 2:
+                break
+            await asyncio.sleep(0.05)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -150,7 +154,7 @@ async def test_service_wiring_store_wakes_delivery(spool: Spool, message_endpoin
 def test_staff_deliver_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                capsys: pytest.CaptureFixture[str]) -> None:
     from kiosk.__main__ import main
-    from kiosk.dev.message_endpoint import endpoint_in_thread
+    from kiosk_dev.message_endpoint import endpoint_in_thread
 
     monkeypatch.setattr("kiosk.__main__.setup_logging", lambda level: None)  # keep pytest's log capture
     with Spool(tmp_path) as spool:
@@ -174,11 +178,11 @@ def test_staff_deliver_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 # ---------------------------------------------------------------------- private network namespace
 def start_endpoint_across_veth() -> tuple[PrivateNetwork, subprocess.Popen[str], str]:
     """Enter a private network (main thread, before any loop) and start the endpoint across the veth."""
-    from kiosk.dev.netns import enter_private_network
+    from kiosk_dev.netns import enter_private_network
 
     network = enter_private_network()
     server = subprocess.Popen(network.server_command(
-        [sys.executable, "-m", "kiosk.dev.message_endpoint", "--host", network.server_ip, "--port", "8099",
+        [sys.executable, "-m", "kiosk_dev.message_endpoint", "--host", network.server_ip, "--port", "8099",
          "--token", TOKEN, "--slow-seconds", "1", "--faults", "fail,ok,slow_after_store,ok,drop_after_store"]),
         stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
@@ -190,9 +194,9 @@ async def scenario(spool_dir: Path, network: PrivateNetwork, url: str) -> dict[s
     import aiohttp
 
     from kiosk.audio.cues import load_cue
-    from kiosk.dev.speech import espeak
     from kiosk.events import ApiRefused, LinkUp, RefusalReason
     from kiosk.fallback.offline import ConnectivityPolicy, Probe, http_check
+    from kiosk_dev.speech import espeak
 
     network.set_link(False)  # the outage: the veth is down before the kiosk looks
     policy = ConnectivityPolicy()

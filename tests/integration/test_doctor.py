@@ -22,10 +22,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kiosk import doctor
-from kiosk.dev.roomsim import render_echo, room_impulse_response, white_noise
-from kiosk.doctor import Report, Status
+from kiosk import doctor, health
+from kiosk.audio import doctor as audio_doctor
+from kiosk.checks import Check, Recommendation, Report
+from kiosk.checks import Verdict as Status
+from kiosk.fallback import doctor as disk_doctor
+from kiosk.link import doctor as link_doctor
 from kiosk.settings import Settings
+from kiosk_dev.roomsim import render_echo, room_impulse_response, white_noise
 
 KIOSK = [sys.executable, "-m", "kiosk"]
 RATE_HZ = 16000
@@ -39,7 +43,7 @@ def _recording(echo_gain: float, noise_dbfs: float, delay_ms: float = 60.0, seed
                start_ms: float = 120.0) -> Pair:
     """(microphone, reference) as the audio engine pairs them while the doctor plays its stimulus in the
     virtual room; the playout starts ``start_ms`` after the capture, as when the streams open."""
-    stimulus = doctor.make_stimulus(RATE_HZ)[0]
+    stimulus = audio_doctor.make_stimulus(RATE_HZ)[0]
     start = int(start_ms * RATE_HZ / 1000)
     total = start + len(stimulus) + int(1.3 * RATE_HZ)
     ref = np.zeros(total, dtype=np.float32)
@@ -49,12 +53,12 @@ def _recording(echo_gain: float, noise_dbfs: float, delay_ms: float = 60.0, seed
     return np.asarray(echo + noise, dtype=np.float32), ref
 
 
-def _measure(pair: Pair, backend: str = "webrtc") -> doctor.LoopbackFigures:
+def _measure(pair: Pair, backend: str = "webrtc") -> audio_doctor.LoopbackFigures:
     mic, ref = pair
     settings = Settings(aec={"backend": backend})
-    figures = doctor.analyse_loopback(mic, ref, 1000.0)
+    figures = audio_doctor.analyse_loopback(mic, ref, 1000.0)
     if figures.heard:
-        doctor.measure_erle(mic, ref, settings, figures)
+        audio_doctor.measure_erle(mic, ref, settings, figures)
     return figures
 
 
@@ -64,8 +68,8 @@ def test_quiet_booth_with_a_working_canceller_is_hands_free() -> None:
     # The bulk delay plus the room's direct path (15 cm and the response's onset: a few ms).
     assert 60.0 <= figures.delay_ms <= 66.0
     assert figures.noise_floor_dbfs == pytest.approx(-60.0, abs=1.0)
-    assert figures.erle_db is not None and figures.erle_db >= doctor.HANDS_FREE_ERLE_DB
-    assert doctor.recommend(figures, 400.0).mode == "hands_free"
+    assert figures.erle_db is not None and figures.erle_db >= audio_doctor.HANDS_FREE_ERLE_DB
+    assert audio_doctor.recommend(figures, 400.0).mode == "hands_free"
 
 
 def test_speex_backend_is_measured_too() -> None:
@@ -78,55 +82,55 @@ def test_speex_backend_is_measured_too() -> None:
 def test_no_canceller_means_push_to_talk() -> None:
     figures = _measure(_recording(echo_gain=0.5, noise_dbfs=-60.0), backend="none")
     assert figures.erle_db is not None and abs(figures.erle_db) < 1.0
-    rec = doctor.recommend(figures, 400.0)
+    rec = audio_doctor.recommend(figures, 400.0)
     assert rec.mode == "push_to_talk" and rec.settings["interaction.barge_in"] is False
 
 
 def test_loud_floor_means_headset_only() -> None:
     figures = _measure(_recording(echo_gain=0.5, noise_dbfs=-30.0))
-    assert figures.noise_floor_dbfs >= doctor.LOUD_FLOOR_DBFS
-    assert doctor.recommend(figures, 400.0).mode == "headset_only"
+    assert figures.noise_floor_dbfs >= audio_doctor.LOUD_FLOOR_DBFS
+    assert audio_doctor.recommend(figures, 400.0).mode == "headset_only"
 
 
 def test_unheard_speaker_cannot_verify_the_echo_path() -> None:
     figures = _measure(_recording(echo_gain=0.0, noise_dbfs=-60.0))
     assert not figures.heard and figures.delay_ms is None and figures.erle_db is None
-    assert doctor.recommend(figures, 400.0).mode == "push_to_talk"
-    checks = doctor.loopback_checks(figures, 400.0)
+    assert audio_doctor.recommend(figures, 400.0).mode == "push_to_talk"
+    checks = audio_doctor.loopback_checks(figures, 400.0)
     assert [c.status for c in checks] == [Status.WARN]
 
 
 def test_clipping_and_late_echo_are_reported() -> None:
     clipped = _measure(_recording(echo_gain=4.0, noise_dbfs=-60.0))
-    assert clipped.clipped and doctor.recommend(clipped, 400.0).mode == "push_to_talk"
+    assert clipped.clipped and audio_doctor.recommend(clipped, 400.0).mode == "push_to_talk"
     late = _measure(_recording(echo_gain=0.5, noise_dbfs=-60.0, delay_ms=600.0))
     assert late.delay_ms is not None and late.delay_ms > 400.0
-    assert doctor.recommend(late, 400.0).mode == "push_to_talk"
-    echo_path = doctor.loopback_checks(late, 400.0)[0]
+    assert audio_doctor.recommend(late, 400.0).mode == "push_to_talk"
+    echo_path = audio_doctor.loopback_checks(late, 400.0)[0]
     assert echo_path.status is Status.WARN and echo_path.fix and "max_delay_ms" in echo_path.fix
 
 
 def test_a_capture_dropping_blocks_cannot_verify_the_echo_path() -> None:
     figures = _measure(_recording(echo_gain=0.5, noise_dbfs=-60.0))
-    assert doctor.recommend(figures, 400.0).mode == "hands_free"
+    assert audio_doctor.recommend(figures, 400.0).mode == "hands_free"
     figures.capture_rate = 0.7
-    assert doctor.recommend(figures, 400.0).mode == "push_to_talk"
-    assert "capture rate" in {c.name for c in doctor.loopback_checks(figures, 400.0)}
+    assert audio_doctor.recommend(figures, 400.0).mode == "push_to_talk"
+    assert "capture rate" in {c.name for c in audio_doctor.loopback_checks(figures, 400.0)}
 
 
 # ---------------------------------------------------------------------------- live, real devices
-# The shared private PulseAudio server (kiosk.dev.pulse) and the live virtual room (kiosk.dev.virtual_room):
+# The shared private PulseAudio server (kiosk_dev.pulse) and the live virtual room (kiosk_dev.virtual_room):
 # "kiosk_array" plays into the speaker sink and records the room sink's monitor, named like the real
 # card's PCM (hw/asound.conf); the room simulator returns the speaker's output through a room response
 # with a bulk delay, plus background noise. The doctor records through the kiosk's own AudioIO.
 PULSE_AUDIO = {"capture_device": "kiosk_array", "playback_device": "kiosk_array"}
 
 
-def _live(server: Any, **room: Any) -> tuple[list[doctor.Check], doctor.Recommendation, str]:
-    from kiosk.dev.virtual_room import VirtualRoom
+def _live(server: Any, **room: Any) -> tuple[list[Check], Recommendation, str]:
+    from kiosk_dev.virtual_room import VirtualRoom
 
     with VirtualRoom(server, seed=3, delay_ms=40.0, **room):
-        checks, recommendation = doctor.check_audio(Settings(audio=PULSE_AUDIO))
+        checks, recommendation = audio_doctor.check_audio(Settings(audio=PULSE_AUDIO))
     text = Report(checks, recommendation).to_text()
     print(text)
     return checks, recommendation, text
@@ -147,8 +151,8 @@ def test_live_loopback_through_real_devices(pulse_devices: Any) -> None:
     assert "echo canceller" in by_name
     # Through the pulse plugin the delay and the capture rate vary from run to run (docs/appliance.md);
     # whatever they were, the recommendation is the one the figures call for.
-    figures = doctor.LoopbackFigures(**echo.figures)
-    assert recommendation == doctor.recommend(figures, Settings().aec.max_delay_ms)
+    figures = audio_doctor.LoopbackFigures(**echo.figures)
+    assert recommendation == audio_doctor.recommend(figures, Settings().aec.max_delay_ms)
     assert recommendation.mode in ("hands_free", "push_to_talk")
 
 
@@ -173,7 +177,7 @@ def test_live_loud_room_means_headset_only(pulse_devices: Any) -> None:
 @pytest.mark.pulse
 def test_missing_device_fails_and_skips_the_measurement(pulse_devices: Any) -> None:
     pulse_devices.unplug("array")  # the USB array pulled out: its PCMs leave the ALSA configuration
-    checks, recommendation = doctor.check_audio(Settings(audio=PULSE_AUDIO))
+    checks, recommendation = audio_doctor.check_audio(Settings(audio=PULSE_AUDIO))
     statuses = {c.name: c.status for c in checks}
     assert statuses["capture device"] is Status.FAIL and statuses["loopback"] is Status.SKIP
     assert Report(checks, recommendation).exit_status() == 1
@@ -188,7 +192,7 @@ def _settings(spool: Path, **spool_fields: Any) -> Settings:
 def test_disk_ok_on_a_real_directory(tmp_path: Path) -> None:
     spool = tmp_path / "spool"
     spool.mkdir()
-    checks = doctor.check_disk(_settings(spool, min_free_mb=1))
+    checks = disk_doctor.check_disk(_settings(spool, min_free_mb=1))
     assert [c.status for c in checks] == [Status.OK, Status.OK, Status.OK], checks
     assert not list(spool.iterdir())  # the write probe cleans up after itself
     free = checks[0].figures["free_mb"]
@@ -196,7 +200,7 @@ def test_disk_ok_on_a_real_directory(tmp_path: Path) -> None:
 
 
 def test_disk_too_full_fails(tmp_path: Path) -> None:
-    checks = doctor.check_disk(_settings(tmp_path, min_free_mb=10**9))
+    checks = disk_doctor.check_disk(_settings(tmp_path, min_free_mb=10**9))
     assert checks[0].status is Status.FAIL and checks[0].fix
     assert Report(checks).exit_status() == 1
 
@@ -204,15 +208,15 @@ def test_disk_too_full_fails(tmp_path: Path) -> None:
 def test_spool_on_tmpfs_or_read_only_fails(tmp_path: Path) -> None:
     mounts = tmp_path / "mounts"
     mounts.write_text(f"/dev/root / ext4 rw 0 0\ntmpfs {tmp_path} tmpfs rw,nosuid 0 0\n")
-    persistence = doctor.check_disk(_settings(tmp_path, min_free_mb=1), mounts)[1]
+    persistence = disk_doctor.check_disk(_settings(tmp_path, min_free_mb=1), mounts)[1]
     assert persistence.status is Status.FAIL and "reboot" in persistence.summary
     mounts.write_text(f"/dev/root / ext4 rw 0 0\n/dev/sda3 {tmp_path} ext4 ro,relatime 0 0\n")
-    persistence = doctor.check_disk(_settings(tmp_path, min_free_mb=1), mounts)[1]
+    persistence = disk_doctor.check_disk(_settings(tmp_path, min_free_mb=1), mounts)[1]
     assert persistence.status is Status.FAIL and "read-only" in persistence.summary
 
 
 def test_missing_spool_is_a_warning(tmp_path: Path) -> None:
-    checks = doctor.check_disk(_settings(tmp_path / "not" / "yet", min_free_mb=1))
+    checks = disk_doctor.check_disk(_settings(tmp_path / "not" / "yet", min_free_mb=1))
     assert checks[2].status is Status.WARN and Report(checks).exit_status() == 0
     assert Report(checks).exit_status(strict=True) == 1
 
@@ -227,7 +231,7 @@ def _sysfs(tmp_path: Path, state: str | None, timeout: str = "15") -> Path:
     return tmp_path
 
 
-def _runner(unit: str | None, runtime: str | None) -> doctor.Runner:
+def _runner(unit: str | None, runtime: str | None) -> health.Runner:
     def run(args: Any) -> str | None:
         return unit if "kiosk.service" in args else runtime
     return run
@@ -245,21 +249,21 @@ def _runner(unit: str | None, runtime: str | None) -> doctor.Runner:
 ])
 def test_watchdog(tmp_path: Path, unit: str | None, runtime: str | None, state: str | None,
                   expected: tuple[Status, Status]) -> None:
-    checks = doctor.check_watchdog({}, _runner(unit, runtime), _sysfs(tmp_path, state))
+    checks = health.check_watchdog({}, _runner(unit, runtime), _sysfs(tmp_path, state))
     assert (checks[0].status, checks[1].status) == expected, checks
 
 
 def test_watchdog_seen_from_inside_the_service(tmp_path: Path) -> None:
-    checks = doctor.check_watchdog({"WATCHDOG_USEC": "10000000"}, _runner(None, None), tmp_path)
+    checks = health.check_watchdog({"WATCHDOG_USEC": "10000000"}, _runner(None, None), tmp_path)
     assert checks[0].status is Status.OK and checks[0].figures["watchdog_seconds"] == 10.0
 
 
 def test_systemd_time_values() -> None:
-    assert doctor._usec("10000000") == 10.0
-    assert doctor._usec("1min 30s") == 90.0
-    assert doctor._usec("100ms") == 0.1
-    assert doctor._usec("infinity") == float("inf")
-    assert doctor._usec("") is None and doctor._usec("soon") is None
+    assert health._usec("10000000") == 10.0
+    assert health._usec("1min 30s") == 90.0
+    assert health._usec("100ms") == 0.1
+    assert health._usec("infinity") == float("inf")
+    assert health._usec("") is None and health._usec("soon") is None
 
 
 # ------------------------------------------------------------------------------- command line
@@ -342,17 +346,17 @@ def test_credential_read_from_the_provisioned_file(tmp_path: Path) -> None:
     cred = tmp_path / "device-credential"
     cred.write_text("dev-cred-9\n")
     settings = Settings(session={"api_url": f"http://127.0.0.1:{_closed_port()}", "retry_attempts": 1})
-    checks = {c.name: c for c in doctor.check_network(settings, open_session=False, credential_file=cred)}
+    checks = {c.name: c for c in link_doctor.check_network(settings, open_session=False, credential_file=cred)}
     assert checks["device credential"].status is Status.OK
     assert checks["session API"].status is Status.FAIL
     empty = tmp_path / "empty"
     empty.write_text("")  # what tmpfiles leaves before provisioning
-    checks = {c.name: c for c in doctor.check_network(settings, open_session=False, credential_file=empty)}
+    checks = {c.name: c for c in link_doctor.check_network(settings, open_session=False, credential_file=empty)}
     assert checks["device credential"].status is Status.FAIL
 
 
 async def test_session_api_catalog_and_a_failing_livekit_connect() -> None:
-    from kiosk.dev.session_stub import SessionStub
+    from kiosk_dev.session_stub import SessionStub
 
     # A real HTTP stand-in; its LiveKit URL points at a port nobody listens on.
     stub = SessionStub(f"ws://127.0.0.1:{_closed_port()}", "devkey", "devsecret-devsecret-devsecret-0123",
@@ -360,7 +364,7 @@ async def test_session_api_catalog_and_a_failing_livekit_connect() -> None:
     url = await stub.start()
     try:
         settings = Settings(session={"api_url": url, "credential": "cred-1", "request_timeout_seconds": 2})
-        checks = await doctor._network(settings, open_session=True)
+        checks = await link_doctor._network(settings, open_session=True)
         by_name = {c.name: c for c in checks}
         assert by_name["device credential"].status is Status.OK
         assert by_name["catalog gpt-realtime"].status is Status.OK
@@ -368,14 +372,14 @@ async def test_session_api_catalog_and_a_failing_livekit_connect() -> None:
         assert by_name["LiveKit connect"].status is Status.FAIL
 
         stub.set_model_status("gpt-realtime", "maintenance")
-        checks = await doctor._network(settings, open_session=False)
+        checks = await link_doctor._network(settings, open_session=False)
         by_name = {c.name: c for c in checks}
         assert by_name["catalog gpt-realtime"].status is Status.WARN
         assert "maintenance" in by_name["catalog gpt-realtime"].summary
         assert by_name["LiveKit connect"].status is Status.SKIP
 
         unprovisioned = Settings(session={"api_url": url})
-        checks = await doctor._network(unprovisioned, open_session=False)
+        checks = await link_doctor._network(unprovisioned, open_session=False)
         assert next(c for c in checks if c.name == "device credential").status is Status.FAIL
     finally:
         await stub.aclose()
@@ -385,14 +389,14 @@ async def test_session_api_catalog_and_a_failing_livekit_connect() -> None:
 @pytest.mark.slow
 def test_network_against_the_local_stack(stack: Any) -> None:
     settings = Settings(session=stack.session_settings())
-    report = Report(doctor.check_network(settings, open_session=True))
+    report = Report(link_doctor.check_network(settings, open_session=True))
     print(report.to_text())
     by_name = {c.name: c for c in report.checks}
     assert by_name["LiveKit connect"].status is Status.OK, report.to_text()
     assert report.exit_status() == 0
     stack.network.set_link(False)
     try:
-        down = Report(doctor.check_network(settings, open_session=True))
+        down = Report(link_doctor.check_network(settings, open_session=True))
     finally:
         stack.network.set_link(True)
     assert down.exit_status() == 1

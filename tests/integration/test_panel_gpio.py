@@ -136,7 +136,7 @@ async def test_a_pin_held_by_someone_else_is_a_device_error(mock_pin_factory: An
 
 # ------------------------------------------------------------------------------------ virtual panel
 async def test_keyboard_space_auto_repeat_holds_then_releases(mock_pin_factory: Any) -> None:
-    from kiosk.panel.terminal import KeyboardControl, VirtualPanel
+    from kiosk_dev.terminal import KeyboardControl, VirtualPanel
 
     events: list[Event] = []
     loop = asyncio.get_running_loop()
@@ -192,7 +192,7 @@ def test_doctor_non_interactive(mock_pin_factory: Any) -> None:
 
     settings = Settings(panel=PanelSettings(cancel_button=ButtonSpec(pin=27)))
     results = check_gpio(settings, interactive=False, pin_factory=mock_pin_factory, blink_seconds=0.01)
-    assert [r.ok for r in results] == [True, True, True, True]
+    assert [r.status.value for r in results] == ["ok", "ok", "ok", "ok"]
     assert [r.name for r in results][1:] == ["led[0] (rgb on GPIO 22, 23, 24)", "talk button (GPIO 17)",
                                              "cancel button (GPIO 27)"]
     assert [s.state for s in mock_pin_factory.pin(23).states].count(1.0) == 1  # green lit once
@@ -215,16 +215,42 @@ def test_doctor_interactive_waits_for_each_button(mock_pin_factory: Any) -> None
     results = check_gpio(settings, interactive=True, pin_factory=mock_pin_factory, ask=lambda q: "n", say=say,
                          button_timeout_seconds=0.5, blink_seconds=0.01)
     by_name = {r.name.split(" (")[0]: r for r in results}
-    assert by_name["talk button"].ok and by_name["talk button"].detail == "press and release seen"
-    assert not by_name["cancel button"].ok and "no press within" in by_name["cancel button"].detail
-    assert not by_name["led[0]"].ok and "active_high" in by_name["led[0]"].detail
+    assert by_name["talk button"].status == "ok" and by_name["talk button"].summary == "press and release seen"
+    assert by_name["cancel button"].status == "fail" and "no press within" in by_name["cancel button"].summary
+    assert by_name["led[0]"].status == "fail" and "active_high" in by_name["led[0]"].summary
 
 
 def test_doctor_reports_a_broken_pin_factory() -> None:
     from kiosk.panel.doctor import check_gpio
 
     results = check_gpio(PanelSettings(pin_factory="quantum"), interactive=False)
-    assert len(results) == 1 and not results[0].ok and "not a gpiozero pin factory" in results[0].detail
+    assert len(results) == 1 and results[0].status == "fail" and "not a gpiozero pin factory" in results[0].summary
+    assert results[0].fix is not None and "panel.pin_factory" in results[0].fix
+
+
+def test_doctor_folds_gpiozero_fallback_warnings_into_the_check(monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Off a Pi, gpiozero warns once per pin factory it cannot load; the report says so in one line."""
+    import warnings
+
+    from gpiozero import Device
+    from gpiozero.exc import PinFactoryFallback
+    from gpiozero.pins.mock import MockFactory
+
+    from kiosk.panel.doctor import check_gpio
+
+    def fallback() -> MockFactory:
+        warnings.warn(PinFactoryFallback("Falling back from lgpio: No module named 'lgpio'"), stacklevel=1)
+        return MockFactory()
+
+    monkeypatch.delenv("GPIOZERO_PIN_FACTORY", raising=False)
+    monkeypatch.setattr(Device, "_default_pin_factory", staticmethod(fallback))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning escaping the check would fail the test
+        results = check_gpio(PanelSettings(), interactive=False, blink_seconds=0.01)
+    assert results[0].name == "pin factory" and results[0].status == "ok"
+    assert "Falling back from lgpio" in results[0].summary and "MockFactory" in results[0].summary
+    assert "Falling back" not in capsys.readouterr().err
 
 
 def test_mock_factory_from_the_environment_can_dim(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,9 +9,6 @@ import pytest
 
 from kiosk.audio.engine import AudioEngine
 from kiosk.audio.route import RouteManager
-from kiosk.dev.behaviour import EventRecorder as Recorder
-from kiosk.dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE, HEADSET_MIC_SINK, PulseServer
-from kiosk.dev.speech import espeak, normalise
 from kiosk.events import (
     DeviceFound,
     DeviceLost,
@@ -22,6 +19,9 @@ from kiosk.events import (
     VoiceStarted,
 )
 from kiosk.settings import load_settings
+from kiosk_dev.behaviour import EventRecorder as Recorder
+from kiosk_dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE, HEADSET_MIC_SINK, PulseServer
+from kiosk_dev.speech import espeak, normalise
 
 pytestmark = [pytest.mark.pulse, pytest.mark.slow]
 

@@ -88,9 +88,9 @@ def run_child(spool_dir: Path, url: str, seed: int, kill_after_seconds: float | 
 
 @pytest.mark.slow
 def test_power_cuts_lose_no_confirmed_message(tmp_path: Path) -> None:
-    from kiosk.dev.message_endpoint import MessageEndpoint, endpoint_in_thread
     from kiosk.fallback.delivery import Uploader, deliver_pass
     from kiosk.fallback.spool import AUDIO_DIR, Spool
+    from kiosk_dev.message_endpoint import MessageEndpoint, endpoint_in_thread
 
     rng = random.Random(20261124)
     endpoint = MessageEndpoint(token=TOKEN, slow_seconds=0.5)

@@ -7,9 +7,9 @@ import pytest
 
 from kiosk.audio import aec
 from kiosk.audio.format import to_int16
-from kiosk.bench.aec import sdr_db
-from kiosk.dev import roomsim
 from kiosk.settings import AecBackend, AecSettings
+from kiosk_dev import roomsim
+from kiosk_dev.bench.aec import sdr_db
 
 RATE = 16000
 
@@ -231,7 +231,7 @@ def test_bench_sdr_forgives_a_fixed_filter_but_not_ducking() -> None:
 
 
 def test_bench_convergence_time() -> None:
-    from kiosk.bench.aec import convergence_seconds
+    from kiosk_dev.bench.aec import convergence_seconds
 
     mic = np.ones(RATE * 6)
     out = np.where(np.arange(len(mic)) < int(1.3 * RATE), 0.5, 0.01)  # 6 dB, then 40 dB from 1.3 s

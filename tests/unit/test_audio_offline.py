@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 from scipy.io import wavfile
 
-from kiosk.audio.format import RATE_HZ, resample, to_int16
-from kiosk.audio.offline import write_wav
-from kiosk.dev import roomsim
+from kiosk.audio.format import RATE_HZ, resample, to_int16, write_wav
+from kiosk_dev import roomsim
 
 VISITOR = (3.0, 6.0)
 

@@ -5,26 +5,14 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 
+from kiosk.audio.aec import PassThrough
 from kiosk.audio.format import FRAME_SAMPLES, frames, to_int16
 from kiosk.audio.pipeline import CaptureChain
-from kiosk.dev import roomsim
 from kiosk.events import VoiceStarted, VoiceStopped
 from kiosk.settings import Settings
+from kiosk_dev import roomsim
 
 SPANS = [(4.0, 6.0), (9.0, 11.5), (14.0, 16.0)]
-
-
-class PassThrough:
-    """No echo cancellation: the output is the microphone."""
-
-    def process(self, near: np.ndarray, far: np.ndarray) -> np.ndarray:
-        return near
-
-    def reset(self) -> None:
-        return None
-
-    def stats(self) -> None:
-        return None
 
 
 @dataclass

@@ -5,10 +5,10 @@ import pytest
 
 from kiosk.audio.format import FRAME_SAMPLES
 from kiosk.audio.vad import Gate, Segmenter, WebRtcVoiceDetector, frame_level_dbfs
-from kiosk.bench.vad import Corpus, RawWebRtc, build_corpus, mix, run_detector, score, segments
-from kiosk.dev import roomsim
 from kiosk.events import VoiceStarted, VoiceStopped
 from kiosk.settings import Settings, VadSettings
+from kiosk_dev import roomsim
+from kiosk_dev.bench.vad import Corpus, RawWebRtc, build_corpus, mix, run_detector, score, segments
 
 
 def _run(flags: str, *, min_speech_ms: float, hangover_ms: float, finish: bool = False,
@@ -184,8 +184,8 @@ def test_distant_talker_is_not_the_visitor() -> None:
 
 def test_the_same_voice_close_by_is_detected() -> None:
     # The counterpart of the distant-talker test: the level floor must not cost the visitor at the kiosk.
-    from kiosk.dev.speech import corpus as speech_corpus
-    from kiosk.dev.speech import normalise
+    from kiosk_dev.speech import corpus as speech_corpus
+    from kiosk_dev.speech import normalise
 
     voice = normalise(speech_corpus(1)[0].audio, -32.0)  # a soft visitor, 6 dB under the usual level
     pcm = np.clip(np.rint(voice * 32768), -32768, 32767).astype(np.int16)
@@ -195,8 +195,8 @@ def test_the_same_voice_close_by_is_detected() -> None:
 
 @pytest.mark.parametrize("frame_ms", [20, 30])
 def test_longer_analysis_blocks_hold_their_decision(frame_ms: int) -> None:
-    from kiosk.dev.speech import corpus as speech_corpus
-    from kiosk.dev.speech import normalise
+    from kiosk_dev.speech import corpus as speech_corpus
+    from kiosk_dev.speech import normalise
 
     voice = normalise(speech_corpus(2)[1].audio, -26.0)
     audio = np.concatenate([np.zeros(8000, np.float32), voice])

@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 
 from kiosk.__main__ import main
-from kiosk.audio import cli
-from kiosk.audio.format import to_int16
-from kiosk.audio.offline import write_wav
-from kiosk.bench import BenchSection, TargetCheck, recordings, report
-from kiosk.dev import roomsim
+from kiosk.audio.format import to_int16, write_wav
 from kiosk.settings import Settings
+from kiosk_dev import roomsim
+from kiosk_dev.bench import BenchSection, TargetCheck, recordings, report
 
 WHEN = dt.datetime(2026, 5, 4, 12, 30, tzinfo=dt.UTC)
 MACHINE = {"cpu": "Test CPU", "cores": "2", "os": "Linux 6", "python": "3.11.7", "machine": "x86_64"}
@@ -79,29 +77,28 @@ def test_bench_audio_command_wires_parts_and_writes(tmp_path: Path, monkeypatch:
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     calls: list[str] = []
 
-    def fake_optional(module: str, settings: Settings, **kwargs: object) -> list[BenchSection] | str:
-        calls.append(module)
-        if module == "kiosk.bench.bargein":
-            return f"{module} is not available in this build"
-        return [BenchSection(title=f"from {module}", columns=["x"], rows=[[1]])]
+    def fake(part: str) -> object:
+        def run(settings: Settings, quick: bool = False) -> list[BenchSection]:
+            calls.append(part)
+            return [BenchSection(title=f"{part} quick={quick}", columns=["x"], rows=[[1]])]
+        return run
 
-    monkeypatch.setattr(cli, "_optional_run", fake_optional)
-    monkeypatch.setattr("kiosk.bench.vad.run", lambda settings, quick=False: [
-        BenchSection(title=f"vad quick={quick}", columns=["x"], rows=[[2]])])
+    for part in ("aec", "vad", "bargein"):
+        monkeypatch.setattr(f"kiosk_dev.bench.{part}.run", fake(part))
     config = tmp_path / "kiosk.toml"
     config.write_text("")
     out = tmp_path / "perf.md"
     assert main(["--config", str(config), "bench", "audio", "--quick", "--write", str(out)]) == 0
     text = out.read_text()
-    assert calls == ["kiosk.bench.aec", "kiosk.bench.bargein"]
-    assert text.index("### from kiosk.bench.aec") < text.index("### vad quick=True")
-    assert "live barge-in not measured" in text
+    assert calls == ["aec", "vad", "bargein"]
+    assert text.index("### aec quick=True") < text.index("### vad quick=True") < text.index("### bargein quick=True")
     assert "### vad quick=True" in capsys.readouterr().out
 
+    calls.clear()
     assert main(["--config", str(config), "bench", "audio", "--no-live", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [s["title"] for s in data["sections"]][:2] == ["from kiosk.bench.aec", "vad quick=False"]
-    assert calls[-1] == "kiosk.bench.aec"  # --no-live: the barge-in part is not even imported
+    assert [s["title"] for s in data["sections"]] == ["aec quick=False", "vad quick=False", "Not measured in this run"]
+    assert calls == ["aec", "vad"]
 
 
 def test_bench_audio_rejects_a_missing_recordings_directory(tmp_path: Path,

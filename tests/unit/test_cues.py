@@ -9,7 +9,7 @@ import pytest
 
 from kiosk.audio.cues import (
     CUE_NAMES,
-    SPOKEN,
+    SPOKEN_NAMES,
     TONES,
     CueError,
     check_directory,
@@ -18,6 +18,7 @@ from kiosk.audio.cues import (
     shipped_directory,
     tone,
 )
+from kiosk_dev.cues import SPOKEN
 
 
 def write(path: Path, samples: np.ndarray, rate_hz: int, width: int = 2, channels: int = 1) -> Path:
@@ -32,7 +33,8 @@ def write(path: Path, samples: np.ndarray, rate_hz: int, width: int = 2, channel
 
 def test_every_language_has_every_spoken_cue() -> None:
     for language, texts in SPOKEN.items():
-        assert set(texts) == set(SPOKEN["en"]), language
+        assert set(texts) == set(SPOKEN_NAMES), language
+        assert (shipped_directory() / language).is_dir(), f"render {language} with scripts/render-cues"
 
 
 @pytest.mark.parametrize("language", sorted(SPOKEN))
@@ -110,4 +112,5 @@ def test_unknown_cue_is_an_error() -> None:
 def test_every_cue_the_state_machine_asks_for_exists() -> None:
     from kiosk.effects import Cue
 
-    assert {c.value for c in Cue} <= set(CUE_NAMES)
+    assert {c.value for c in Cue} == set(CUE_NAMES)
+    assert set(TONES) <= set(CUE_NAMES)

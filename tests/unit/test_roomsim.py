@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kiosk.dev import roomsim
+from kiosk_dev import roomsim
 
 
 def test_rir_is_deterministic_and_normalised() -> None:

@@ -10,10 +10,10 @@ import pytest
 from livekit import api
 from pydantic import SecretStr
 
-from kiosk.dev.session_stub import FailMode, SessionStub
 from kiosk.events import RefusalReason
 from kiosk.link.session_api import SessionApi, SessionRefused, parse_retry_after
 from kiosk.settings import SessionProfile, SessionSettings, SessionSource
+from kiosk_dev.session_stub import FailMode, SessionStub
 
 KEY, SECRET = "devkey", "a-test-secret-of-at-least-thirty-two-chars"
 CREDENTIAL = "test-device-credential"

@@ -7,14 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kiosk.audio.format import encode_wav
 from kiosk.fallback.spool import (
     AUDIO_DIR,
     INDEX_NAME,
     MessageState,
     Spool,
     SpoolError,
-    decode_wav,
-    encode_wav,
+    decode_message,
 )
 
 DAY = 86400.0
@@ -196,10 +196,12 @@ def test_retention_by_free_space_and_full_spool(tmp_path: Path) -> None:
 
 def test_decode_rejects_other_formats() -> None:
     with pytest.raises(SpoolError):
-        decode_wav(b"RIFF....WAVEfmt ")
+        decode_message(b"RIFF....WAVEfmt ")
     wav = encode_wav(speech(40, 0.1))
     with pytest.raises(SpoolError):
-        decode_wav(wav[:-2])
+        decode_message(wav[:-2])
+    with pytest.raises(SpoolError):
+        decode_message(encode_wav(speech(40, 0.1), rate_hz=8000))
 
 
 def test_export_and_stats(tmp_path: Path) -> None:

@@ -72,11 +72,11 @@ EVENTS: list[Event] = [
     *(ApiRefused(r) for r in RefusalReason),
     *(AgentStateChanged(a) for a in AgentState),
     PlaybackStarted(), PlaybackFinished(),
-    *(CueFinished(c.value) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START)),
+    *(CueFinished(c) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START)),
     LinkUp(), LinkLost("down"), LinkReconnecting(),
     DeviceLost("array"), DeviceFound("array"), HeadsetPlugged(), HeadsetUnplugged(),
     *(RouteChanged(r, v) for r in Route for v in (True, False)),
-    *(TimerExpired(t.value) for t in Timer),
+    *(TimerExpired(t) for t in Timer),
     RecordingStored("m1"), RecordingFailed("disk"),
     ErrorOccurred("boom", "it broke"),
 ]
@@ -354,11 +354,11 @@ def test_refusal_says_why_then_a_press_records_a_message(reason: RefusalReason, 
     assert fx[-3:] == [PlayCue(cue), PlayCue(Cue.LEAVE_MESSAGE), ShowPattern(pattern)]
     s, fx = run(s, ButtonPressed())
     assert s.phase is Phase.OFFLINE and fx == []  # a press while the message plays does nothing
-    s, _ = run(s, ButtonReleased(), CueFinished(cue.value), CueFinished(Cue.LEAVE_MESSAGE.value))
+    s, _ = run(s, ButtonReleased(), CueFinished(cue), CueFinished(Cue.LEAVE_MESSAGE))
     assert s.message is MessageStep.OFFERED
     s, fx = run(s, ButtonPressed(), ButtonReleased())
     assert s.phase is Phase.RECORDING_MESSAGE and PlayCue(Cue.RECORDING_TONE) in fx and StartRecording() not in fx
-    s, fx = run(s, CueFinished(Cue.RECORDING_TONE.value))
+    s, fx = run(s, CueFinished(Cue.RECORDING_TONE))
     assert StartRecording() in fx and StartTimer(Timer.MAX_MESSAGE, 60.0) in fx
     s, fx = run(s, VoiceStarted(), VoiceStopped())
     assert StopRecording(keep=True) in fx and s.message is MessageStep.SAVING
@@ -372,7 +372,7 @@ def test_message_ends_at_max_length_and_failure_is_said() -> None:
     assert s.phase is Phase.OFFLINE
     s, fx = run(s, ButtonPressed())
     assert fx == [PlayCue(Cue.OFFLINE), PlayCue(Cue.LEAVE_MESSAGE)]
-    s, _ = run(s, CueFinished(Cue.LEAVE_MESSAGE.value), ButtonPressed(), CueFinished(Cue.RECORDING_TONE.value),
+    s, _ = run(s, CueFinished(Cue.LEAVE_MESSAGE), ButtonPressed(), CueFinished(Cue.RECORDING_TONE),
                VoiceStarted())
     s, fx = run(s, TimerExpired(Timer.MAX_MESSAGE))
     assert StopRecording(keep=True) in fx
@@ -381,18 +381,18 @@ def test_message_ends_at_max_length_and_failure_is_said() -> None:
 
 
 def test_silent_message_is_discarded_and_offer_expires() -> None:
-    s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE.value), ButtonPressed(),
-               CueFinished(Cue.RECORDING_TONE.value))
+    s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE), ButtonPressed(),
+               CueFinished(Cue.RECORDING_TONE))
     s, fx = run(s, TimerExpired(Timer.NO_SPEECH))
     assert StopRecording(keep=False) in fx and s.phase is Phase.OFFLINE
-    s, _ = run(s, ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE.value))
+    s, _ = run(s, ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE))
     s, _ = run(s, TimerExpired(Timer.MESSAGE_OFFER))
     assert s.message is MessageStep.NONE
 
 
 def test_link_up_returns_to_idle_and_recording_survives_it() -> None:
-    s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE.value), ButtonPressed(),
-               CueFinished(Cue.RECORDING_TONE.value), VoiceStarted())
+    s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE), ButtonPressed(),
+               CueFinished(Cue.RECORDING_TONE), VoiceStarted())
     s, fx = run(s, LinkUp())
     assert s.phase is Phase.RECORDING_MESSAGE and s.online and fx == []
     s, _ = run(s, VoiceStopped(), RecordingStored("m"))
@@ -426,8 +426,8 @@ def _representatives(mode: InteractionMode) -> list[tuple[str, KioskState]]:
     thinking, _ = run(listening, VoiceStopped(), ButtonReleased())
     speaking, _ = run(thinking, AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
     offline, _ = run(base, LinkLost())
-    offered, _ = run(offline, ButtonPressed(), ButtonReleased(), CueFinished(Cue.LEAVE_MESSAGE.value))
-    recording, _ = run(offered, ButtonPressed(), ButtonReleased(), CueFinished(Cue.RECORDING_TONE.value),
+    offered, _ = run(offline, ButtonPressed(), ButtonReleased(), CueFinished(Cue.LEAVE_MESSAGE))
+    recording, _ = run(offered, ButtonPressed(), ButtonReleased(), CueFinished(Cue.RECORDING_TONE),
                        VoiceStarted())
     saving, _ = run(recording, VoiceStopped())
     error, _ = run(base, ErrorOccurred("e"))
@@ -446,9 +446,9 @@ TABLE_EVENTS: list[Event] = [
     Started(), ButtonPressed(), ButtonReleased(), ButtonHeld(), ButtonPressed(Button.CANCEL), VoiceStarted(),
     VoiceStopped(), SessionOpened("s"), SessionClosed(), ApiRefused(RefusalReason.MAINTENANCE),
     AgentStateChanged(AgentState.SPEAKING), AgentStateChanged(AgentState.LISTENING), PlaybackStarted(),
-    PlaybackFinished(), CueFinished(Cue.LEAVE_MESSAGE.value), CueFinished(Cue.RECORDING_TONE.value), LinkUp(),
+    PlaybackFinished(), CueFinished(Cue.LEAVE_MESSAGE), CueFinished(Cue.RECORDING_TONE), LinkUp(),
     LinkLost(), DeviceLost(), DeviceFound(), RouteChanged(Route.HEADSET, False), RouteChanged(Route.NONE, False),
-    *(TimerExpired(t.value) for t in Timer), RecordingStored("m"), RecordingFailed("x"), ErrorOccurred("e"),
+    *(TimerExpired(t) for t in Timer), RecordingStored("m"), RecordingFailed("x"), ErrorOccurred("e"),
 ]
 
 

@@ -2,7 +2,7 @@
 
 The binary is ``livekit-server`` on PATH (an official release) or the pinned build that scripts/bootstrap
 caches as ``~/.cache/kiosk/bin/livekit-server-v1.13.5``. It runs inside the private network namespace
-(``kiosk.dev.netns``) and binds 127.0.0.1 plus the namespace's server address; health check ``GET /``.
+(``kiosk_dev.netns``) and binds 127.0.0.1 plus the namespace's server address; health check ``GET /``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from kiosk.dev.netns import SERVER_IF, SERVER_IP, PrivateNetwork
 from kiosk.errors import KioskError
+from kiosk_dev.netns import SERVER_IF, SERVER_IP, PrivateNetwork
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -66,10 +66,10 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
     out = out if out is not None else sys.stdout  # looked up at call time (a default would pin the import's)
     from kiosk.clock import LoopClock
     from kiosk.controller import Controller
-    from kiosk.dev.behaviour import MemoryMessageStore, SimulatedAudio, SimulatedRoom
     from kiosk.events import Button, Event, LinkLost, LinkUp, Route, Started
-    from kiosk.panel.terminal import KEYS_HELP, KeyboardControl, VirtualPanel
     from kiosk.state import Policy
+    from kiosk_dev.behaviour import MemoryMessageStore, SimulatedAudio, SimulatedRoom
+    from kiosk_dev.terminal import KEYS_HELP, KeyboardControl, VirtualPanel
 
     loop = asyncio.get_running_loop()
     clock = LoopClock(loop)

@@ -23,8 +23,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm, resample, to_int16
-from kiosk.bench import BenchSection
 from kiosk.errors import InputError
+from kiosk_dev.bench import BenchSection
 
 if TYPE_CHECKING:
     from kiosk.settings import Settings
@@ -101,7 +101,7 @@ def sdr_db(out: Pcm, near: Pcm, mask: npt.NDArray[np.bool_]) -> float:
 
 def measure(settings: Settings, folder: Path) -> RecordingFigures:
     """Run the chain over one recording folder and compute its figures."""
-    from kiosk.audio.offline import load_pair, process_arrays, read_wav
+    from kiosk.audio.offline import load_pair, process_arrays, read_input
     from kiosk.audio.pipeline import CaptureChain
 
     mic_path, ref_path = folder / "mic.wav", folder / "ref.wav"
@@ -117,7 +117,7 @@ def measure(settings: Settings, folder: Path) -> RecordingFigures:
         labels = read_labels(folder / "labels.json", frames)
     near: Pcm | None = None
     if (folder / "near.wav").exists():
-        audio, rate = read_wav(folder / "near.wav", role="near")
+        audio, rate = read_input(folder / "near.wav", role="near")
         # Zero-fill: a near.wav shorter than mic.wav means the visitor was silent for the rest.
         near = np.zeros(len(mic), dtype=np.int16)
         converted = to_int16(resample(audio, rate))[: len(mic)]

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kiosk.bench import BenchSection
+from kiosk_dev.bench import BenchSection
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ misbehaviour, one entry consumed per request:
 ``GET /health`` answers 200 (a probe target for tests of the offline probe); ``GET /received`` reports
 what arrived (``summary()``), for tests whose endpoint runs in another process or namespace.
 
-Run alone: ``python -m kiosk.dev.message_endpoint --host H --port P [--faults fail,ok,...]`` prints the
+Run alone: ``python -m kiosk_dev.message_endpoint --host H --port P [--faults fail,ok,...]`` prints the
 upload URL and serves until killed.
 """
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     """Serve a stand-in endpoint until killed; print its upload URL first."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m kiosk.dev.message_endpoint")
+    parser = argparse.ArgumentParser(prog="python -m kiosk_dev.message_endpoint")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token", default="device-secret")

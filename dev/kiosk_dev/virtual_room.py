@@ -1,9 +1,9 @@
 """The live virtual room: the kiosk's speaker output comes back into its microphone, with a visitor.
 
 A worker thread reads the speaker sink's monitor with ``parec --latency-msec=10``, passes it through
-``kiosk.dev.roomsim.StreamingRoom`` (room impulse response, bulk delay, clock drift), adds scheduled
+``kiosk_dev.roomsim.StreamingRoom`` (room impulse response, bulk delay, clock drift), adds scheduled
 visitor speech and background noise, and writes the result with ``pacat --latency-msec=10`` into the room
-sink, whose monitor is the kiosk's microphone (see ``kiosk.dev.pulse``). The room runs on the speaker
+sink, whose monitor is the kiosk's microphone (see ``kiosk_dev.pulse``). The room runs on the speaker
 sink's clock: one 10 ms block out for every 10 ms block in.
 
 (A second PortAudio duplex stream in another process got no callbacks through the pulse plugin; the
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kiosk.dev.pulse import ROOM_SINK, SPEAKER_SINK, PulseServer
+from kiosk_dev.pulse import ROOM_SINK, SPEAKER_SINK, PulseServer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,10 +80,10 @@ class _RoomWorker:
         self.speaker_sink = speaker_sink
         self.room_sink = room_sink
         self._rir = rir
-        self._room: Any = None  # kiosk.dev.roomsim.StreamingRoom, built in start()
+        self._room: Any = None  # kiosk_dev.roomsim.StreamingRoom, built in start()
         self._noise: Signal | None = None
         if noise_kind is not None:
-            from kiosk.dev.roomsim import background
+            from kiosk_dev.roomsim import background
 
             noise = background(noise_kind, _NOISE_LOOP_SECONDS * RATE_HZ, seed + 1)
             self._noise = (noise * np.float32(10 ** (noise_dbfs / 20))).astype(np.float32)
@@ -106,7 +106,7 @@ class _RoomWorker:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
         """Start reading the speaker and writing the room."""
-        from kiosk.dev.roomsim import StreamingRoom, room_impulse_response
+        from kiosk_dev.roomsim import StreamingRoom, room_impulse_response
 
         rir = self._rir if self._rir is not None else room_impulse_response(self.seed)
         self._room = StreamingRoom(rir, delay_ms=self.delay_ms, drift_ppm=self.drift_ppm)
@@ -304,7 +304,7 @@ class VirtualRoom:
         """Start the room process and wait until it runs."""
         import sys
 
-        self._process = subprocess.Popen([sys.executable, "-m", "kiosk.dev.virtual_room"], env=self._env,
+        self._process = subprocess.Popen([sys.executable, "-m", "kiosk_dev.virtual_room"], env=self._env,
                                          stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         assert self._process.stdin is not None and self._process.stdout is not None
         self._send = Connection(os.dup(self._process.stdin.fileno()), readable=False)

@@ -1,9 +1,11 @@
-"""Command: ``kiosk dev stack`` runs the local stack (private network, LiveKit server, stand-in API and agent).
+"""The development commands, added to ``kiosk`` through the ``kiosk.commands`` entry point.
 
-With a command after ``--`` the command runs inside the kiosk-side private network with
-``KIOSK_SESSION__API_URL`` and ``KIOSK_SESSION__CREDENTIAL`` pointing at the stand-in API, and the stack
-stops when it exits (e.g. ``kiosk dev stack -- kiosk link check --join``). Without one the stack runs until
-interrupted. Needs root (private network namespace).
+``kiosk demo`` (``kiosk_dev.demo``), ``kiosk panel`` (``kiosk_dev.panel``), ``kiosk bench ...``
+(``kiosk_dev.bench.cli``) and, here, ``kiosk dev stack``: the local stack (private network, LiveKit
+server, stand-in API and agent). With a command after ``--`` the command runs inside the kiosk-side
+private network with ``KIOSK_SESSION__API_URL`` and ``KIOSK_SESSION__CREDENTIAL`` pointing at the
+stand-in API, and the stack stops when it exits (e.g. ``kiosk dev stack -- kiosk link check --join``).
+Without one the stack runs until interrupted. Needs root (private network namespace).
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``dev stack``."""
+    """Add every development command."""
+    from kiosk_dev import demo, panel
+    from kiosk_dev.bench import cli as bench_cli
+
+    demo.register(subparsers)
+    panel.register(subparsers)
+    bench_cli.register(subparsers)
     dev = subparsers.add_parser("dev", help="local development stack")
     dev_sub = dev.add_subparsers(dest="dev_command", metavar="ACTION", required=True)
     stack = dev_sub.add_parser(
@@ -36,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 def _cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     """``kiosk dev stack``."""
-    from kiosk.dev.stack import LocalStack
+    from kiosk_dev.stack import LocalStack
 
     command = [a for a in args.command if a != "--"] if args.command else []
     with LocalStack(api_port=args.api_port) as stack:

@@ -1,14 +1,12 @@
 """The whole local stack: private network, LiveKit server, stand-in session API and stand-in agent.
 
 ``LocalStack`` (a context manager) moves this process into the kiosk-side private network
-(``kiosk.dev.netns``), starts the real livekit-server and, in the server-side namespace, one process that
+(``kiosk_dev.netns``), starts the real livekit-server and, in the server-side namespace, one process that
 serves the stand-in session API and dispatches a stand-in agent into each new room
-(``python -m kiosk.dev.stack serve``). The kiosk side reaches everything at 10.213.0.1 across the veth
+(``python -m kiosk_dev.stack serve``). The kiosk side reaches everything at 10.213.0.1 across the veth
 pair, so ``network.set_link(False)`` is a real outage for it.
 
-It is also a pytest plugin (``pytest_plugins = ["kiosk.dev.stack"]``): when the selected tests include
-``@pytest.mark.livekit`` ones, the pytest process enters the private network before any test runs (the rtc
-SDK's threads must start inside it), and the session fixture ``local_stack`` yields a running stack.
+The tests reach it through their pytest plugin (tests/fixtures/stack.py).
 """
 
 from __future__ import annotations
@@ -24,25 +22,23 @@ import select
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
 import numpy as np
-import pytest
 from pydantic import SecretStr
 
-from kiosk.dev.livekit_server import LiveKitServer
-from kiosk.dev.netns import NetnsError, PrivateNetwork, enter_private_network
-from kiosk.dev.speech import Signal
 from kiosk.errors import KioskError
 from kiosk.events import AgentState, AgentStateChanged, ApiRefused, Event, LinkLost, SessionOpened
 from kiosk.link.livekit import SILENCE_PEAK
 from kiosk.ports import FrameSink, Pcm
 from kiosk.settings import SessionSettings
+from kiosk_dev.livekit_server import LiveKitServer
+from kiosk_dev.netns import PrivateNetwork, enter_private_network
+from kiosk_dev.speech import Signal
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -83,7 +79,7 @@ class LocalStack:
         """Enter the private network, start the server and the backend; raise ``KioskError`` on failure."""
         self.network = enter_private_network()
         self.server = LiveKitServer(network=self.network).start()
-        argv = [sys.executable, "-m", "kiosk.dev.stack", "serve", "--livekit-url", self.server.url,
+        argv = [sys.executable, "-m", "kiosk_dev.stack", "serve", "--livekit-url", self.server.url,
                 "--api-key", self.server.api_key, "--host", self.network.server_ip, "--port", str(self.api_port),
                 "--agent-options", json.dumps(self.agent_options)]
         env = {**os.environ, "KIOSK_STACK_API_SECRET": self.server.api_secret,
@@ -97,7 +93,7 @@ class LocalStack:
         if line != "READY":
             self.stop()
             raise KioskError("stack_failed", f"the stand-in session API and agent did not start (got {line!r}); "
-                             "run `python -m kiosk.dev.stack serve --help` to check the backend")
+                             "run `python -m kiosk_dev.stack serve --help` to check the backend")
         _LOGGER.info("local stack: LiveKit %s, session API %s", self.livekit_url, self.api_url)
         return self
 
@@ -134,7 +130,7 @@ class LocalStack:
             return json.loads(reply.read())
 
     def fail(self, mode: str, times: int | None = None, retry_after_seconds: float = 1.0) -> None:
-        """Make the stand-in API fail (``kiosk.dev.session_stub.FailMode`` values)."""
+        """Make the stand-in API fail (``kiosk_dev.session_stub.FailMode`` values)."""
         self._admin("POST", "/_stub/fail", {"mode": mode, "times": times,
                                             "retry_after_seconds": retry_after_seconds})
 
@@ -153,7 +149,7 @@ class LocalStack:
         return sessions
 
     def agent_report(self, session_id: str) -> dict[str, Any]:
-        """What the stand-in agent of one session heard and did (``kiosk.dev.agent.AgentReport`` as data)."""
+        """What the stand-in agent of one session heard and did (``kiosk_dev.agent.AgentReport`` as data)."""
         rooms = {s["session_id"]: s["room"] for s in self.sessions()}
         report: dict[str, Any] = self.agent_reports()[rooms[session_id]]
         return report
@@ -298,8 +294,8 @@ class LinkHarness:
 async def _serve(args: argparse.Namespace) -> None:
     from aiohttp import web
 
-    from kiosk.dev.agent import AgentPool
-    from kiosk.dev.session_stub import SessionStub
+    from kiosk_dev.agent import AgentPool
+    from kiosk_dev.session_stub import SessionStub
 
     pool = AgentPool(**json.loads(args.agent_options))
     stub = SessionStub(args.livekit_url, args.api_key, os.environ["KIOSK_STACK_API_SECRET"],
@@ -321,8 +317,8 @@ async def _serve(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m kiosk.dev.stack serve ...``: the stand-in session API plus agents (server side)."""
-    parser = argparse.ArgumentParser(prog="python -m kiosk.dev.stack")
+    """``python -m kiosk_dev.stack serve ...``: the stand-in session API plus agents (server side)."""
+    parser = argparse.ArgumentParser(prog="python -m kiosk_dev.stack")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="serve the stand-in session API and dispatch stand-in agents")
     serve.add_argument("--livekit-url", required=True)
@@ -338,44 +334,6 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-# ---------------------------------------------------------------------------------------- pytest plugin
-_NETNS_ERROR: KioskError | None = None
-
-
-def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Enter the private network before any test runs if LiveKit tests are selected."""
-    global _NETNS_ERROR
-    if any(item.get_closest_marker("livekit") for item in items):
-        try:
-            enter_private_network()
-        except NetnsError as error:
-            _NETNS_ERROR = error
-
-
-@pytest.fixture(scope="session")
-def local_stack() -> Iterator[LocalStack]:
-    """A running local stack for the whole test session (tests mark themselves ``livekit``)."""
-    if _NETNS_ERROR is not None:
-        raise _NETNS_ERROR
-    started = time.monotonic()
-    # A longer end of turn than the agent's default: on a loaded 2-core machine a comma pause can stretch
-    # past 500 ms and split one question into two turns.
-    with LocalStack(agent_options={"end_of_turn_ms": 800, "linger_seconds": 5.0}) as stack:
-        _LOGGER.info("local stack up in %.2f s", time.monotonic() - started)
-        yield stack
-
-
-@pytest.fixture
-def stack(local_stack: LocalStack) -> Iterator[LocalStack]:
-    """The session's stack, with the stand-in API reset to behave and the link up after each test."""
-    local_stack.fail("none")
-    local_stack.set_model_status("gpt-realtime", "available")
-    yield local_stack
-    assert local_stack.network is not None
-    local_stack.network.set_link(True)
-    local_stack.fail("none")
 
 
 if __name__ == "__main__":

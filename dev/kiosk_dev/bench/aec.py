@@ -12,7 +12,7 @@ Figures, per configuration:
 - CPU microseconds per 10 ms frame (process time, this machine).
 
 ERLE is ``10 log10(E[mic^2] / E[out^2])`` over far-end-only periods (frames where the echo is active
-and the visitor silent), as the issue defines it. Run it with ``python -m kiosk.bench.aec [--quick]``.
+and the visitor silent), as the issue defines it. Run it with ``python -m kiosk_dev.bench.aec [--quick]``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kiosk.bench import BenchSection, TargetCheck
 from kiosk.settings import AecBackend, AecSettings, Settings
+from kiosk_dev.bench import BenchSection, TargetCheck
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def configurations(quick: bool = False) -> list[tuple[str, AecSettings, bool]]:
 @functools.lru_cache(maxsize=32)
 def _scenario(seed: int, seconds: float, delay_ms: float, drift_ppm: float,
               spans: tuple[tuple[float, float], ...] = ()) -> Any:
-    from kiosk.dev import roomsim
+    from kiosk_dev import roomsim
 
     return roomsim.make_scenario(seed, seconds=seconds, delay_ms=delay_ms, drift_ppm=drift_ppm,
                                  visitor_spans=list(spans))
@@ -182,7 +182,7 @@ def _scenario(seed: int, seconds: float, delay_ms: float, drift_ppm: float,
 
 @functools.lru_cache(maxsize=8)
 def _stepped_echo(seed: int, seconds: float) -> Any:
-    from kiosk.dev import roomsim
+    from kiosk_dev import roomsim
 
     sc = _scenario(seed, seconds, 40.0, 0.0)
     room = roomsim.StreamingRoom(roomsim.room_impulse_response(seed), delay_ms=40.0)

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from kiosk.bench import BenchSection, TargetCheck
 from kiosk.events import Event, VoiceStarted
 from kiosk.settings import Settings
+from kiosk_dev.bench import BenchSection, TargetCheck
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -102,9 +102,9 @@ class _Result:
 
 async def _measure(settings: Settings, *, quiet_seconds: float, trials: int) -> _Result:
     from kiosk.audio.engine import AudioEngine
-    from kiosk.dev.pulse import ARRAY_DEVICE
-    from kiosk.dev.speech import SENTENCES, corpus, espeak, normalise
-    from kiosk.dev.virtual_room import VirtualRoom
+    from kiosk_dev.pulse import ARRAY_DEVICE
+    from kiosk_dev.speech import SENTENCES, corpus, espeak, normalise
+    from kiosk_dev.virtual_room import VirtualRoom
 
     loop = asyncio.get_running_loop()
     total_seconds = _SETTLE_SECONDS + quiet_seconds + trials * _TRIAL_GAP_SECONDS + 3.0
@@ -180,7 +180,7 @@ async def _measure(settings: Settings, *, quiet_seconds: float, trials: int) -> 
 
 def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
     """Run the live barge-in benchmark on a private PulseAudio server; one section with the targets."""
-    from kiosk.dev.pulse import private_pulse
+    from kiosk_dev.pulse import private_pulse
 
     quiet_seconds = 60.0 if quick else 600.0
     trials = 10 if quick else 40

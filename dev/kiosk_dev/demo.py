@@ -1,8 +1,8 @@
 """``kiosk demo``: the kiosk's main job on a laptop, with the full local stack and simulated hardware.
 
 It starts a private PulseAudio server with the virtual devices and the room simulator
-(``kiosk.dev.pulse``, ``kiosk.dev.virtual_room``), the real LiveKit server with the stand-in session API
-and agent in a private network (``kiosk.dev.stack``), and runs the same ``kiosk.app.Kiosk`` the service
+(``kiosk_dev.pulse``, ``kiosk_dev.virtual_room``), the real LiveKit server with the stand-in session API
+and agent in a private network (``kiosk_dev.stack``), and runs the same ``kiosk.app.Kiosk`` the service
 runs, with the virtual button panel on gpiozero's mock pins. A visitor's spoken question goes into the
 room, the agent's answer comes out of the kiosk's speaker sink (and back into the room as echo), and
 the demo prints a session report: the timeline of states, latencies, ERLE and the streamed fraction.
@@ -95,7 +95,7 @@ class _Recorder:
 
 def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bool) -> Settings:
     """``base`` pointed at the local stack, the virtual devices, a temporary spool and a free metrics port."""
-    from kiosk.dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE
+    from kiosk_dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE
 
     audio = base.audio if real_devices else base.audio.model_copy(update={
         "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE,
@@ -115,8 +115,8 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
 async def _scripted(kiosk: Any, panel: Any, room: Any, recorder: _Recorder, questions: Sequence[str]) -> list[
         dict[str, Any]]:
     """Ask each question with the talk button held; wait for the agent's answer to finish playing."""
-    from kiosk.dev.speech import espeak, normalise
     from kiosk.state import Phase
+    from kiosk_dev.speech import espeak, normalise
 
     loop = asyncio.get_running_loop()
     exchanges: list[dict[str, Any]] = []
@@ -178,9 +178,9 @@ async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
                    questions: Sequence[str] = QUESTIONS) -> dict[str, Any]:
     """Run the stack, the virtual room and the kiosk; returns the session report."""
     from kiosk.app import Kiosk
-    from kiosk.dev.stack import LocalStack
-    from kiosk.dev.virtual_room import VirtualRoom
-    from kiosk.panel.terminal import VirtualPanel
+    from kiosk_dev.stack import LocalStack
+    from kiosk_dev.terminal import VirtualPanel
+    from kiosk_dev.virtual_room import VirtualRoom
 
     loop = asyncio.get_running_loop()
     with contextlib.ExitStack() as stack:
@@ -188,7 +188,7 @@ async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
         pulse = None
         room = None
         if not real_devices:
-            from kiosk.dev.pulse import private_pulse
+            from kiosk_dev.pulse import private_pulse
 
             pulse = stack.enter_context(private_pulse())
             pulse.unplug("headset")  # the visitor talks into the room; the headset is plugged in on demand
@@ -216,8 +216,8 @@ async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
 
 async def _interactive(kiosk: Any, panel: Any, room: Any, settings: Settings) -> list[dict[str, Any]]:
     """Keyboard control until q: space talks, v makes the virtual visitor ask the next question."""
-    from kiosk.dev.speech import espeak, normalise
-    from kiosk.panel.terminal import KEYS_HELP, KeyboardControl
+    from kiosk_dev.speech import espeak, normalise
+    from kiosk_dev.terminal import KEYS_HELP, KeyboardControl
 
     loop = asyncio.get_running_loop()
     quit_event = asyncio.Event()
@@ -261,7 +261,7 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def _cmd_demo(args: argparse.Namespace, settings: Settings) -> int:
-    from kiosk.dev.netns import enter_private_network
+    from kiosk_dev.netns import enter_private_network
 
     scripted = args.scripted or not sys.stdin.isatty()
     # The rtc SDK's threads must start inside the private network: enter it before anything else.

@@ -8,7 +8,7 @@ namespaces joined by a veth pair:
   (10.213.0.2). The Linux call moves only the calling thread; every thread and child process it starts
   afterwards inherits it. So call ``enter_private_network()`` from the main thread before the rtc SDK starts
   its threads (before the first ``rtc.Room``, ``AudioSource`` or ``AudioProcessingModule``); the pytest
-  plugin (``kiosk.dev.stack``) and the demo do it first thing;
+  plugin (``kiosk_dev.stack``) and the demo do it first thing;
 - the server side: a holder process (``unshare -n sleep infinity``, killed when this process dies) owns
   the second namespace with ``lk0`` (10.213.0.1); the LiveKit server, the stand-in session API and the
   stand-in agent run in it through ``nsenter`` (``PrivateNetwork.server_command``).

@@ -17,7 +17,7 @@ ALSA PCM (device)   pulse devices                                    stands for
                     monitor of ``kiosk_headset_mic``
 ==================  ===============================================  ===================================
 
-The room simulator (``kiosk.dev.virtual_room``) reads ``kiosk_speaker.monitor`` and writes into
+The room simulator (``kiosk_dev.virtual_room``) reads ``kiosk_speaker.monitor`` and writes into
 ``kiosk_room``; a test speaks into the headset by writing into ``kiosk_headset_mic``.
 
 Unplugging a device unloads its null sinks and rewrites the ALSA configuration without its PCMs, so a
@@ -27,7 +27,6 @@ fresh PortAudio enumeration no longer lists it (as with a USB card) and open str
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import os
 import shutil
@@ -233,7 +232,7 @@ class PulseServer:
 
     def write_alsa_conf(self) -> None:
         """Write the ALSA PCMs for the sinks loaded now (atomically: PortAudio may be reading it)."""
-        text = "# written by kiosk.dev.pulse: the virtual sound devices of a private PulseAudio server\n"
+        text = "# written by kiosk_dev.pulse: the virtual sound devices of a private PulseAudio server\n"
         if self.plugged("array"):
             text += _pcm(SPEAKER_DEVICE, SPEAKER_SINK, "kiosk virtual speaker")
             text += _pcm(MIC_DEVICE, f"{ROOM_SINK}.monitor", "kiosk virtual microphone (the room)")
@@ -285,25 +284,3 @@ def _restore_env(saved: dict[str, str | None]) -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-
-
-# ------------------------------------------------------------------------------------- pytest plugin
-# The fixtures exist where pytest is installed; the demo imports this module without it.
-if importlib.util.find_spec("pytest") is not None:
-    import pytest
-
-    @pytest.fixture(scope="session")
-    def pulse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PulseServer]:
-        """A private PulseAudio server with the kiosk's virtual devices; this process's env points at it."""
-        if shutil.which("pulseaudio") is None:
-            pytest.skip("pulseaudio is not installed (scripts/bootstrap installs it)")
-        with private_pulse(tmp_path_factory.mktemp("pulse")) as server:
-            yield server
-
-
-    @pytest.fixture
-    def pulse_devices(pulse_server: PulseServer) -> Iterator[PulseServer]:
-        """The server with every device plugged in, and plugged in again after the test."""
-        pulse_server.restore()
-        yield pulse_server
-        pulse_server.restore()

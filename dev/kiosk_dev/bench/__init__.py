@@ -5,7 +5,6 @@ Benchmarks report figures and check them against targets; they never fail a test
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass, field
 
 
@@ -48,14 +47,3 @@ class BenchSection:
         if self.notes:
             lines += [""] + [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
-
-
-def bench_subcommands(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse._SubParsersAction[argparse.ArgumentParser]:
-    """The ``kiosk bench`` subcommand group, created by whichever area registers a benchmark first."""
-    bench = subparsers.choices.get("bench")
-    if bench is None:
-        bench = subparsers.add_parser("bench", help="benchmarks that print figures and write docs/performance.md")
-        bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
-    return next(a for a in bench._actions if isinstance(a, argparse._SubParsersAction))

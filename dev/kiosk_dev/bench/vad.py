@@ -1,7 +1,7 @@
 """VAD benchmark: precision, recall and F1 per noise type and SNR, distant-talker rejection, CPU per frame.
 
-The corpus is fixed and seeded: every test utterance (``kiosk.dev.speech``) at -26 dBFS with 0.8 s of
-silence between them, and a background from ``kiosk.dev.roomsim`` (white, pink, music, babble, a distant
+The corpus is fixed and seeded: every test utterance (``kiosk_dev.speech``) at -26 dBFS with 0.8 s of
+silence between them, and a background from ``kiosk_dev.roomsim`` (white, pink, music, babble, a distant
 talker) scaled to the SNR. Frame labels come from the clean speech: a 10 ms frame is speech when its
 level is within 25 dB of the speech's active level, with pauses up to 200 ms inside speech filled (a
 pause between words is still speech to a listener).
@@ -23,14 +23,15 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from kiosk.audio.aec import PassThrough
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm, to_int16
-from kiosk.bench import BenchSection, TargetCheck
+from kiosk_dev.bench import BenchSection, TargetCheck
 
 if TYPE_CHECKING:
     from kiosk.audio.pipeline import CaptureChain
-    from kiosk.audio.vad import VoiceDetector
-    from kiosk.dev.roomsim import Scenario
+    from kiosk.ports import VoiceDetector
     from kiosk.settings import Settings, VadSettings
+    from kiosk_dev.roomsim import Scenario
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def labels_from_clean(clean: npt.NDArray[np.float32], active_dbfs: float) -> Fla
 
 def build_corpus(count: int | None = None) -> Corpus:
     """The fixed visitor corpus: each utterance at -26 dBFS between 0.8 s silences."""
-    from kiosk.dev.speech import corpus, normalise
+    from kiosk_dev.speech import corpus, normalise
 
     gap = np.zeros(int(GAP_SECONDS * RATE_HZ), dtype=np.float32)
     parts = [gap]
@@ -97,7 +98,7 @@ def build_corpus(count: int | None = None) -> Corpus:
 
 def mix(clean: npt.NDArray[np.float32], noise_kind: str, snr_db: float, seed: int = _SEED) -> Pcm:
     """Visitor plus a background at ``snr_db`` below the visitor's active level, as int16."""
-    from kiosk.dev.roomsim import background
+    from kiosk_dev.roomsim import background
 
     noise = background(noise_kind, len(clean), seed) * np.float32(10 ** ((VISITOR_DBFS - snr_db) / 20))
     return _to_pcm(clean + noise)
@@ -147,7 +148,7 @@ def segments(settings: Settings, pcm: Pcm) -> Flags:
     from kiosk.audio.offline import process_arrays
 
     count = len(pcm) // FRAME_SAMPLES
-    result = process_arrays(settings, pcm, np.zeros_like(pcm), echo_canceller=_PassThrough())
+    result = process_arrays(settings, pcm, np.zeros_like(pcm), echo_canceller=PassThrough())
     out = np.zeros(count, dtype=bool)
     for start, end in result.speech:
         out[round(start * RATE_HZ / FRAME_SAMPLES):round(end * RATE_HZ / FRAME_SAMPLES)] = True
@@ -159,7 +160,7 @@ def streamed(settings: Settings, pcm: Pcm) -> Flags:
     from kiosk.audio.pipeline import CaptureChain
     from kiosk.events import VoiceStarted, VoiceStopped
 
-    chain = CaptureChain(settings, echo_canceller=_PassThrough())
+    chain = CaptureChain(settings, echo_canceller=PassThrough())
     count = len(pcm) // FRAME_SAMPLES
     frames = pcm[: count * FRAME_SAMPLES].reshape(count, FRAME_SAMPLES)
     silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
@@ -177,19 +178,6 @@ def streamed(settings: Settings, pcm: Pcm) -> Flags:
             first = max(0, k - len(result.stream) + 1, k - preroll)
             out[first:k + 1] = True
     return out
-
-
-class _PassThrough:
-    """An echo canceller that leaves the microphone as it is (no far end in this benchmark)."""
-
-    def process(self, near: Pcm, far: Pcm) -> Pcm:
-        return near
-
-    def reset(self) -> None:
-        return None
-
-    def stats(self) -> None:
-        return None
 
 
 def _configs(settings: Settings, quick: bool) -> list[tuple[str, Callable[[], VoiceDetector]]]:
@@ -282,8 +270,8 @@ def accuracy_section(settings: Settings, corpus: Corpus, *, quick: bool) -> Benc
 def distant_section(settings: Settings, *, quick: bool) -> BenchSection:
     """How often a voice a few metres away (reverberant, quieter) counts as the visitor."""
     from kiosk.audio.vad import Segmenter, WebRtcVoiceDetector
-    from kiosk.dev.roomsim import background, white_noise
     from kiosk.events import VoiceStarted
+    from kiosk_dev.roomsim import background, white_noise
 
     seconds = 20.0 if quick else 60.0
     samples = int(seconds * RATE_HZ)
@@ -344,12 +332,12 @@ def cpu_section(settings: Settings, corpus: Corpus, *, quick: bool) -> BenchSect
         lambda k: detector.is_speech(frames[k]), count)])
     # The whole chain on what it meets at a booth: agent speech with its echo, the visitor in double talk.
     from kiosk.audio.format import frames as cut
-    from kiosk.dev.roomsim import make_scenario
+    from kiosk_dev.roomsim import make_scenario
 
     scenario = make_scenario(9, seconds=count / 100.0, visitor_spans=[(count / 300.0, count / 150.0)])
     mic = cut(to_int16(scenario.mic))[:count]
     ref = cut(to_int16(scenario.far))[:count]
-    passthrough = CaptureChain(settings, echo_canceller=_PassThrough())
+    passthrough = CaptureChain(settings, echo_canceller=PassThrough())
     section.rows.append(["chain without echo canceller", _cpu_us_per_frame(
         lambda k: passthrough.process(mic[k], ref[k], k / 100.0), count)])
     try:
@@ -404,7 +392,7 @@ def _onsets(scenario: Scenario) -> list[float]:
 def barge_in_section(settings: Settings, *, quick: bool) -> BenchSection:
     """Barge-in through the whole chain on offline rooms: interruptions caught, latency, false starts."""
     from kiosk.audio.pipeline import CaptureChain
-    from kiosk.dev.roomsim import make_scenario
+    from kiosk_dev.roomsim import make_scenario
 
     section = BenchSection(
         title=f"Barge-in through the chain, offline rooms ({settings.aec.backend} echo canceller)",
@@ -445,7 +433,7 @@ def barge_in_section(settings: Settings, *, quick: bool) -> BenchSection:
                     false_total + idle_false == 0),
     ]
     section.notes += [
-        "Rooms from kiosk.dev.roomsim: agent speech echoed at -22 dBFS, the visitor at -26 dBFS speaking over it "
+        "Rooms from kiosk_dev.roomsim: agent speech echoed at -22 dBFS, the visitor at -26 dBFS speaking over it "
         "three times per 20 s; latency from the visitor's first audible frame to the frame that emits "
         "VoiceStarted (150 ms minimum speech included).",
         "Live figures through the virtual sound devices are in the live barge-in section when it ran.",

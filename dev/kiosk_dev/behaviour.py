@@ -3,7 +3,7 @@
 The audio engine, room link and message store here are in-memory stand-ins (the audio and network
 edges); they record what the controller asked of them and post the events a real adapter would. A
 scripted agent answers when the visitor stops publishing, so ``kiosk panel`` can be tried alone.
-Used by the pytest plugin ``kiosk.dev.panel_fixtures`` and by ``kiosk panel``.
+Used by the pytest plugin ``fixtures.panel`` and by ``kiosk panel``.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ RATE_HZ = 16000
 
 
 class SimulatedAudio:
-    """An ``AudioEngine`` stand-in: records gate, cue and recording calls; posts voice events on request."""
+    """An ``AudioControl`` stand-in: records gate, cue and recording calls; posts voice events on request."""
 
     def __init__(self, sink: EventSink, clock: Clock, *, voice_follows_gate: bool = False,
                  cue_seconds: float = 0.0) -> None:

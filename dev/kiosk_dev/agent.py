@@ -21,7 +21,7 @@ import numpy as np
 import webrtcvad
 from livekit import rtc
 
-from kiosk.dev.speech import espeak, to_rate
+from kiosk_dev.speech import espeak, to_rate
 
 _LOGGER = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.signal import fftconvolve, lfilter
 
-from kiosk.dev.speech import corpus, normalise
+from kiosk_dev.speech import corpus, normalise
 
 _LOGGER = logging.getLogger(__name__)
 
