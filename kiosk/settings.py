@@ -329,6 +329,15 @@ class LiveKitSettings(_Section):
     )
 
 
+# --------------------------------------------------------------------------------------- security
+class SecuritySettings(_Section):
+    """What the kiosk trusts on a shared network (docs/security.md)."""
+
+    allow_insecure_transport: bool = Field(
+        False, description="development stacks only: accept plain http/ws to hosts other than this machine "
+        "(kiosk doctor security fails while it is on)")
+
+
 class Settings(BaseSettings):
     """All of the kiosk's settings."""
 
@@ -350,6 +359,23 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     livekit: LiveKitSettings = Field(default_factory=LiveKitSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @model_validator(mode="after")
+    def _transport(self) -> Settings:
+        """Every configured URL uses TLS unless it is loopback (or a development stack says otherwise)."""
+        from kiosk.transport import InsecureTransport, check_secure
+
+        allow = self.security.allow_insecure_transport
+        urls = {"session.api_url": self.session.api_url, "session.token_endpoint_url": self.session.token_endpoint_url,
+                "delivery.url": self.delivery.url}
+        for name, url in urls.items():
+            if url is not None:
+                try:
+                    check_secure(url, name, allow_insecure=allow)
+                except InsecureTransport as error:
+                    raise ValueError(error.message) from None
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -395,8 +421,11 @@ def _credential(name: str) -> SecretStr | None:
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        field = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        field = ".".join(str(p) for p in item["loc"])
         message = item["msg"].removeprefix("Value error, ")
+        if not field:  # a rule across sections: the message names the fields and the fix itself
+            lines.append(f"  {message}")
+            continue
         if item["type"] == "extra_forbidden":
             message = "unknown setting; check the spelling against `kiosk config`"
         elif item["type"] == "missing":

@@ -50,8 +50,9 @@ def _cmd_stack(args: argparse.Namespace, settings: Settings) -> int:
     with LocalStack(api_port=args.api_port) as stack:
         print(f"LiveKit server {stack.livekit_url}; stand-in session API {stack.api_url}", flush=True)
         if command:
+            # The stack's private network is plain http/ws between two namespaces of this machine.
             env = {**os.environ, "KIOSK_SESSION__API_URL": stack.api_url,
-                   "KIOSK_SESSION__CREDENTIAL": stack.credential}
+                   "KIOSK_SESSION__CREDENTIAL": stack.credential, "KIOSK_SECURITY__ALLOW_INSECURE_TRANSPORT": "true"}
             return subprocess.run(command, env=env, check=False).returncode
         print("running; Ctrl-C stops it", flush=True)
         stop = threading.Event()

@@ -109,6 +109,8 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
         "session": api,
         "spool": base.spool.model_copy(update={"directory": spool_dir}),
         "metrics": base.metrics.model_copy(update={"port": 0}),
+        # The stack's private network is plain http/ws between two namespaces of this machine.
+        "security": base.security.model_copy(update={"allow_insecure_transport": True}),
     })
 
 

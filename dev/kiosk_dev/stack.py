@@ -250,7 +250,8 @@ class LinkHarness:
         from kiosk.settings import Settings
 
         self.stack = stack
-        self.settings = Settings(session=stack.session_settings(**session_overrides))
+        self.settings = Settings(session=stack.session_settings(**session_overrides),
+                                 security={"allow_insecure_transport": True})  # the stack's private network
         self.events = EventLog()
         self.playout = MemoryPlayout()
         self.metrics = Metrics()

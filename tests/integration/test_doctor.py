@@ -388,7 +388,7 @@ async def test_session_api_catalog_and_a_failing_livekit_connect() -> None:
 @pytest.mark.livekit
 @pytest.mark.slow
 def test_network_against_the_local_stack(stack: Any) -> None:
-    settings = Settings(session=stack.session_settings())
+    settings = Settings(session=stack.session_settings(), security={"allow_insecure_transport": True})
     report = Report(link_doctor.check_network(settings, open_session=True))
     print(report.to_text())
     by_name = {c.name: c for c in report.checks}

@@ -96,3 +96,15 @@ def test_empty_systemd_credential_is_no_credential(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
     monkeypatch.setattr("kiosk.settings.DEFAULT_CONFIG_PATH", tmp_path / "absent.toml")
     assert load_settings().session.credential is None
+
+
+@pytest.mark.parametrize("field", ["KIOSK_SESSION__API_URL", "KIOSK_DELIVERY__URL"])
+def test_plain_http_to_another_host_is_refused_at_load(field: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(field, "http://voice.example.com/v1")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = caught.value.message
+    assert "http://voice.example.com/v1" in message and "https://" in message
+    assert "allow_insecure_transport" in message and "(top level)" not in message
+    monkeypatch.setenv("KIOSK_SECURITY__ALLOW_INSECURE_TRANSPORT", "true")
+    assert load_settings().security.allow_insecure_transport
