@@ -106,7 +106,8 @@ class Kiosk:
         await self.engine.start()
         await self.route.start()
         self.controller = Controller(
-            policy=Policy.from_settings(settings.interaction, settings.spool),
+            policy=Policy.from_settings(settings.interaction, settings.spool,
+                                        consent_notice=settings.session.consent_notice),
             audio=self.engine, link=self.link, clock=LoopClock(loop), panel=self.panel,
             store=self.spool, bus=self.bus, route=self.route.route,
             echo_path_verified=self.route.echo_path_verified,

@@ -307,8 +307,8 @@ class Controller:
                 # An open still in progress is abandoned: the visitor has gone, a session costs money.
                 self._link_lane.cancel("open")
                 self._link_lane.submit("close", self._link.close)
-            case StartPublishing():
-                self._audio.set_gate(True)
+            case StartPublishing(preroll=preroll):
+                self._audio.set_gate(True, preroll=preroll)
                 self._link.set_publishing(True)
             case StopPublishing():
                 self._audio.set_gate(False)

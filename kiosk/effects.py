@@ -80,7 +80,9 @@ class CloseSession(Effect):
 
 @dataclass(frozen=True, slots=True)
 class StartPublishing(Effect):
-    """Open the gate: cleaned microphone frames go to the room."""
+    """Open the gate: cleaned microphone frames go to the room (the pre-roll first, unless ``preroll`` is off)."""
+
+    preroll: bool = True
 
 
 @dataclass(frozen=True, slots=True)

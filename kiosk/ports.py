@@ -73,8 +73,11 @@ class Recording:
 class AudioControl(Protocol):
     """The audio engine as the controller sees it: the gate, playback, cues and recording."""
 
-    def set_gate(self, streaming: bool) -> None:
-        """Open or close the gate that sends cleaned frames to the room link."""
+    def set_gate(self, streaming: bool, *, preroll: bool = True) -> None:
+        """Open or close the gate that sends cleaned frames to the room link.
+
+        On opening, the pre-roll (the last ``vad.preroll_ms`` before it) goes first unless ``preroll`` is False.
+        """
         ...
 
     def clear_playback(self) -> None:

@@ -107,10 +107,12 @@ class Policy:
     max_session_seconds: float = 300.0
     max_message_seconds: float = _DEFAULT_MAX_MESSAGE_SECONDS
     error_hold_seconds: float = 10.0
+    consent_notice: bool = False  # play the AI notice before the microphone first streams in a session
 
     @classmethod
-    def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None) -> Policy:
-        """The policy for these settings."""
+    def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None, *,
+                      consent_notice: bool = False) -> Policy:
+        """The policy for these settings (``consent_notice``: ``session.consent_notice``)."""
         return cls(
             mode=interaction.mode,
             barge_in=interaction.barge_in,
@@ -119,6 +121,7 @@ class Policy:
             max_session_seconds=interaction.max_session_seconds,
             max_message_seconds=spool.max_message_seconds if spool is not None else _DEFAULT_MAX_MESSAGE_SECONDS,
             error_hold_seconds=interaction.error_hold_seconds,
+            consent_notice=consent_notice,
         )
 
     @property
@@ -145,6 +148,7 @@ class KioskState:
     publishing: bool = False  # the microphone gate is open
     playing: bool = False  # agent audio is coming out of the speaker
     message: MessageStep = MessageStep.NONE
+    consent_playing: bool = False  # the session's AI notice is playing: the microphone must not stream yet
 
     def with_(self, **changes: Any) -> KioskState:
         """A copy with ``changes``."""
@@ -168,6 +172,8 @@ def pattern_key(state: KioskState) -> str:
     """The name of the LED pattern for ``state`` (``kiosk.panel.patterns.PATTERNS`` maps it to data)."""
     if state.phase is Phase.OFFLINE:
         return state.offline_reason.value
+    if state.consent_playing and state.phase in SESSION_PHASES:
+        return "consent"
     return state.phase.value
 
 
@@ -212,9 +218,11 @@ class _Builder:
     def do(self, *effects: Effect) -> None:
         self.effects.extend(effects)
 
-    def publish(self, on: bool) -> None:
+    def publish(self, on: bool, *, preroll: bool = True) -> None:
+        if on and self.state.consent_playing:
+            return  # nothing streams before the visitor has heard the notice; its end decides again
         if self.state.publishing != on:
-            self.do(StartPublishing() if on else StopPublishing())
+            self.do(StartPublishing(preroll) if on else StopPublishing())
             self.set(publishing=on)
 
     def timer(self, name: Timer, seconds: float) -> None:
@@ -235,7 +243,7 @@ class _Builder:
             self.publish(False)
             self.do(ClearPlayback(), CloseSession())
             self.cancel(*_SESSION_TIMERS)
-            self.set(playing=False)
+            self.set(playing=False, consent_playing=False)
         elif s.phase is Phase.RECORDING_MESSAGE and s.message is MessageStep.RECORDING:
             self.do(StopRecording(keep=keep_message))
             self.cancel(Timer.MAX_MESSAGE, Timer.NO_SPEECH)
@@ -344,6 +352,13 @@ def _dispatch(b: _Builder, event: Event) -> None:
             # in order); the new session's failure arrives as LinkLost or ApiRefused.
             b.end_session(Cue.SESSION_END)
             return
+        case CueFinished(cue=Cue.CONSENT_NOTICE) if s.consent_playing and s.phase in SESSION_PHASES:
+            # Voice during the notice was its echo or a visitor talking over it: not a reason to stream; a
+            # visitor still holding the button (or still speaking, hands-free) goes live now.
+            b.set(consent_playing=False)
+            if s.phase is Phase.LISTENING:
+                _go_live(b, start_tone=True, preroll=False)
+            return
         case ButtonPressed(button=Button.CANCEL):
             _cancel(b)
             return
@@ -366,8 +381,8 @@ def _device_back(b: _Builder) -> None:
 def _held(b: _Builder, button: Button) -> None:
     """A long hold asks for the status, unless the talk button is held by a visitor who is speaking."""
     s = b.s
-    if button is Button.TALK and s.heard_voice:
-        return
+    if button is Button.TALK and (s.heard_voice or s.consent_playing):
+        return  # a visitor holding to talk, or waiting through the AI notice, is not asking for the status
     if s.message is MessageStep.SAVING:
         return  # the visitor's message is being stored: its confirmation must still play
     if s.phase in (Phase.STARTING, Phase.ERROR):
@@ -422,22 +437,37 @@ def _connecting(b: _Builder, event: Event) -> None:
     s = b.s
     p = s.policy
     match event:
+        case SessionOpened() if p.consent_notice:
+            # The visitor hears that an AI processes what they say before anything is streamed; the LED shows
+            # the notice. Its end (CueFinished) goes live as a session without the notice does here.
+            b.set(phase=Phase.LISTENING, consent_playing=True)
+            b.do(PlayCue(Cue.CONSENT_NOTICE))
         case SessionOpened():
             b.set(phase=Phase.LISTENING)
-            if not s.voice_active:
-                b.do(PlayCue(Cue.SESSION_START))
-            if not p.hands_free:
-                if s.talk_held:
-                    b.publish(True)
-                else:
-                    b.timer(Timer.IDLE_END, p.idle_end_seconds)
-            elif s.voice_active:
-                b.publish(True)
-            else:
-                b.timer(Timer.NO_SPEECH, p.no_speech_timeout_seconds)
+            _go_live(b, start_tone=not s.voice_active)
         case ButtonPressed(button=Button.TALK) if p.hands_free:
             # The next tap ends it, even before it opened.
             b.end_session(None)
+
+
+def _go_live(b: _Builder, *, start_tone: bool, preroll: bool = True) -> None:
+    """The session is open and may stream: the start tone, then the microphone as the mode says.
+
+    ``preroll=False`` after the AI notice: what was said while it played is not sent.
+    """
+    s = b.s
+    p = s.policy
+    if start_tone:
+        b.do(PlayCue(Cue.SESSION_START))
+    if not p.hands_free:
+        if s.talk_held:
+            b.publish(True, preroll=preroll)
+        else:
+            b.timer(Timer.IDLE_END, p.idle_end_seconds)
+    elif s.voice_active:
+        b.publish(True, preroll=preroll)
+    else:
+        b.timer(Timer.NO_SPEECH, p.no_speech_timeout_seconds)
 
 
 def _barge_in(b: _Builder) -> None:
@@ -449,6 +479,12 @@ def _listening(b: _Builder, event: Event) -> None:
     s = b.s
     p = s.policy
     match event:
+        case ButtonPressed(button=Button.TALK) if p.hands_free:
+            b.end_session(Cue.SESSION_END)
+        case _ if s.consent_playing:
+            # Until the notice has played, buttons and voice only update the state (in _dispatch); the
+            # notice's own playback is not the agent speaking.
+            return
         case ButtonPressed(button=Button.TALK) if not p.hands_free:
             b.publish(True)
             b.cancel(Timer.IDLE_END)
@@ -458,8 +494,6 @@ def _listening(b: _Builder, event: Event) -> None:
             b.timer(Timer.IDLE_END, p.idle_end_seconds)
             if was_publishing and s.heard_voice:
                 b.set(phase=Phase.THINKING)
-        case ButtonPressed(button=Button.TALK):
-            b.end_session(Cue.SESSION_END)
         case VoiceStarted() if p.hands_free:
             b.publish(True)
             b.cancel(Timer.NO_SPEECH, Timer.IDLE_END)

@@ -59,9 +59,9 @@ class SimulatedAudio:
         self._recording_since = 0.0
         self.failing_cues: set[str] = set()
 
-    def set_gate(self, streaming: bool) -> None:
+    def set_gate(self, streaming: bool, *, preroll: bool = True) -> None:
         """Open or close the gate; with ``voice_follows_gate`` the visitor speaks while it is open."""
-        self.calls.append(f"gate:{'on' if streaming else 'off'}")
+        self.calls.append(f"gate:{'on' if streaming else 'off'}" + ("" if preroll else ":no-preroll"))
         if self.voice_follows_gate and streaming != self.gate:
             self._sink(VoiceStarted(self._clock.now()) if streaming else VoiceStopped(self._clock.now()))
         self.gate = streaming
@@ -276,6 +276,7 @@ async def build_rig(
     agent: bool = False,
     voice_follows_gate: bool = False,
     started: bool = True,
+    consent_notice: bool = False,
 ) -> Rig:
     """Build and start a rig on the running loop (call ``aclose`` when done)."""
     from gpiozero.pins.mock import MockFactory, MockPWMPin
@@ -296,7 +297,8 @@ async def build_rig(
     room = SimulatedRoom(sink, clock, agent=agent)
     store = MemoryMessageStore()
     gpio = GpioPanel(panel, interaction, sink, loop=loop, pin_factory=factory)
-    controller = Controller(policy=Policy.from_settings(interaction), audio=audio, link=room, clock=clock,
+    controller = Controller(policy=Policy.from_settings(interaction, consent_notice=consent_notice), audio=audio,
+                            link=room, clock=clock,
                             panel=gpio, store=store, route=Route.ARRAY, echo_path_verified=echo_path_verified)
     holder.append(controller)
     controller.start()

@@ -82,7 +82,8 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
     audio = SimulatedAudio(sink, clock, voice_follows_gate=not hands_free, cue_seconds=0.4)
     room = SimulatedRoom(sink, clock, agent=True)
     panel = VirtualPanel(settings.panel, settings.interaction, sink, loop=loop)
-    controller = Controller(policy=Policy.from_settings(settings.interaction, settings.spool), audio=audio,
+    controller = Controller(policy=Policy.from_settings(settings.interaction, settings.spool,
+                                                        consent_notice=settings.session.consent_notice), audio=audio,
                             link=room, clock=clock, panel=panel, store=MemoryMessageStore(),
                             route=Route.ARRAY, echo_path_verified=echo_verified)
     holder.append(controller)

@@ -262,11 +262,11 @@ class AudioEngine:
             self._events(PlaybackFinished())
 
     # ------------------------------------------------------------------ ports.AudioEngine
-    def set_gate(self, streaming: bool) -> None:
-        """Open or close the gate to the room link (pre-roll goes out first on opening)."""
+    def set_gate(self, streaming: bool, *, preroll: bool = True) -> None:
+        """Open or close the gate to the room link (pre-roll goes out first on opening, unless dropped)."""
         self._gate = streaming
         if streaming:
-            self.chain.open_gate()
+            self.chain.open_gate(preroll=preroll)
         else:
             self.chain.close_gate()
 

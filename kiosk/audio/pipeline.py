@@ -247,9 +247,9 @@ class CaptureChain:
         self.coherence.reset()
         self._reset_state()
 
-    def open_gate(self) -> None:
-        """Start streaming cleaned frames (the controller decides; pre-roll goes out first)."""
-        self.gate.open()
+    def open_gate(self, *, preroll: bool = True) -> None:
+        """Start streaming cleaned frames (the controller decides; pre-roll goes out first unless dropped)."""
+        self.gate.open(preroll=preroll)
 
     def close_gate(self) -> None:
         """Stop streaming."""

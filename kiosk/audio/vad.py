@@ -218,9 +218,13 @@ class Gate:
         """A gate with the configured pre-roll."""
         return cls(settings.preroll_ms // 10)
 
-    def open(self) -> None:
-        """Start streaming; the pre-roll goes out with the next frame."""
+    def open(self, *, preroll: bool = True) -> None:
+        """Start streaming; the pre-roll goes out with the next frame (``preroll=False``: it is dropped)."""
         if not self.is_open:
+            if not preroll:
+                # Dropped, not sent: audio from before this opening must not reach the room (the AI notice).
+                self._count = 0
+                self._next = 0
             self.is_open = True
             self._release = True
 

@@ -91,6 +91,7 @@ _ALL = (
     Pattern("starting", WHITE, Blink(0.1, 0.9), "starting up"),
     Pattern("idle", BLUE, Pulse(2.0, 2.0), "ready: press to talk (slow breathing)"),
     Pattern("connecting", BLUE, Blink(0.15, 0.15), "opening a session"),
+    Pattern("consent", WHITE, Pulse(0.75, 0.75), "the AI notice is playing: the microphone is not live yet"),
     Pattern("listening", GREEN, Solid(1.0), "the microphone is live: speak now"),
     Pattern("thinking", YELLOW, Pulse(0.5, 0.5), "the agent is working on an answer"),
     Pattern("speaking", CYAN, Pulse(0.3, 0.3), "the agent is speaking (press to interrupt)"),

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from kiosk.app import Kiosk
-from kiosk.effects import ClearPlayback, Cue, InterruptAgent, OfflineReason, PlayCue, ShowPattern
+from kiosk.effects import ClearPlayback, Cue, InterruptAgent, OfflineReason, PlayCue, ShowPattern, StartPublishing
 from kiosk.events import (
     AgentState,
     AgentStateChanged,
@@ -329,6 +329,37 @@ async def test_headset_plugged_mid_conversation_keeps_the_session(open_app: Open
     assert not app.events(SessionClosed, start) and not app.events(LinkLost, start)
     assert app.kiosk.route.switches == 2
     assert app.kiosk.status.route == "array"
+
+
+# ---------------------------------------------------------------------------------------------- consent
+async def test_the_consent_notice_plays_before_anything_reaches_the_agent(open_app: OpenApp,
+                                                                          stack: LocalStack) -> None:
+    """The visitor holds the button and talks at once: the AI notice plays from the speaker first (the LED shows
+    it), the microphone goes live only after it, and the agent hears nothing said while it played."""
+    app = await open_app(session={"consent_notice": True})
+    pressed = app.now
+    app.panel.press()
+    await app.wait_event(SessionOpened, 15, pressed)
+    await asyncio.sleep(0.3)
+    app.room.say(speech(QUESTION), name="over the notice")
+    shown = await app.wait(lambda e: e.new.consent_playing, 5, pressed)
+    assert app.panel.gpio.pattern is not None and app.panel.gpio.pattern.name == "consent"
+    notice = await app.wait_cue_finished(Cue.CONSENT_NOTICE, 20, pressed)
+    assert app.voiced_seconds(shown.at, notice.at) > 2.0  # the notice came out of the speaker
+    published = app.effects(StartPublishing, pressed)
+    assert published == [StartPublishing(preroll=False)], published
+    # Not streaming before the notice's end; live in the step that ended it (the button is still held).
+    assert not any(e.new.publishing for e in app.entries if pressed <= e.at < notice.at)
+    assert notice.new.publishing
+    live_at = notice.at
+    await asyncio.sleep(1.0)
+    app.room.say(speech(QUESTION), name="after the notice")
+    await asyncio.sleep(len(speech(QUESTION)) / 16000 + 0.6)
+    app.panel.release()
+    session = app.kiosk.link.session_id
+    assert await app.until(lambda: bool(stack.agent_report(session)["onsets_at"]), 10), "the agent heard nothing"
+    onsets = stack.agent_report(session)["onsets_at"]
+    assert min(onsets) >= live_at, (onsets, live_at)  # the words said over the notice never reached it
 
 
 # ---------------------------------------------------------------------------------------------- offline

@@ -336,3 +336,22 @@ async def test_controller_consumes_the_bus_it_is_given_even_when_empty() -> None
     await controller.settle()
     assert controller.phase is Phase.IDLE
     await controller.aclose()
+
+
+async def test_the_consent_notice_plays_before_the_gate_opens(make_rig: MakeRig) -> None:
+    """Through the real controller and mock pins: the notice plays and the LED shows it while the visitor
+    holds the button; the gate opens (and the room unmutes) only after the notice has played."""
+    rig = await make_rig(mode=InteractionMode.PUSH_TO_TALK, consent_notice=True)
+    rig.audio.cue_seconds = 0.3  # the notice takes (real) time to play
+    rig.button_pin().drive_low()
+    for _ in range(100):
+        await asyncio.sleep(0.01)
+        if "cue:consent_notice" in rig.audio.calls:
+            break
+    assert rig.panel.pattern is not None and rig.panel.pattern.name == "consent"
+    assert not rig.audio.gate and "publish:on" not in rig.room.calls
+    await rig.settle()
+    calls = rig.audio.calls
+    assert calls.index("cue:consent_notice") < calls.index("gate:on:no-preroll")  # the notice-time audio is not sent
+    assert calls.index("cue:consent_notice") < calls.index("cue:session_start")
+    assert rig.audio.gate and rig.room.calls[-1] == "publish:on" and rgb(rig) == GREEN

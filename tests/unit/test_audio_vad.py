@@ -113,6 +113,19 @@ def test_gate_preroll_is_a_copy_and_zero_preroll_works() -> None:
     assert [int(f[0]) for f in bare.process(_frame(2))] == [2]
 
 
+def test_gate_can_open_without_its_preroll() -> None:
+    """After the AI notice nothing said before the opening may reach the room."""
+    gate = Gate(preroll_frames=3)
+    for v in range(1, 5):
+        gate.process(_frame(v))
+    gate.open(preroll=False)
+    assert [int(f[0]) for f in gate.process(_frame(5))] == [5]
+    gate.close()
+    gate.process(_frame(6))
+    gate.open()  # the next opening has its pre-roll again
+    assert [int(f[0]) for f in gate.process(_frame(7))] == [6, 7]
+
+
 def test_gate_open_twice_does_not_release_twice() -> None:
     gate = Gate.from_settings(VadSettings(preroll_ms=20))
     gate.process(_frame(1))

@@ -13,6 +13,7 @@ from kiosk.state import KioskState, Phase, pattern_key
 def test_every_state_has_a_pattern_and_they_differ() -> None:
     keys = {pattern_key(KioskState(phase=p)) for p in Phase}
     keys |= {pattern_key(KioskState(phase=Phase.OFFLINE, online=False, offline_reason=r)) for r in OfflineReason}
+    keys |= {pattern_key(KioskState(phase=Phase.LISTENING, consent_playing=True))}
     assert keys == set(PATTERNS)
     looks = {(p.colour, p.brightness) for p in PATTERNS.values()}
     assert len(looks) == len(PATTERNS), "two states look the same on an RGB LED"

@@ -72,7 +72,8 @@ EVENTS: list[Event] = [
     *(ApiRefused(r) for r in RefusalReason),
     *(AgentStateChanged(a) for a in AgentState),
     PlaybackStarted(), PlaybackFinished(),
-    *(CueFinished(c) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START)),
+    *(CueFinished(c) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START,
+                               Cue.CONSENT_NOTICE)),
     LinkUp(), LinkLost("down"), LinkReconnecting(),
     DeviceLost("array"), DeviceFound("array"), HeadsetPlugged(), HeadsetUnplugged(),
     *(RouteChanged(r, v) for r in Route for v in (True, False)),
@@ -111,9 +112,11 @@ def _reachable(policy: Policy, limit: int = 20000) -> list[KioskState]:
     return list(seen)
 
 
-@pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
+@pytest.fixture(scope="module", params=[(m, c) for m in MODES for c in (False, True)],
+                ids=lambda p: p[0].value + ("+consent" if p[1] else ""))
 def reachable(request: pytest.FixtureRequest) -> list[KioskState]:
-    return _reachable(Policy(mode=request.param))
+    mode, consent = request.param
+    return _reachable(Policy(mode=mode, consent_notice=consent))
 
 
 def test_every_event_class_is_tabled() -> None:
@@ -149,6 +152,16 @@ def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskSt
                 assert step(state, event) == t, _w(state, event, t)  # pure: same input, same output
             # The microphone streams only inside a session, and the gate effects match the flag.
             assert not new.publishing or new.phase in (Phase.LISTENING, Phase.SPEAKING), _w(state, event, t)
+            # The AI notice plays before anything streams: never the gate while it plays, and a session
+            # with the notice never streams on its opening.
+            assert not (new.consent_playing and new.publishing), _w(state, event, t)
+            assert not new.consent_playing or new.phase is Phase.LISTENING, _w(state, event, t)
+            if state.policy.consent_notice and isinstance(event, SessionOpened):
+                assert _count(fx, StartPublishing) == 0, _w(state, event, t)
+                if state.phase is Phase.CONNECTING:
+                    assert PlayCue(Cue.CONSENT_NOTICE) in fx and new.consent_playing, _w(state, event, t)
+            if PlayCue(Cue.CONSENT_NOTICE) in fx:
+                assert state.policy.consent_notice, _w(state, event, t)
             assert _count(fx, StartPublishing) - _count(fx, StopPublishing) == int(new.publishing) - int(
                 state.publishing), _w(state, event, t)
             # Leaving a session always closes it; entering one always opens it.
@@ -230,6 +243,55 @@ def idle(mode: InteractionMode = InteractionMode.PUSH_TO_TALK, verified: bool = 
     state, _ = run(initial_state(Policy(mode=mode, **kw), echo_path_verified=verified), Started())  # type: ignore[arg-type]
     assert state.phase is Phase.IDLE
     return state
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_the_consent_notice_plays_before_the_microphone_first_streams(mode: InteractionMode) -> None:
+    """Session opened with a visitor already talking: the notice plays (LED: consent), nothing streams
+    while it does, and the microphone goes live only once it has played."""
+    s = idle(mode, consent_notice=True)
+    opener: Event = VoiceStarted() if mode is InteractionMode.OPEN_MIC else ButtonPressed()
+    s, fx = run(s, opener, *([] if mode is InteractionMode.OPEN_MIC else [VoiceStarted()]))
+    assert s.phase is Phase.CONNECTING and OpenSession() in fx
+    s, fx = run(s, SessionOpened("s"))
+    assert fx == [PlayCue(Cue.CONSENT_NOTICE), ShowPattern("consent")]
+    assert s.consent_playing and not s.publishing and pattern_key(s) == "consent"
+    # Talking over the notice, the notice's own playback, a press: still nothing streams.
+    s, fx = run(s, VoiceStopped(), VoiceStarted(), PlaybackStarted(), PlaybackFinished())
+    assert StartPublishing() not in fx and s.phase is Phase.LISTENING
+    s, fx = run(s, CueFinished(Cue.CONSENT_NOTICE))
+    assert fx[0] == PlayCue(Cue.SESSION_START) and StartPublishing(preroll=False) in fx
+    assert ShowPattern("listening") in fx
+    assert s.publishing and not s.consent_playing
+
+
+def test_without_the_notice_nothing_changes() -> None:
+    s, fx = run(idle(), ButtonPressed(), SessionOpened("s"))
+    assert PlayCue(Cue.CONSENT_NOTICE) not in fx and StartPublishing() in fx
+
+
+def test_a_visitor_who_let_go_during_the_notice_is_not_streamed_after_it() -> None:
+    s, _ = run(idle(consent_notice=True), ButtonPressed(), SessionOpened("s"), ButtonReleased())
+    s, fx = run(s, CueFinished(Cue.CONSENT_NOTICE))
+    assert StartPublishing() not in fx and StartTimer(Timer.IDLE_END, s.policy.idle_end_seconds) in fx
+    s, fx = run(s, ButtonPressed())
+    assert StartPublishing() in fx and PlayCue(Cue.CONSENT_NOTICE) not in fx  # once per session
+    s, fx = run(s, ButtonReleased(), TimerExpired(Timer.IDLE_END), ButtonPressed(), SessionOpened("s2"))
+    assert PlayCue(Cue.CONSENT_NOTICE) in fx  # a new session hears it again
+
+
+def test_holding_through_the_notice_is_not_a_status_request() -> None:
+    s, _ = run(idle(consent_notice=True), ButtonPressed(), SessionOpened("s"))
+    s, fx = run(s, ButtonHeld())
+    assert s.phase is Phase.LISTENING and s.consent_playing and not any(isinstance(e, SpeakStatus) for e in fx)
+    s, fx = run(s, CueFinished(Cue.CONSENT_NOTICE))
+    assert StartPublishing(preroll=False) in fx
+
+
+def test_cancel_during_the_notice_ends_the_session() -> None:
+    s, _ = run(idle(consent_notice=True), ButtonPressed(), SessionOpened("s"))
+    s, fx = run(s, ButtonPressed(Button.CANCEL))
+    assert s.phase is Phase.IDLE and CloseSession() in fx and not s.consent_playing
 
 
 def test_push_to_talk_streams_only_while_held() -> None:
