@@ -9,6 +9,7 @@ environment, never from the TOML file on a shared image.
 from __future__ import annotations
 
 import os
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +31,17 @@ CONFIG_PATH_ENV = "KIOSK_CONFIG"
 VOICES = ("alloy", "echo", "shimmer", "ash", "ballad", "coral", "sage", "verse", "marin", "cedar")
 # BCM GPIO numbers on the 40-pin header.
 VALID_BCM_PINS = range(2, 28)
+# USB headsets the kiosk lets take the audio route by default (ids from the USB id database; hw/PARTS.md).
+KNOWN_HEADSET_USB_IDS = (
+    "046d:0a37",  # Logitech H540
+    "046d:0a38",  # Logitech H340
+    "046d:0a44",  # Logitech H390
+    "046d:0a8f",  # Logitech H390 (later revision)
+    "047f:c00e",  # Poly (Plantronics) Blackwire C310
+    "047f:c053",  # Poly (Plantronics) Blackwire C5220
+    "047f:c056",  # Poly (Plantronics) Blackwire C3220
+)
+_USB_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
 
 
 class _Section(BaseModel):
@@ -44,6 +56,11 @@ class AudioSettings(_Section):
     playback_device: str = Field("default", description="playback device name (see `kiosk devices`)")
     headset_capture_device: str | None = Field(None, description="headset microphone name; takes over when present")
     headset_playback_device: str | None = Field(None, description="headset playback name; takes over when present")
+    headset_usb_ids: list[str] = Field(
+        default_factory=lambda: list(KNOWN_HEADSET_USB_IDS),
+        description="USB vendor:product ids (hex, as lsusb prints them) of headsets allowed to take the audio "
+        "route; '*' allows any (development only); hw/99-kiosk-audio.rules names the same ones")
+    headset_card_id: str = Field("kioskheadset", description="ALSA card id hw/99-kiosk-audio.rules gives a headset")
     device_rate_hz: int | None = Field(
         None, description="rate to open the devices at; unset: 16000 if supported, else the device default"
     )
@@ -61,6 +78,16 @@ class AudioSettings(_Section):
     route_poll_seconds: float = Field(
         0.25, gt=0, le=60, description="how often the route manager checks for devices coming and going"
     )
+
+    @field_validator("headset_usb_ids")
+    @classmethod
+    def _usb_ids(cls, value: list[str]) -> list[str]:
+        ids = [item.strip().lower() for item in value]
+        for item in ids:
+            if item != "*" and not _USB_ID.match(item):
+                raise ValueError(f"'{item}' is not a USB id: write vendor:product in hex as lsusb prints it, e.g. "
+                                 "046d:0a44 (or '*' to allow any headset, development only)")
+        return ids
 
     @field_validator("channel", mode="before")
     @classmethod
@@ -138,6 +165,9 @@ class InteractionSettings(_Section):
     """Interaction mode and timers."""
 
     mode: InteractionMode = Field(InteractionMode.PUSH_TO_TALK, description="push_to_talk, tap_to_talk, open_mic")
+    open_mic_acknowledged: bool = Field(
+        False, description="open_mic opens a session for anyone who speaks near the kiosk, passers-by included: "
+        "set true to confirm this site allows it (signage, a staff-only area)")
     barge_in: bool = Field(True, description="visitor speech interrupts the agent (only on a verified echo path)")
     no_speech_timeout_seconds: float = Field(8.0, gt=0, description="end a hands-free session nobody speaks in")
     idle_end_seconds: float = Field(20.0, gt=0, description="end a session after this long without an exchange")
@@ -146,6 +176,14 @@ class InteractionSettings(_Section):
     error_hold_seconds: float = Field(
         10.0, gt=0, description="how long a recoverable error shows before the kiosk waits for visitors again"
     )
+
+    @model_validator(mode="after")
+    def _open_mic(self) -> InteractionSettings:
+        if self.mode is InteractionMode.OPEN_MIC and not self.open_mic_acknowledged:
+            raise ValueError("open_mic streams whatever anyone near the kiosk says, passers-by included, without a "
+                             "press: use tap_to_talk in a public place, or set interaction.open_mic_acknowledged = "
+                             "true where the site allows it (signage, a staff-only area)")
+        return self
 
 
 # ------------------------------------------------------------------------------------------ panel

@@ -281,7 +281,7 @@ async def build_rig(
     """Build and start a rig on the running loop (call ``aclose`` when done)."""
     from gpiozero.pins.mock import MockFactory, MockPWMPin
 
-    interaction = interaction or InteractionSettings(mode=mode)
+    interaction = interaction or InteractionSettings(mode=mode, open_mic_acknowledged=True)
     if interaction.mode is not mode and mode is not InteractionMode.PUSH_TO_TALK:
         interaction = interaction.model_copy(update={"mode": mode})
     panel = panel or PanelSettings(cancel_button=ButtonSpec(pin=27))

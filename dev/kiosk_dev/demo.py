@@ -100,6 +100,7 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
     audio = base.audio if real_devices else base.audio.model_copy(update={
         "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE,
         "headset_capture_device": HEADSET_DEVICE, "headset_playback_device": HEADSET_DEVICE,
+        "headset_usb_ids": ["*"],  # the virtual headset is no USB card
     })
     # The virtual room's speaker-to-microphone path (two PulseAudio hops) can exceed the default search range.
     aec = base.aec if real_devices else base.aec.model_copy(update={"max_delay_ms": max(base.aec.max_delay_ms, 1000)})

@@ -192,6 +192,14 @@ def present(name: str | None, direction: Direction, devices: Sequence[DeviceInfo
     return True
 
 
+def card_usb_id(card_id: str, asound: Path = Path("/proc/asound")) -> str | None:
+    """The USB vendor:product id of the ALSA card ``card_id`` (``/proc/asound/<id>/usbid``); None if not USB."""
+    try:
+        return (asound / card_id / "usbid").read_text().strip().lower() or None
+    except OSError:
+        return None
+
+
 def sound_fingerprint() -> str:
     """A cheap digest of what decides the device list: sound cards and ALSA configuration files.
 

@@ -24,9 +24,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
-from kiosk.audio.devices import DeviceInfo, enumerate_fresh, present, sound_fingerprint
+from kiosk.audio.devices import DeviceInfo, card_usb_id, enumerate_fresh, present, sound_fingerprint
 from kiosk.audio.engine import AudioEngine
 from kiosk.errors import DeviceError
 from kiosk.events import HeadsetPlugged, HeadsetUnplugged, Route, RouteChanged
@@ -45,12 +46,15 @@ class RouteManager:
 
     def __init__(self, settings: Settings, engine: AudioEngine, events: EventSink, *,
                  enumerate_devices: Enumerator = enumerate_fresh,
-                 fingerprint: Callable[[], str] = sound_fingerprint) -> None:
+                 fingerprint: Callable[[], str] = sound_fingerprint,
+                 asound: Path = Path("/proc/asound")) -> None:
         self.settings = settings
         self.engine = engine
         self._events = events
         self._enumerate = enumerate_devices
         self._fingerprint = fingerprint
+        self._asound = asound
+        self._refused_usb_id: str | None = None  # the last unlisted headset, logged once
         on_array = engine.capture_device == settings.audio.capture_device and not engine.lost
         self.route = Route.ARRAY if on_array else Route.NONE
         self.headset_present = False
@@ -110,7 +114,7 @@ class RouteManager:
         array = present(audio.capture_device, "capture", devices) and present(
             audio.playback_device, "playback", devices)
         headset = present(audio.headset_capture_device, "capture", devices) and present(
-            audio.headset_playback_device, "playback", devices)
+            audio.headset_playback_device, "playback", devices) and self._headset_allowed()
         if headset != self.headset_present:
             self.headset_present = headset
             _LOGGER.info("headset %s", "plugged in" if headset else "unplugged")
@@ -119,6 +123,23 @@ class RouteManager:
         if want is not self.route:
             await self._switch(want)
         return self.route
+
+    def _headset_allowed(self) -> bool:
+        """Whether the present headset is one the site listed (``audio.headset_usb_ids``; '*' allows any).
+
+        A visitor's own USB device that calls itself a headset must not become the kiosk's microphone and speaker.
+        """
+        audio = self.settings.audio
+        if "*" in audio.headset_usb_ids:
+            return True
+        usb_id = card_usb_id(audio.headset_card_id, self._asound)
+        if usb_id in audio.headset_usb_ids:
+            return True
+        if usb_id != self._refused_usb_id:
+            self._refused_usb_id = usb_id
+            _LOGGER.warning("a headset (card %s, USB id %s) is not in audio.headset_usb_ids: ignored; add its id "
+                            "(lsusb) to use it", audio.headset_card_id, usb_id or "unknown: not a USB card")
+        return False
 
     async def _switch(self, want: Route) -> None:
         audio = self.settings.audio

@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -43,7 +44,8 @@ async def test_headset_takes_over_and_hands_back(pulse_devices: PulseServer) -> 
     pulse_devices.unplug("headset")
     settings = load_settings(None, audio={
         "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE, "headset_capture_device": HEADSET_DEVICE,
-        "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": 0.2, "device_timeout_ms": 500})
+        "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": 0.2, "device_timeout_ms": 500,
+        "headset_usb_ids": ["*"]})
     sink = Recorder()
     engine = AudioEngine(settings, sink, sink)
     await engine.start()
@@ -99,3 +101,35 @@ async def test_headset_takes_over_and_hands_back(pulse_devices: PulseServer) -> 
         await engine.aclose()
     assert manager.switches == 4
     print(f"route switch times (ms): {[round(ms) for ms in switch_ms]}")
+
+
+async def test_only_a_listed_headset_takes_the_route(pulse_devices: PulseServer, tmp_path: Path) -> None:
+    """A USB device that merely calls itself a headset is ignored; the site's listed one takes over.
+
+    The sound devices are real (the private PulseAudio server); the USB id comes from a scratch
+    ``/proc/asound`` (no USB card here), as the card's ``usbid`` file reads on a Pi.
+    """
+    pulse_devices.unplug("headset")
+    asound = tmp_path / "asound"
+    (asound / "kioskheadset").mkdir(parents=True)
+    (asound / "kioskheadset" / "usbid").write_text("1d6b:0104\n")  # a visitor's gadget
+    settings = load_settings(None, audio={
+        "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE, "headset_capture_device": HEADSET_DEVICE,
+        "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": 0.2, "device_timeout_ms": 500})
+    assert "046d:0a44" in settings.audio.headset_usb_ids and "*" not in settings.audio.headset_usb_ids
+    sink = Recorder()
+    engine = AudioEngine(settings, sink, sink)
+    await engine.start()
+    manager = RouteManager(settings, engine, sink, asound=asound)
+    await manager.start()
+    try:
+        assert manager.route is Route.ARRAY
+        pulse_devices.plug("headset")
+        await asyncio.sleep(1.5)  # several route checks
+        assert manager.route is Route.ARRAY and not sink.of(HeadsetPlugged)
+        (asound / "kioskheadset" / "usbid").write_text("046d:0a44\n")  # the site's listed headset
+        await manager.check()
+        assert manager.route is Route.HEADSET and sink.of(HeadsetPlugged)
+    finally:
+        await manager.aclose()
+        await engine.aclose()

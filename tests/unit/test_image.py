@@ -260,7 +260,7 @@ def test_first_boot_takes_credential_and_config(device: Path) -> None:
     drop = device / "bootfs" / "kiosk-provision"
     drop.mkdir()
     (drop / "device-credential").write_text("dev-cred-42\n")
-    (drop / "kiosk.toml").write_text('[interaction]\nmode = "open_mic"\n')
+    (drop / "kiosk.toml").write_text('[interaction]\nmode = "open_mic"\nopen_mic_acknowledged = true\n')
     _provision(device)
     cred = device / "etc/kiosk/credentials/device-credential"
     assert cred.read_text() == "dev-cred-42\n" and cred.stat().st_mode & 0o777 == 0o600

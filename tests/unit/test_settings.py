@@ -108,3 +108,12 @@ def test_plain_http_to_another_host_is_refused_at_load(field: str, monkeypatch: 
     assert "allow_insecure_transport" in message and "(top level)" not in message
     monkeypatch.setenv("KIOSK_SECURITY__ALLOW_INSECURE_TRANSPORT", "true")
     assert load_settings().security.allow_insecure_transport
+
+
+def test_open_mic_needs_the_sites_acknowledgement(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KIOSK_INTERACTION__MODE", "open_mic")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert "interaction.open_mic_acknowledged" in caught.value.message and "tap_to_talk" in caught.value.message
+    monkeypatch.setenv("KIOSK_INTERACTION__OPEN_MIC_ACKNOWLEDGED", "true")
+    assert load_settings().interaction.mode.value == "open_mic"
