@@ -502,6 +502,17 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
 
 
 def redacted(settings: Settings) -> dict[str, Any]:
-    """The effective settings as plain data, secrets shown as ``**********``."""
-    data: dict[str, Any] = settings.model_dump(mode="json")  # SecretStr dumps as '**********'
+    """The effective settings as plain data, secrets shown as ``**********`` and URLs without their secrets."""
+    from kiosk.transport import redact_url
+
+    def scrub(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {key: scrub(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [scrub(item) for item in value]
+        if isinstance(value, str) and "://" in value:
+            return redact_url(value)  # user:password@ and ?token= never reach a terminal or a ticket
+        return value
+
+    data: dict[str, Any] = scrub(settings.model_dump(mode="json"))  # SecretStr dumps as '**********'
     return data

@@ -39,6 +39,8 @@ CUE_NAMES: tuple[str, ...] = tuple(cue.value for cue in Cue)
 SPOKEN_NAMES: tuple[str, ...] = tuple(name for name in CUE_NAMES if name not in TONES)
 
 _TONE_LEVEL_DBFS = -12.0
+# 60 s of 192 kHz stereo 16-bit is 46 MB: a larger file is no cue (and is not read into memory).
+_MAX_CUE_BYTES = 48_000_000
 _FADE_MS = 8
 
 
@@ -77,7 +79,7 @@ def read_cue_file(path: Path) -> Pcm:
     """
     fix = "save it as a 16-bit PCM WAV, mono, 16000 Hz (e.g. `sox in.wav -b 16 -c 1 -r 16000 out.wav`)"
     try:
-        wav = read_wav(path)
+        wav = read_wav(path, max_bytes=_MAX_CUE_BYTES)
     except WavError as error:
         raise CueError(f"cue file {path} is not a PCM WAV file ({error}): {fix}") from None
     except OSError as error:

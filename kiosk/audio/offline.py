@@ -46,6 +46,9 @@ _LENGTH_SLACK_SECONDS = 0.05
 _LENGTH_SLACK_SHARE = 0.005
 
 Channel = int | str  # a 0-based channel number, or "mix"
+# Sample rates a recording may have: what sound devices record at (a header outside this is damaged).
+MIN_RATE_HZ = 8000
+MAX_RATE_HZ = 192000
 
 
 @dataclass
@@ -74,6 +77,9 @@ def read_input(path: Path, *, role: str, channel: Channel | None = None) -> tupl
     except WavError as error:
         kind = "a WAV file" if str(error) == NO_WAV_HEADER else "a readable WAV file"
         raise InputError(f"{role} file {path} is not {kind} ({error}): record or convert it to PCM WAV") from None
+    if not MIN_RATE_HZ <= wav.rate_hz <= MAX_RATE_HZ:
+        raise InputError(f"{role} file {path} says its sample rate is {wav.rate_hz} Hz: record at 8000 to 192000 Hz, "
+                         "or repair the file's header (e.g. `sox in.wav -r 16000 out.wav`)")
     data = wav.samples
     if data.shape[1] > 1:
         if channel is None:

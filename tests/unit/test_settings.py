@@ -84,11 +84,15 @@ def test_cli_bad_toml_syntax_exits_2(tmp_path: Path) -> None:
 
 
 def test_cli_config_redacts_secrets(tmp_path: Path) -> None:
-    env = {**os.environ, "KIOSK_CONFIG": str(tmp_path / "none.toml"), "KIOSK_SESSION__CREDENTIAL": "topsecret"}
+    env = {**os.environ, "KIOSK_CONFIG": str(tmp_path / "none.toml"), "KIOSK_SESSION__CREDENTIAL": "topsecret",
+           "KIOSK_SESSION__API_URL": "https://kiosk:hunter2@voice.example.com/v1",
+           "KIOSK_DELIVERY__URL": "https://messages.example.com/in?token=letmein&site=lobby"}
     (tmp_path / "none.toml").write_text("")
     result = _kiosk("config", env=env)
     assert result.returncode == 0, result.stderr
     assert "topsecret" not in result.stdout and "**********" in result.stdout
+    assert "hunter2" not in result.stdout and "https://***@voice.example.com/v1" in result.stdout
+    assert "letmein" not in result.stdout and "token=***&site=lobby" in result.stdout
 
 
 def test_empty_systemd_credential_is_no_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
