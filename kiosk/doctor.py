@@ -4,7 +4,8 @@ Each area checks itself next to the code it checks and returns ``kiosk.checks.Ch
 ``audio`` (``kiosk.audio.doctor``: devices, and a loopback measurement with a recommended interaction
 mode), ``gpio`` (``kiosk.panel.doctor``: buttons and LEDs), ``network`` (``kiosk.link.doctor``: session
 API, catalog, a session and a LiveKit connect), ``disk`` (``kiosk.fallback.doctor``: the spool's space,
-persistence and writability) and ``watchdog`` (``kiosk.health``: the unit's and the hardware watchdog).
+persistence and writability), ``watchdog`` (``kiosk.health``: the unit's and the hardware watchdog) and
+``security`` (``kiosk.security``: what docs/security.md promises, each area reporting its own part).
 This module only runs the areas asked for and prints the report.
 
 Exit status: 0 when no check failed (warnings and skipped checks allowed; with ``--strict`` warnings
@@ -22,7 +23,7 @@ from typing import Any
 from kiosk.checks import Check, Report
 from kiosk.settings import Settings
 
-AREAS = ("audio", "gpio", "network", "disk", "watchdog")
+AREAS = ("audio", "gpio", "network", "disk", "watchdog", "security")
 
 
 def run_doctor(settings: Settings, areas: Sequence[str], *, sound: bool = True, open_session: bool = True) -> Report:
@@ -48,10 +49,14 @@ def run_doctor(settings: Settings, areas: Sequence[str], *, sound: bool = True, 
             from kiosk.fallback.doctor import check_disk
 
             checks = check_disk(settings)
-        else:
+        elif area == "watchdog":
             from kiosk.health import check_watchdog
 
             checks = check_watchdog()
+        else:
+            from kiosk.security import check_security
+
+            checks = check_security(settings)
         report.checks.extend(checks)
     return report
 
@@ -75,11 +80,11 @@ def _area(value: str) -> str:
 def register(subparsers: Any) -> None:
     """Add ``kiosk doctor``."""
     parser = subparsers.add_parser(
-        "doctor", help="on-site checks: audio (with a loopback measurement), gpio, network, disk, watchdog",
+        "doctor", help="on-site checks: audio (with a loopback measurement), gpio, network, disk, watchdog, security",
         description="On-site checks. The audio check plays a short sweep and a noise burst on the speaker. "
                     "Exit status 0: nothing failed; 1: a check failed.")
     parser.add_argument("areas", nargs="*", type=_area, metavar="AREA",
-                        help="all (default), audio, gpio, network, disk, watchdog")
+                        help="all (default), audio, gpio, network, disk, watchdog, security")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--no-sound", action="store_true", help="skip the loopback measurement (no sound played)")
     parser.add_argument("--no-session", action="store_true",
