@@ -215,6 +215,11 @@ class Kiosk:
                 if stats.delay_ms is not None:
                     self.metrics.aec_delay_ms.set(stats.delay_ms)
                 self.metrics.set_route(self.route.route.value)
+                engine = self.engine
+                self.metrics.count_to(self.metrics.audio_stalls, engine.stalls)
+                self.metrics.count_to(self.metrics.audio_recoveries, engine.recoveries)
+                self.metrics.count_to(self.metrics.device_losses, engine.device_losses)
+                self.metrics.count_to(self.metrics.route_switches, self.route.switches)
                 publish_stats(self.spool, self.metrics, self.status)
             await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)
 

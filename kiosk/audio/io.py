@@ -245,6 +245,26 @@ class AudioIO:
         for stream in self._streams:
             stream.start_stream()
 
+    def restart(self) -> StreamLayout:
+        """Close and open the stream(s) again on the same devices, keeping the agent audio still to play.
+
+        For a stream that runs but stopped delivering (a stall): the rings start afresh (the microphone and
+        the reference are paired again from the first new block, as after ``open``), the queued playout goes
+        on where it stopped. Blocking, like ``open``; ``DeviceError`` if the devices no longer open.
+        """
+        queued: Samples = np.zeros(self._playout.queued, dtype=np.int16)
+        self._playout.read(queued)
+        old_rate = self.layout.rate_hz if self.layout is not None else None
+        self.close()
+        self._capturing = False
+        layout = self.open()
+        if layout.rate_hz == old_rate:
+            self._playout.write(queued)
+        elif len(queued):
+            # Drop: the device came back at another rate; the rest of the answer would play at the wrong pitch.
+            self.counters.underrun_samples += len(queued)
+        return layout
+
     def close(self) -> None:
         """Stop and close the streams and PortAudio (safe to call twice, and after a failure)."""
         streams, self._streams = self._streams, []
