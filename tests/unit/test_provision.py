@@ -497,3 +497,17 @@ def test_fuzz_any_changed_byte_breaks_the_signature(name: str, position: int, fl
     changed = {**_SIGNED, name: base64.b64encode(bytes(data)) if name == "manifest.sig" else bytes(data)}
     with pytest.raises(BundleRejected):
         verify_bundle(changed, bytes(_KEY.verify_key))
+
+
+def test_the_root_process_loads_no_settings_code(device: Device) -> None:
+    """As root, only the standard library, PyNaCl and the provisioning module run: never pydantic or the settings."""
+    probe = ("import runpy, sys; sys.argv = ['kiosk.provision', 'apply', '--root', sys.argv[1]]\n"
+             "try:\n    runpy.run_module('kiosk.provision', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+             "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('pydantic', 'pydantic_settings', 'numpy')"
+             " or m in ('kiosk.settings', 'kiosk.app'))\nprint(loaded)")
+    device.bundle(device_credential="cred-5\n", kiosk_toml='[interaction]\nmode = "open_mic"\n')
+    python, pythonpath = _python_for_the_kiosk_user()
+    result = subprocess.run([python, "-c", probe, str(device.root)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": pythonpath}, check=True)
+    assert result.stdout.strip() == "[]", result.stdout
+    assert "ACCEPTED" in device.note()  # the config was validated all the same, in the kiosk user's process
