@@ -1,4 +1,5 @@
-"""systemd/: the unit files verify, the sandbox scores <= 2.0, sysusers and tmpfiles do what they say."""
+"""systemd/: the unit files verify, the sandboxes score (kiosk <= 2.0, every other unit <= 3.0), sysusers and
+tmpfiles do what they say, and no unit runs the kiosk's code as root beyond provisioning's file moves."""
 
 from __future__ import annotations
 
@@ -11,9 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
-UNITS = ("kiosk.service", "kiosk-provision.service", "kiosk-cooldown.service")
+SERVICES = ("kiosk.service", "kiosk-provision.service", "kiosk-cooldown.service")
+UNITS = (*SERVICES, "kiosk-retry.timer")
+# Exposure limits (systemd-analyze security, 0 = locked down, 10 = unrestricted).
+LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.service": 3.0}
 # Executables the units name, made to exist in the scratch root so `verify` checks everything else.
-EXECUTABLES = ("/opt/kiosk/venv/bin/kiosk", "/usr/libexec/kiosk/kiosk-provision")
+EXECUTABLES = ("/opt/kiosk/venv/bin/kiosk", "/opt/kiosk/venv/bin/python")
 
 pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
 
@@ -70,18 +74,21 @@ def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
     assert "RestartSecs" in result.stderr and "sometimes" in result.stderr
 
 
-def _exposure(unit: Path) -> tuple[int, float]:
-    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", str(unit)],
+def _exposure(unit: Path, threshold: int = 20) -> tuple[int, float]:
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", f"--threshold={threshold}", str(unit)],
                             capture_output=True, text=True, timeout=60)
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
     assert match, result.stdout + result.stderr
     return result.returncode, float(match.group(1))
 
 
-def test_hardening_exposure_at_most_2() -> None:
-    returncode, exposure = _exposure(SYSTEMD / "kiosk.service")
-    print(f"kiosk.service exposure: {exposure}")
-    assert exposure <= 2.0
+@pytest.mark.parametrize("unit", SERVICES)
+def test_hardening_exposure_within_the_limit(unit: str) -> None:
+    """kiosk.service <= 2.0; provisioning and the cool-down (9.5 and 9.6 unsandboxed as root) <= 3.0."""
+    limit = LIMITS[unit]
+    returncode, exposure = _exposure(SYSTEMD / unit, threshold=round(limit * 10))
+    print(f"{unit} exposure: {exposure}")
+    assert exposure <= limit
     assert returncode == 0
 
 
@@ -119,16 +126,37 @@ def test_service_contract() -> None:
     assert "CPUWeight" in svc and "CPUQuota" not in svc
     families = svc["RestrictAddressFamilies"][0].split()
     assert sorted(families) == ["AF_INET", "AF_INET6", "AF_NETLINK", "AF_UNIX"]
-    assert head["OnFailure"] == ["kiosk-cooldown.service"]
+    assert head["OnFailure"] == ["kiosk-cooldown.service kiosk-retry.timer"]
     # Secrets never travel in the environment file.
     example = (SYSTEMD / "kiosk.env.example").read_text()
     assert not re.search(r"^#?\s*KIOSK_SESSION__CREDENTIAL=", example, flags=re.M)
 
 
-def test_cooldown_does_not_reboot() -> None:
+def test_cooldown_diagnoses_as_the_kiosk_user_and_the_timer_retries() -> None:
     svc = _entries(SYSTEMD / "kiosk-cooldown.service")["Service"]
     commands = " ".join(svc["ExecStart"])
-    assert "reboot" not in commands and "start kiosk.service" in commands
+    # No reboot loop, and no root: the doctor runs as the kiosk (with its credential, through systemd),
+    # and nothing in the unit needs systemctl.
+    assert "reboot" not in commands and "systemctl" not in commands and "doctor" in commands
+    assert not any(c.startswith(("+", "!", "-+", "+-")) for c in svc["ExecStart"])
+    assert svc["User"] == ["kiosk"] and svc["CapabilityBoundingSet"] == [""]
+    assert svc["LoadCredential"] == ["device-credential:/etc/kiosk/credentials/device-credential"]
+    timer = _entries(SYSTEMD / "kiosk-retry.timer")["Timer"]
+    assert timer["Unit"] == ["kiosk.service"] and timer["OnActiveSec"] == ["10min"]
+    # Inactive once fired, so the next crash loop can start it again.
+    assert timer["RemainAfterElapse"] == ["no"]
+    # It fires after the start limit's window, so the start is allowed without reset-failed.
+    head = _entries(SYSTEMD / "kiosk.service")["Unit"]
+    assert head["StartLimitIntervalSec"] == timer["OnActiveSec"]
+
+
+def test_provisioning_runs_only_its_module_as_root_in_a_sandbox() -> None:
+    svc = _entries(SYSTEMD / "kiosk-provision.service")["Service"]
+    # Isolated Python, the provisioning module only (it validates the config as the kiosk user itself).
+    assert svc["ExecStart"] == ["/opt/kiosk/venv/bin/python -I -m kiosk.provision apply"]
+    assert set(svc["CapabilityBoundingSet"][0].split()) == {"CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SYS_ADMIN"}
+    assert svc["PrivateNetwork"] == ["yes"] and svc["ProtectSystem"] == ["strict"]
+    assert set(svc["ReadWritePaths"][0].split()) == {"/etc/kiosk", "-/bootfs", "-/boot/firmware"}
 
 
 @pytest.fixture
@@ -151,15 +179,23 @@ def test_sysusers_creates_the_service_user(scratch_etc: Path) -> None:
         assert "kiosk" in groups[group][3].split(","), group
 
 
-@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None, reason="systemd-tmpfiles not installed")
+@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None or shutil.which("systemd-sysusers") is None,
+                    reason="systemd-tmpfiles or systemd-sysusers not installed")
 def test_tmpfiles_make_an_empty_private_credential(scratch_etc: Path) -> None:
     conf = SYSTEMD / "kiosk.tmpfiles.conf"
+    # At boot sysusers runs first: /etc/kiosk belongs to the kiosk group.
+    subprocess.run(["systemd-sysusers", f"--root={scratch_etc}", str(SYSTEMD / "kiosk.sysusers.conf")],
+                   check=True, capture_output=True, timeout=60)
     subprocess.run(["systemd-tmpfiles", f"--root={scratch_etc}", "--create", str(conf)],
                    check=True, capture_output=True, timeout=60)
     cred = scratch_etc / "etc/kiosk/credentials/device-credential"
     assert cred.read_bytes() == b""
     assert cred.stat().st_mode & 0o777 == 0o600
     assert (cred.parent.stat().st_mode & 0o777) == 0o700
+    etc = scratch_etc / "etc/kiosk"
+    kiosk_gid = next(int(line.split(":")[2]) for line in (scratch_etc / "etc/group").read_text().splitlines()
+                     if line.startswith("kiosk:"))
+    assert (etc.stat().st_mode & 0o777) == 0o750 and (etc.stat().st_uid, etc.stat().st_gid) == (0, kiosk_gid)
     # A provisioned credential is never overwritten by a later boot.
     cred.write_text("secret")
     subprocess.run(["systemd-tmpfiles", f"--root={scratch_etc}", "--create", str(conf)],
