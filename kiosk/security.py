@@ -42,4 +42,6 @@ def behaviour_checks(settings: Settings) -> list[Check]:
 
 def check_security(settings: Settings) -> list[Check]:
     """Every area's security checks."""
-    return behaviour_checks(settings)
+    from kiosk import provision
+
+    return [*behaviour_checks(settings), *provision.security_checks(settings)]
