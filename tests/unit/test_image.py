@@ -260,17 +260,23 @@ def test_first_boot_takes_credential_and_config(device: Path) -> None:
     drop = device / "bootfs" / "kiosk-provision"
     drop.mkdir()
     (drop / "device-credential").write_text("dev-cred-42\n")
+    (drop / "delivery-credential").write_text("deliver-cred-7\n")
     (drop / "kiosk.toml").write_text('[interaction]\nmode = "open_mic"\n')
     _provision(device)
     cred = device / "etc/kiosk/credentials/device-credential"
     assert cred.read_text() == "dev-cred-42\n" and cred.stat().st_mode & 0o777 == 0o600
     assert (cred.parent.stat().st_mode & 0o777) == 0o700
+    # Delivery's own credential, beside the session API's.
+    delivery = device / "etc/kiosk/credentials/delivery-credential"
+    assert delivery.read_text() == "deliver-cred-7\n" and delivery.stat().st_mode & 0o777 == 0o600
     assert load_settings(device / "etc/kiosk/kiosk.toml").interaction.mode.value == "open_mic"
     # Nothing secret is left on the boot partition; a note says what happened.
     assert not drop.exists()
     note = (device / "bootfs" / "kiosk-provision.txt").read_text()
-    assert "credential: installed" in note and "dev-cred-42" not in note
-    assert not any("dev-cred-42" in p.read_text() for p in (device / "bootfs").rglob("*") if p.is_file())
+    assert "device credential: installed" in note and "dev-cred-42" not in note
+    assert "delivery credential: installed" in note and "deliver-cred-7" not in note
+    assert not any(secret in p.read_text() for p in (device / "bootfs").rglob("*") if p.is_file()
+                   for secret in ("dev-cred-42", "deliver-cred-7"))
 
 
 def test_a_broken_site_config_is_rejected_and_kept_for_the_installer(device: Path) -> None:
@@ -285,6 +291,18 @@ def test_a_broken_site_config_is_rejected_and_kept_for_the_installer(device: Pat
     assert "REJECTED" in note and "session.api_url" in note
     # The config in force is untouched.
     assert 'mode = "tap_to_talk"' in (device / "etc/kiosk/kiosk.toml").read_text()
+
+
+def test_a_site_config_holding_a_credential_is_rejected(device: Path) -> None:
+    drop = device / "bootfs" / "kiosk-provision"
+    drop.mkdir()
+    (drop / "kiosk.toml").write_text('[delivery]\nurl = "https://messages.example/up"\ncredential = "s3cr3t-77"\n')
+    _provision(device)
+    note = (device / "bootfs" / "kiosk-provision.txt").read_text()
+    assert "REJECTED" in note and "delivery.credential" in note and "delivery-credential" in note
+    assert "s3cr3t-77" not in note
+    installed = device / "etc/kiosk/kiosk.toml"
+    assert not installed.exists() or "s3cr3t-77" not in installed.read_text()
 
 
 def test_default_config_on_first_boot_only(device: Path) -> None:
