@@ -743,15 +743,18 @@ class Spool:
     def claim_next(self, exclude: frozenset[str] = frozenset()) -> Message | None:
         """The oldest stored sealed message, now marked ``delivering`` (None when there is nothing to send).
 
-        Plain files from an earlier version are never sent: they wait until a recipient key seals them.
+        Plain files from an earlier version are never sent: they wait until a recipient key seals them. Nor is
+        a message past the age limit: retention deletes it instead (the operator's limit holds for delivery too).
         """
         with self._lock:
             self._require_writer()
             with self._transaction() as tx:
                 marks = ",".join("?" * len(exclude))
                 where = f"AND id NOT IN ({marks})" if exclude else ""
-                row = tx.execute(f"SELECT {_COLUMNS} FROM messages WHERE state = 'stored' AND file LIKE ? {where} "
-                                 "ORDER BY created_unix LIMIT 1", (f"%{SEALED_SUFFIX}", *exclude)).fetchone()
+                oldest = self._wall_clock() - self.max_age_seconds
+                row = tx.execute(f"SELECT {_COLUMNS} FROM messages WHERE state = 'stored' AND file LIKE ? "
+                                 f"AND created_unix >= ? {where} ORDER BY created_unix LIMIT 1",
+                                 (f"%{SEALED_SUFFIX}", oldest, *exclude)).fetchone()
                 if row is None:
                     return None
                 tx.execute("UPDATE messages SET state = 'delivering', attempts = attempts + 1 WHERE id = ?",

@@ -365,10 +365,22 @@ def received(url: str) -> dict[str, Any]:
 
 async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, stack: LocalStack,
                                                              tmp_path: Path) -> None:
+    import time
+
+    from kiosk.fallback.sealing import parse_key
+    from kiosk.fallback.spool import Spool
+
     assert stack.network is not None
     with endpoint_across_the_link(stack, tmp_path) as url:
+        # A message left 40 days ago (past the default 30-day limit) and never collected: the service's
+        # retention timer deletes it when it starts, before anyone stores anything.
+        with Spool(tmp_path / "spool", recipient_public_key=parse_key(operator_key(tmp_path / "operator.key")),
+                   wall_clock=lambda: time.time() - 40 * 86400) as old_spool:
+            expired = old_spool.store(np.zeros(1600, dtype=np.int16))
         app = await open_app(delivery={"url": url, "retry_base_seconds": 0.2, "retry_max_seconds": 1.0,
                                        "request_timeout_seconds": 2.0})
+        assert await app.until(lambda: not app.kiosk.spool.messages(), 5), app.kiosk.spool.messages()
+        assert app.kiosk.spool.dropped_total == 1 and expired not in received(url)["stored"]
         stack.network.set_link(False)  # the outage, while idle
         pressed = await app.tap()
         refused = (await app.wait_event(ApiRefused, 10, pressed)).event

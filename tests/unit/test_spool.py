@@ -23,6 +23,7 @@ from kiosk.fallback.spool import (
     SpoolError,
     decode_message,
     run_retention,
+    spool_warning,
 )
 
 DAY = 86400.0
@@ -223,6 +224,9 @@ def test_retention_by_age_oldest_first(tmp_path: Path) -> None:
         assert spool.enforce_retention() == []
         assert spool.stats().retention_fraction == pytest.approx(0.6)
         clock.now += 5 * DAY
+        claimed = spool.claim_next()  # past the limit: the old one is not sent, even before retention runs
+        assert claimed is not None and claimed.id == young
+        spool.release(young, "not sent in this test")
         assert spool.enforce_retention() == [old]
         assert [m.id for m in spool.messages()] == [young]
         assert spool.dropped_total == 1 and spool.stats().dropped_total == 1
@@ -504,6 +508,7 @@ def test_quarantined_files_expire(tmp_path: Path) -> None:
                     quarantine_max_age_seconds=14 * DAY) as spool:
         assert spool.reconciled.quarantined == 1
         [kept] = list((tmp_path / QUARANTINE_DIR).iterdir())
+        assert "1 file(s) in quarantine/" in spool_warning(spool.stats(), 0.8)  # staff are told, with the limit
         clock.now += 13 * DAY
         spool.enforce_retention()
         assert kept.exists() and spool.quarantine_expired_total == 0
