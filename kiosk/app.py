@@ -31,7 +31,7 @@ from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.offline import Probe
-from kiosk.fallback.spool import Spool, publish_stats
+from kiosk.fallback.spool import Spool, publish_stats, run_retention
 from kiosk.health import HealthWatchdog, Notifier, progress_check
 from kiosk.link.backoff import Backoff
 from kiosk.link.livekit import LiveKitRoomLink
@@ -119,6 +119,12 @@ class Kiosk:
         if self.deliverer is not None:
             self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
         self._tasks.append(asyncio.create_task(self._publish(), name="publish-metrics"))
+        # Retention at start and on a timer, not only when a message is stored.
+        self._tasks.append(asyncio.create_task(
+            run_retention(self.spool, settings.spool.retention_check_seconds), name="retention"))
+        if settings.spool.recipient_public_key is None:
+            _LOGGER.warning("spool.recipient_public_key is unset: visitors are not offered to leave a message "
+                            "(kiosk doctor security)")
         self.watchdog = HealthWatchdog(self.notifier, [
             progress_check("capture", lambda: self.engine.frames_processed, max_stall_seconds=MAX_STALL_SECONDS,
                            now=loop.time),

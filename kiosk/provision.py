@@ -4,6 +4,7 @@ An installer puts a *bundle* on the boot partition (the FAT partition any laptop
 ``kiosk-provision/``:
 
     device-credential   the device credential (one line)
+    delivery-credential the message endpoint's own credential (one line; optional)
     kiosk.toml          the site config (optional)
     kiosk.env           extra environment for kiosk.service: ``KIOSK_*=value`` lines only (optional)
     manifest            what the operator signed: a serial number and the SHA-256 of each file above
@@ -67,12 +68,14 @@ _LOGGER = logging.getLogger("kiosk.provision")  # also when run as __main__
 BUNDLE_DIR = "kiosk-provision"
 REJECTED_DIR = "kiosk-provision.rejected"
 REPORT_NAME = "kiosk-provision.txt"
-CREDENTIAL_NAME = "device-credential"
+CREDENTIAL_NAME = "device-credential"  # the session API's
+DELIVERY_CREDENTIAL_NAME = "delivery-credential"  # the message endpoint's own (optional)
+CREDENTIAL_NAMES = (CREDENTIAL_NAME, DELIVERY_CREDENTIAL_NAME)
 CONFIG_NAME = "kiosk.toml"
 ENV_NAME = "kiosk.env"
 MANIFEST_NAME = "manifest"
 SIGNATURE_NAME = "manifest.sig"
-PAYLOAD_NAMES = (CREDENTIAL_NAME, CONFIG_NAME, ENV_NAME)
+PAYLOAD_NAMES = (*CREDENTIAL_NAMES, CONFIG_NAME, ENV_NAME)
 MANIFEST_HEADER = "kiosk-provision-bundle 1"
 
 # Paths relative to the root (``--root`` in tests; ``/`` on a kiosk).
@@ -247,7 +250,7 @@ def parse_env(text: str) -> dict[str, str]:
                                  "/etc/kiosk; put the settings in kiosk.toml instead")
         if name.endswith("CREDENTIAL"):
             raise BundleRejected(f"{ENV_NAME} line {number}: {name}: credentials never travel in the environment; "
-                                 "put the device credential in device-credential")
+                                 "put them in device-credential and delivery-credential")
         if not _ENV_VALUE.fullmatch(value):
             raise BundleRejected(f"{ENV_NAME} line {number}: the value of {name} holds a quote, backslash, $, ` "
                                  "or control character; put such values in kiosk.toml")
@@ -264,13 +267,13 @@ def format_env(env: Mapping[str, str]) -> bytes:
     return ("\n".join(lines) + "\n").encode()
 
 
-def parse_credential(data: bytes) -> bytes:
-    """The device credential: one line of printable ASCII without spaces; returned with one newline."""
+def parse_credential(data: bytes, name: str = CREDENTIAL_NAME) -> bytes:
+    """A credential file (``name``): one line of printable ASCII without spaces; returned with one newline."""
     text = data.decode("ascii", errors="replace").rstrip("\r\n")
     if not text:
-        raise BundleRejected(f"{CREDENTIAL_NAME}: the file is empty")
+        raise BundleRejected(f"{name}: the file is empty")
     if len(text) > MAX_CREDENTIAL_BYTES or not _CREDENTIAL.fullmatch(text):
-        raise BundleRejected(f"{CREDENTIAL_NAME}: must be one line of printable characters without spaces "
+        raise BundleRejected(f"{name}: must be one line of printable characters without spaces "
                              f"(at most {MAX_CREDENTIAL_BYTES})")
     return text.encode("ascii") + b"\n"
 
@@ -645,11 +648,12 @@ class Provisioner:
 
         plan: dict[str, bytes] = {}
         reasons: list[str] = []
-        if CREDENTIAL_NAME in payload:
-            try:
-                plan[CREDENTIAL_NAME] = parse_credential(payload[CREDENTIAL_NAME])
-            except BundleRejected as error:
-                reasons.append(error.message)
+        for name in CREDENTIAL_NAMES:
+            if name in payload:
+                try:
+                    plan[name] = parse_credential(payload[name], name)
+                except BundleRejected as error:
+                    reasons.append(error.message)
         env: dict[str, str] | None = None
         if ENV_NAME in payload:
             try:
@@ -695,9 +699,10 @@ class Provisioner:
             return {}
 
     def _install(self, plan: dict[str, bytes], outcome: Outcome) -> None:
-        if CREDENTIAL_NAME in plan:
-            write_durably(self.root / CREDENTIALS_DIR / CREDENTIAL_NAME, plan[CREDENTIAL_NAME], CREDENTIAL_MODE)
-            outcome.installed.append("device credential")
+        for name in CREDENTIAL_NAMES:
+            if name in plan:
+                write_durably(self.root / CREDENTIALS_DIR / name, plan[name], CREDENTIAL_MODE)
+                outcome.installed.append(name.replace("-", " "))
         if CONFIG_NAME in plan:
             write_durably(self.etc / CONFIG_NAME, plan[CONFIG_NAME], CONFIG_MODE, 0, self.gid)
             outcome.installed.append("site config")
@@ -707,19 +712,21 @@ class Provisioner:
 
     @staticmethod
     def _remove_bundle(bundle: Path) -> None:
-        credential = bundle / CREDENTIAL_NAME
-        if credential.exists():
-            _shred(credential)
+        for name in CREDENTIAL_NAMES:
+            credential = bundle / name
+            if credential.exists():
+                _shred(credential)
         shutil.rmtree(bundle, ignore_errors=True)
         with contextlib.suppress(OSError):
             _fsync_directory(bundle.parent)
 
     @staticmethod
     def _set_aside(bundle: Path) -> None:
-        """Keep a rejected bundle for the installer to see, minus the credential (a secret on a FAT card)."""
-        credential = bundle / CREDENTIAL_NAME
-        if credential.exists() and not credential.is_symlink():
-            _shred(credential)
+        """Keep a rejected bundle for the installer to see, minus the credentials (secrets on a FAT card)."""
+        for name in CREDENTIAL_NAMES:
+            credential = bundle / name
+            if credential.exists() and not credential.is_symlink():
+                _shred(credential)
         rejected = bundle.parent / REJECTED_DIR
         if rejected.exists():
             shutil.rmtree(rejected, ignore_errors=True)
@@ -823,6 +830,7 @@ def security_checks(settings: Settings, root: Path = Path("/"), run: Runner = _r
         _mode_check(root / ETC_DIR / ENV_NAME, CONFIG_MODE, 0, gids, "kiosk.env"),
         _mode_check(root / CREDENTIALS_DIR, CREDENTIALS_DIR_MODE, 0, {0}, "credentials/"),
         _mode_check(root / CREDENTIALS_DIR / CREDENTIAL_NAME, CREDENTIAL_MODE, 0, {0}, "device-credential"),
+        _mode_check(root / CREDENTIALS_DIR / DELIVERY_CREDENTIAL_NAME, CREDENTIAL_MODE, 0, {0}, "delivery-credential"),
     ) if p]
     if problems:
         checks.append(Check(area, "config files", Verdict.FAIL, "; ".join(problems),

@@ -43,5 +43,7 @@ def behaviour_checks(settings: Settings) -> list[Check]:
 def check_security(settings: Settings) -> list[Check]:
     """Every area's security checks."""
     from kiosk import provision
+    from kiosk.fallback import doctor as fallback_doctor
 
-    return [*behaviour_checks(settings), *provision.security_checks(settings)]
+    return [*behaviour_checks(settings), *fallback_doctor.security_checks(settings),
+            *provision.security_checks(settings)]

@@ -2,8 +2,9 @@
 
 Every field has a one-line description; validation errors name the field and the fix, and a broken
 configuration makes ``kiosk`` exit with status 2 (see ``load_settings``). Secrets are ``SecretStr`` and
-come from systemd credentials (``LoadCredential=``, read from ``$CREDENTIALS_DIRECTORY``) or the
-environment, never from the TOML file on a shared image.
+come from systemd credentials (``LoadCredential=``, read from ``$CREDENTIALS_DIRECTORY``: ``device-credential``
+for the session API, ``delivery-credential`` for the message endpoint) or the environment, never from the TOML
+file: a secret in the file is refused with exit status 2.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ from pydantic_settings import (
 from kiosk.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kiosk/kiosk.toml")
+# Where provisioning puts the credentials that kiosk.service hands over with LoadCredential= (one file each).
+CREDENTIALS_DIRECTORY = Path("/etc/kiosk/credentials")
 CONFIG_PATH_ENV = "KIOSK_CONFIG"
 
 # The realtime voices the session API accepts.
@@ -42,6 +45,12 @@ KNOWN_HEADSET_USB_IDS = (
     "047f:c056",  # Poly (Plantronics) Blackwire C3220
 )
 _USB_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
+# The longest anyone may keep a visitor's recorded voice on the kiosk (spool.max_age_days and
+# spool.quarantine_max_age_days): a quarter of a year. docs/security.md says why.
+MAX_AGE_DAYS = 90
+# Secrets that come from systemd credentials (or the environment), never from the TOML file: (section, field,
+# credential name).
+SECRETS = (("session", "credential", "device-credential"), ("delivery", "credential", "delivery-credential"))
 
 
 class _Section(BaseModel):
@@ -271,7 +280,8 @@ class SessionSettings(_Section):
     api_url: str = Field("http://127.0.0.1:8080", description="base URL of the voice-session API")
     token_endpoint_url: str | None = Field(None, description="standard LiveKit token endpoint (token_endpoint)")
     credential: SecretStr | None = Field(
-        None, description="device credential; prefer the systemd credential 'device-credential'"
+        None, description="device credential: the systemd credential 'device-credential' (or "
+        "KIOSK_SESSION__CREDENTIAL); never from the config file"
     )
     profiles: list[SessionProfile] = Field(
         default_factory=lambda: [SessionProfile()], min_length=1, description="profiles, in order of preference"
@@ -304,22 +314,54 @@ class SessionSettings(_Section):
 
 # ---------------------------------------------------------------------------------------- offline
 class SpoolSettings(_Section):
-    """Visitor messages recorded while offline."""
+    """Visitor messages recorded while offline (sealed to the operator's key; docs/offline.md, docs/security.md)."""
 
     directory: Path = Field(Path("/var/lib/kiosk/spool"), description="durable storage for messages")
+    recipient_public_key: str | None = Field(
+        None, description="the operator's X25519 public key (base64 or hex; `kiosk messages keygen` makes a pair): "
+        "each message is sealed to it before it is written; unset: no messages are recorded")
     max_message_seconds: float = Field(60.0, gt=1, le=600, description="longest message")
-    max_age_days: float = Field(30.0, gt=0, description="messages older than this are dropped, oldest first")
+    max_age_days: float = Field(
+        30.0, gt=0, description=f"undelivered messages older than this are deleted (at most {MAX_AGE_DAYS})")
+    quarantine_max_age_days: float = Field(
+        30.0, gt=0, description=f"files set aside in quarantine/ are deleted after this long (at most {MAX_AGE_DAYS})")
+    retention_check_seconds: float = Field(
+        3600.0, ge=60, le=86400, description="how often the service enforces the retention limits (and at start)")
     min_free_mb: int = Field(200, ge=0, description="keep this much disk free; oldest messages go first")
     language: str = Field("en", description="language of the local spoken messages")
     cues_directory: Path = Field(
         Path("/etc/kiosk/cues"), description="operator's cues, <language>/<name>.wav; checked before the shipped ones"
     )
 
+    @field_validator("recipient_public_key")
+    @classmethod
+    def _recipient(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from kiosk.fallback.sealing import check_public_key, encode_key, parse_key
+
+        try:
+            return encode_key(check_public_key(parse_key(value, "public key")))
+        except ValueError as error:
+            raise ValueError(f"{error}; set the operator's public key as printed by `kiosk messages keygen`") \
+                from None
+
+    @field_validator("max_age_days", "quarantine_max_age_days")
+    @classmethod
+    def _age_cap(cls, value: float) -> float:
+        if value > MAX_AGE_DAYS:
+            raise ValueError(f"{value:g} days is more than the cap of {MAX_AGE_DAYS} days: visitors' voice is not "
+                             f"kept longer than that (docs/security.md); choose {MAX_AGE_DAYS} or fewer")
+        return value
+
 
 class DeliverySettings(_Section):
     """Upload of stored messages once back online."""
 
     url: str | None = Field(None, description="HTTP endpoint messages are uploaded to; unset: keep them")
+    credential: SecretStr | None = Field(
+        None, description="delivery's own bearer credential: the systemd credential 'delivery-credential' (or "
+        "KIOSK_DELIVERY__CREDENTIAL); never from the config file")
     retry_max_seconds: float = Field(300.0, gt=0, description="longest wait between upload attempts")
     retry_base_seconds: float = Field(2.0, gt=0, le=300, description="first backoff ceiling (full jitter)")
     request_timeout_seconds: float = Field(30.0, gt=0, le=600, description="per upload request")
@@ -456,6 +498,24 @@ def _credential(name: str) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
+def _refuse_secrets_in_file(path: Path) -> None:
+    """``ConfigError`` if the TOML file sets a secret: it is often world-readable and copied between kiosks."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return  # reading and syntax errors are reported by the settings source, with the file's name
+    found = [(section, key, name) for section, key, name in SECRETS
+             if isinstance(data.get(section), dict) and key in data[section]]
+    if found:
+        lines = [f"  {section}.{key}: a secret is never read from the config file {path}; remove it from "
+                 f"[{section}] and provision it as the systemd credential '{name}' "
+                 f"(/etc/kiosk/credentials/{name}, see docs/security.md), or set KIOSK_{section.upper()}__"
+                 f"{key.upper()} for a command run by hand" for section, key, name in found]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -487,6 +547,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         toml_in_force = None
     else:
         toml_in_force = toml
+    if toml_in_force is not None:
+        _refuse_secrets_in_file(toml_in_force)
     _TOML_PATH = toml_in_force
     try:
         settings = Settings(**overrides)
@@ -496,8 +558,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"config file {toml} cannot be read: {error}; fix the TOML syntax") from None
     finally:
         _TOML_PATH = None
-    if settings.session.credential is None:
-        settings.session.credential = _credential("device-credential")
+    for section, key, name in SECRETS:
+        part = getattr(settings, section)
+        if getattr(part, key) is None:
+            setattr(part, key, _credential(name))
     return settings
 
 

@@ -1,8 +1,10 @@
 """Delivery: upload stored messages to the operator's endpoint, exactly once from the operator's view.
 
 Protocol (also in docs/offline.md): one ``POST`` to ``delivery.url`` per message, ``multipart/form-data``
-with two parts, ``metadata`` (``application/json``) and ``audio`` (``audio/wav``, 16 kHz mono 16-bit),
-and the headers ``Authorization: Bearer <device credential>`` and ``Idempotency-Key: <message id>``.
+with two parts, ``metadata`` (``application/json``) and ``audio`` (``application/octet-stream``: the sealed
+file as stored, the WAV sealed to the operator's public key; the kiosk sends what it cannot read), and the
+headers ``Authorization: Bearer <delivery credential>`` (delivery's own systemd credential
+``delivery-credential``, not the session API's) and ``Idempotency-Key: <message id>``.
 Any 2xx is the acknowledgement: only then is the message deleted. Everything else (a 5xx, a 4xx, a
 timeout, a dropped connection) keeps it, and it is sent again later with the same key, after a backoff
 with full jitter (``Retry-After`` is honoured). The endpoint stores a key once and answers 2xx to a
@@ -18,11 +20,13 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiosk.errors import ConfigError, KioskError
-from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError
+from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError, message_metadata
 from kiosk.link.backoff import Backoff
+from kiosk.settings import CREDENTIALS_DIRECTORY
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,12 +49,9 @@ class UploadResult:
     retry_after_seconds: float | None = None
 
 
-def metadata(message: Message) -> dict[str, str | float | int]:
-    """The ``metadata`` part of an upload."""
-    return {"id": message.id, "recorded_at": message.recorded_at,
-            "duration_seconds": round(message.duration_seconds, 3), "sha256": message.sha256,
-            "size_bytes": message.size_bytes, "sample_rate_hz": 16000, "channels": 1,
-            "format": "wav", "attempt": message.attempts}
+def metadata(message: Message, sealed: bytes) -> dict[str, str | float | int]:
+    """The ``metadata`` part of an upload: the message's metadata (nothing from its content) and the attempt."""
+    return {**message_metadata(message, sealed), "attempt": message.attempts}
 
 
 def _retry_after(value: str | None) -> float | None:
@@ -71,15 +72,15 @@ class Uploader:
         self._timeout_seconds = timeout_seconds
         self._session: aiohttp.ClientSession | None = None
 
-    async def upload(self, message: Message, wav: bytes) -> UploadResult:
+    async def upload(self, message: Message, sealed: bytes) -> UploadResult:
         """POST one message; never raises for network or HTTP failures (they are results)."""
         import aiohttp
 
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_seconds))
         form = aiohttp.FormData()
-        form.add_field("metadata", json.dumps(metadata(message)), content_type="application/json")
-        form.add_field("audio", wav, filename=f"{message.id}.wav", content_type="audio/wav")
+        form.add_field("metadata", json.dumps(metadata(message, sealed)), content_type="application/json")
+        form.add_field("audio", sealed, filename=f"{message.id}.wav.sealed", content_type="application/octet-stream")
         headers = {"Idempotency-Key": message.id, "User-Agent": USER_AGENT}
         if self._credential:
             headers["Authorization"] = f"Bearer {self._credential}"
@@ -119,7 +120,7 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
         if message is None:
             return results
         try:
-            wav = await asyncio.to_thread(spool.read, message)
+            sealed = await asyncio.to_thread(spool.read, message)
         except SpoolError as error:
             # A file that fails its checksum is never sent: it goes to quarantine/ for staff to look at.
             _LOGGER.error("not sending message %s: %s", message.id, error.message)
@@ -127,7 +128,7 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
             skip.add(message.id)
             continue
         try:
-            result = await upload(message, wav)
+            result = await upload(message, sealed)
         except BaseException:
             # Cancelled (shutdown) mid-upload: back to stored, sent again later with the same key.
             await asyncio.shield(asyncio.to_thread(spool.release, message.id, "cancelled"))
@@ -139,8 +140,8 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
             continue
         await asyncio.to_thread(spool.release, message.id, result.error)
         if result.status in (401, 403):
-            _LOGGER.error("the message endpoint rejects the device credential (%s): check the systemd "
-                          "credential 'device-credential' and delivery.url", result.error)
+            _LOGGER.error("the message endpoint rejects the delivery credential (%s): check the systemd "
+                          "credential 'delivery-credential' and delivery.url", result.error)
         else:
             _LOGGER.warning("message %s not delivered: %s; will retry", message.id, result.error)
         return results
@@ -175,6 +176,10 @@ class Deliverer:
         """
         if settings.delivery.url is None:
             _LOGGER.info("delivery.url is unset: visitors' messages stay on the kiosk (kiosk messages export)")
+            return None
+        if settings.delivery.credential is None:
+            _LOGGER.error("delivery.url is set but there is no delivery credential, so messages stay on the kiosk: "
+                          "provision the systemd credential 'delivery-credential' (docs/security.md)")
             return None
         uploader = uploader_from_settings(settings)
         deliverer = cls(spool, uploader.upload, backoff_from_settings(settings), on_pass=on_pass,
@@ -218,13 +223,30 @@ class Deliverer:
             await self._uploader.aclose()
 
 
-def uploader_from_settings(settings: Settings) -> Uploader:
-    """An ``Uploader`` for ``delivery.url`` with the device credential; ``ConfigError`` if no URL is set."""
+def uploader_from_settings(settings: Settings,
+                           credential_file: Path = CREDENTIALS_DIRECTORY / "delivery-credential") -> Uploader:
+    """An ``Uploader`` for ``delivery.url`` with delivery's own credential.
+
+    The credential is ``delivery.credential`` (the service's systemd credential, or the environment); run by
+    hand, without ``$CREDENTIALS_DIRECTORY``, the provisioned ``credential_file`` is read if it can be.
+    ``ConfigError`` if no URL is set or no credential is found: the session API's credential is never sent
+    to the message endpoint.
+    """
     url = settings.delivery.url
     if url is None:
         raise ConfigError("delivery.url is unset, so messages stay on the kiosk: set KIOSK_DELIVERY__URL or "
                           "[delivery] url in the config file")
-    credential = settings.session.credential.get_secret_value() if settings.session.credential else None
+    secret = settings.delivery.credential
+    credential = secret.get_secret_value() if secret is not None else ""
+    if not credential:
+        try:
+            credential = credential_file.read_text().strip()
+        except OSError:
+            credential = ""
+    if not credential:
+        raise ConfigError(f"delivery.credential: no delivery credential (the systemd credential "
+                          f"'delivery-credential', {credential_file}, is missing, empty or unreadable): provision "
+                          "it (docs/security.md), run as root, or set KIOSK_DELIVERY__CREDENTIAL for this command")
     return Uploader(url, credential, settings.delivery.request_timeout_seconds)
 
 

@@ -91,8 +91,8 @@ class Device:
         """Put a bundle on the boot partition: keyword = file name with _ for - and . (device_credential)."""
         self.drop.mkdir(parents=True, exist_ok=True)
         for key, content in files.items():
-            name = {"device_credential": "device-credential", "kiosk_toml": "kiosk.toml",
-                    "kiosk_env": "kiosk.env"}.get(key, key)
+            name = {"device_credential": "device-credential", "delivery_credential": "delivery-credential",
+                    "kiosk_toml": "kiosk.toml", "kiosk_env": "kiosk.env"}.get(key, key)
             data = content.encode() if isinstance(content, str) else content
             (self.drop / name).write_bytes(data)
         return self.drop
@@ -181,6 +181,20 @@ def test_first_boot_takes_an_unsigned_bundle(device: Device) -> None:
     assert "ACCEPTED" in note and "device credential" in note and "first boot" in note
     _no_secret_left(device, "dev-cred-42")
     assert device.marker()["first_boot"] == "bundle accepted"
+
+
+def test_delivery_gets_its_own_credential(device: Device) -> None:
+    """The message endpoint's credential is installed beside the session API's, never in the clear on the card."""
+    device.bundle(device_credential="dev-cred-42\n", delivery_credential="deliver-cred-7\n")
+    assert device.provision().returncode == 0
+    delivery = device.etc / "credentials/delivery-credential"
+    assert delivery.read_text() == "deliver-cred-7\n" and _mode(delivery) == (0o600, 0, 0)
+    assert "delivery credential" in device.note()
+    _no_secret_left(device, "deliver-cred-7")
+    device.bundle(delivery_credential="two words\n")  # later, signed, but not one token: refused
+    device.sign(serial=9)
+    assert device.provision().returncode == 3 and "delivery-credential: must be one line" in device.note()
+    _no_secret_left(device, "two words")
 
 
 def test_first_boot_without_a_bundle_installs_the_default_and_closes_the_window(device: Device) -> None:

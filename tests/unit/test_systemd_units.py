@@ -120,7 +120,9 @@ def test_service_contract() -> None:
     assert svc["DevicePolicy"] == ["closed"]
     assert sorted(svc["DeviceAllow"]) == ["char-alsa rw", "char-gpiochip rw"]
     assert svc.get("PrivateDevices", ["no"]) == ["no"]
-    assert svc["LoadCredential"] == ["device-credential:/etc/kiosk/credentials/device-credential"]
+    # Two credentials: the session API's and delivery's own (never one doubling as the other).
+    assert svc["LoadCredential"] == ["device-credential:/etc/kiosk/credentials/device-credential",
+                                     "delivery-credential:/etc/kiosk/credentials/delivery-credential"]
     assert svc["StateDirectory"] == ["kiosk"] and svc["RuntimeDirectory"] == ["kiosk"]
     assert "LG_WD=%t/kiosk" in svc["Environment"]
     assert "CPUWeight" in svc and "CPUQuota" not in svc
@@ -129,7 +131,7 @@ def test_service_contract() -> None:
     assert head["OnFailure"] == ["kiosk-cooldown.service kiosk-retry.timer"]
     # Secrets never travel in the environment file.
     example = (SYSTEMD / "kiosk.env.example").read_text()
-    assert not re.search(r"^#?\s*KIOSK_SESSION__CREDENTIAL=", example, flags=re.M)
+    assert not re.search(r"^#?\s*KIOSK_(SESSION|DELIVERY)__CREDENTIAL=", example, flags=re.M)
 
 
 def test_cooldown_diagnoses_as_the_kiosk_user_and_the_timer_retries() -> None:
@@ -188,9 +190,10 @@ def test_tmpfiles_make_an_empty_private_credential(scratch_etc: Path) -> None:
                    check=True, capture_output=True, timeout=60)
     subprocess.run(["systemd-tmpfiles", f"--root={scratch_etc}", "--create", str(conf)],
                    check=True, capture_output=True, timeout=60)
+    for name in ("device-credential", "delivery-credential"):
+        made = scratch_etc / "etc/kiosk/credentials" / name
+        assert made.read_bytes() == b"" and made.stat().st_mode & 0o777 == 0o600, name
     cred = scratch_etc / "etc/kiosk/credentials/device-credential"
-    assert cred.read_bytes() == b""
-    assert cred.stat().st_mode & 0o777 == 0o600
     assert (cred.parent.stat().st_mode & 0o777) == 0o700
     etc = scratch_etc / "etc/kiosk"
     kiosk_gid = next(int(line.split(":")[2]) for line in (scratch_etc / "etc/group").read_text().splitlines()
