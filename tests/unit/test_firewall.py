@@ -9,7 +9,6 @@ ruleset the same probes get through, so the checks can fail.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ KIOSK_IP = "10.214.0.2"
 VENUE_IP = "10.214.0.1"
 
 pytestmark = [
-    pytest.mark.skipif(shutil.which("nft") is None or shutil.which("ip") is None, reason="nft or ip missing"),
+    pytest.mark.needs_tool("nft", "ip"),
     pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
 ]
 

@@ -47,7 +47,7 @@ def test_the_scripts_are_found() -> None:
             "image/pi-gen/stage-kiosk/00-install/01-run.sh", "image/pi-gen/config.example"} <= names
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.needs_tool("shellcheck")
 def test_shellcheck_every_shell_script() -> None:
     scripts = _shell_scripts()
     result = subprocess.run(["shellcheck", "--format=gcc", *map(str, scripts)], capture_output=True, text=True,
@@ -55,7 +55,7 @@ def test_shellcheck_every_shell_script() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+@pytest.mark.needs_tool("shellcheck")
 def test_shellcheck_would_catch_a_mistake(tmp_path: Path) -> None:
     bad = tmp_path / "bad.sh"
     bad.write_text("#!/bin/sh\nrm -rf $1/*\n")
@@ -202,7 +202,7 @@ def test_every_installed_source_exists() -> None:
     assert {"hw/99-kiosk-audio.rules", "hw/asound.conf", "image/slot-shared.conf", "image/nftables.conf"} <= installed
 
 
-@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed")
+@pytest.mark.needs_tool("systemd-sysusers")
 def test_install_into_a_scratch_root(tmp_path: Path) -> None:
     root = _install(tmp_path)
     script = (IMAGE / "install-kiosk.sh").read_text()
@@ -241,7 +241,7 @@ def test_install_into_a_scratch_root(tmp_path: Path) -> None:
     assert (root / "boot/firmware/cmdline.txt").read_text().count("watchdog_disarm=0") == 1
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.needs_tool("systemd-analyze")
 def test_installed_units_verify(tmp_path: Path) -> None:
     root = _install(tmp_path)
     shutil.copytree(Path("/usr/lib/systemd/system"), root / "usr/lib/systemd/system", symlinks=True,
@@ -278,7 +278,7 @@ def test_slot_shared_declaration_covers_the_state() -> None:
 
 
 # ------------------------------------------------------------------------- the wheelhouse guard
-@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed")
+@pytest.mark.needs_tool("systemd-sysusers")
 def test_the_venv_step_refuses_a_missing_or_stale_wheelhouse(tmp_path: Path) -> None:
     """The full install never reaches for an index: no wheelhouse, or one made from other locks, stops it."""
     root = _install(tmp_path)
@@ -368,8 +368,7 @@ def _alsa(tmp_path: Path, conf: Path, tool: str) -> subprocess.CompletedProcess[
     return subprocess.run([tool, "-L"], env=env, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.skipif(shutil.which("aplay") is None or not Path("/usr/share/alsa/alsa.conf").exists(),
-                    reason="alsa-utils not installed")
+@pytest.mark.needs_tool("aplay", "arecord")
 def test_asound_conf_parses_in_alsa_lib(tmp_path: Path) -> None:
     conf = HW / "asound.conf"
     for tool in ("aplay", "arecord"):

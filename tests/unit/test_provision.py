@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 
 pytestmark = [
-    pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed"),
+    pytest.mark.needs_tool("systemd-sysusers"),
     pytest.mark.skipif(os.geteuid() != 0, reason="provisioning sets owners and runs a child as the kiosk user"),
 ]
 
@@ -433,7 +433,7 @@ def test_security_checks_report_the_appliance_state(device: Device) -> None:
         assert checks["firewall"].status is Verdict.FAIL
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.needs_tool("systemd-analyze")
 def test_security_checks_score_the_installed_units(tmp_path: Path) -> None:
     root = make_root(tmp_path, None)
     units = root / "etc/systemd/system"

@@ -19,7 +19,7 @@ LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.
 # Executables the units name, made to exist in the scratch root so `verify` checks everything else.
 EXECUTABLES = ("/opt/kiosk/venv/bin/kiosk", "/opt/kiosk/venv/bin/python")
 
-pytestmark = pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+pytestmark = pytest.mark.needs_tool("systemd-analyze")
 
 
 def _entries(path: Path) -> dict[str, dict[str, list[str]]]:
@@ -170,7 +170,7 @@ def scratch_etc(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.mark.skipif(shutil.which("systemd-sysusers") is None, reason="systemd-sysusers not installed")
+@pytest.mark.needs_tool("systemd-sysusers")
 def test_sysusers_creates_the_service_user(scratch_etc: Path) -> None:
     subprocess.run(["systemd-sysusers", f"--root={scratch_etc}", str(SYSTEMD / "kiosk.sysusers.conf")],
                    check=True, capture_output=True, timeout=60)
@@ -181,8 +181,7 @@ def test_sysusers_creates_the_service_user(scratch_etc: Path) -> None:
         assert "kiosk" in groups[group][3].split(","), group
 
 
-@pytest.mark.skipif(shutil.which("systemd-tmpfiles") is None or shutil.which("systemd-sysusers") is None,
-                    reason="systemd-tmpfiles or systemd-sysusers not installed")
+@pytest.mark.needs_tool("systemd-tmpfiles", "systemd-sysusers")
 def test_tmpfiles_make_an_empty_private_credential(scratch_etc: Path) -> None:
     conf = SYSTEMD / "kiosk.tmpfiles.conf"
     # At boot sysusers runs first: /etc/kiosk belongs to the kiosk group.
