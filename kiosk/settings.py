@@ -379,7 +379,10 @@ class MetricsSettings(_Section):
     """Prometheus metrics and the JSON status endpoint, on localhost."""
 
     enabled: bool = Field(True, description="serve /metrics and /status")
-    host: str = Field("127.0.0.1", description="listen address")
+    host: str = Field("127.0.0.1", description="listen address (loopback unless expose_beyond_loopback)")
+    expose_beyond_loopback: bool = Field(
+        False, description="allow a host other than loopback: the venue's network can then read the kiosk's "
+        "state and usage (kiosk doctor security warns)")
     port: int = Field(9101, ge=0, le=65535, description="listen port (0: any free port)")
     input_audio_tokens_per_second: float = Field(10.0, ge=0, description="tokens billed per second streamed in")
     output_audio_tokens_per_second: float = Field(20.0, ge=0, description="tokens billed per second of answer")
@@ -388,6 +391,15 @@ class MetricsSettings(_Section):
     spool_warn_fraction: float = Field(
         0.8, gt=0, le=1, description="warn when the spool reaches this fraction of its retention limits"
     )
+
+    @model_validator(mode="after")
+    def _loopback(self) -> MetricsSettings:
+        from kiosk.transport import is_loopback
+
+        if self.enabled and not is_loopback(self.host) and not self.expose_beyond_loopback:
+            raise ValueError(f"metrics.host is {self.host!r}, not this machine: anyone on the venue's network could "
+                             "read /metrics and /status; use 127.0.0.1, or set metrics.expose_beyond_loopback = true")
+        return self
 
 
 # ---------------------------------------------------------------------------------------- livekit
