@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 
 from kiosk.checks import Check, Verdict
+from kiosk.link.replies import describe_error
 from kiosk.link.session_api import SessionApi, SessionRefused
 from kiosk.settings import SessionSource, Settings
 from kiosk.transport import PLAIN_SCHEMES, is_loopback, redact_url
@@ -80,7 +81,8 @@ async def _livekit_connect(url: str, token: str, timeout_seconds: float) -> Chec
         await asyncio.wait_for(room.connect(url, token, rtc.RoomOptions(auto_subscribe=False)), timeout_seconds)
     except (TimeoutError, rtc.ConnectError) as error:
         return Check("network", "LiveKit connect", Verdict.FAIL, f"could not join the room at {redact_url(url)}: "
-                     f"{error or 'timed out'}", "check that UDP and TCP to the LiveKit server pass the site firewall")
+                     f"{describe_error(error) if str(error) else 'timed out'}",
+                     "check that UDP and TCP to the LiveKit server pass the site firewall")
     finally:
         connect_ms = round(1000.0 * (loop.time() - started))
     await room.disconnect()

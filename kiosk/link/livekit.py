@@ -49,6 +49,7 @@ from kiosk.events import (
     SessionClosed,
     SessionOpened,
 )
+from kiosk.link.replies import describe_error
 from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
 from kiosk.metrics import Exchange, Metrics, Status, credit_burn_per_talk_minute, default_metrics
 from kiosk.ports import EventSink, Pcm, PlayoutSink
@@ -241,7 +242,8 @@ class LiveKitRoomLink:
             self._room = None
             self.metrics.links_lost.inc()
             self._mark("connect failed")
-            self._post(LinkLost(f"cannot connect to {redact_url(grant.livekit_url)}: {error}"))
+            # The SDK's message may carry the connect URL with the room token in its query: redacted.
+            self._post(LinkLost(f"cannot connect to {redact_url(grant.livekit_url)}: {describe_error(error)}"))
             return
         self._mark("connected")
         try:
@@ -250,7 +252,8 @@ class LiveKitRoomLink:
         except Exception as error:  # the SDK raises plain exceptions; without the restriction nothing is published
             await self._teardown()
             self.metrics.links_lost.inc()
-            self._post(LinkLost(f"cannot restrict who may hear the microphone in {grant.session_id}: {error}"))
+            self._post(LinkLost(f"cannot restrict who may hear the microphone in {grant.session_id}: "
+                                f"{describe_error(error)}"))
             return
         for participant in list(room.remote_participants.values()):
             self._adopt(participant)
@@ -264,7 +267,7 @@ class LiveKitRoomLink:
         except Exception as error:  # the SDK raises its own plain exception types when publishing fails
             await self._teardown()
             self.metrics.links_lost.inc()
-            self._post(LinkLost(f"cannot publish the microphone in {grant.session_id}: {error}"))
+            self._post(LinkLost(f"cannot publish the microphone in {grant.session_id}: {describe_error(error)}"))
             return
         self._mic_sid = publication.sid
         self._sender = self._spawn(self._send_loop(self._source))
@@ -503,7 +506,8 @@ class LiveKitRoomLink:
                 # A full reconnect is a new participant session for the server: restrict its subscribers again.
                 self._restrict_subscribers(room)
             except Exception as error:  # the SDK raises plain exceptions
-                self._spawn(self._lost(f"cannot restrict who may hear the microphone after a reconnect: {error}"))
+                self._spawn(self._lost(f"cannot restrict who may hear the microphone after a reconnect: "
+                                      f"{describe_error(error)}"))
                 return
             for participant in list(room.remote_participants.values()):
                 self._adopt(participant)

@@ -433,6 +433,23 @@ def test_uploader_knows_the_transport_rule() -> None:
     Uploader("http://127.0.0.1:8099/messages", "device-secret")
 
 
+def test_error_descriptions_carry_no_secrets_and_fit_a_line() -> None:
+    from aiohttp import ClientResponseError, RequestInfo
+    from multidict import CIMultiDict, CIMultiDictProxy
+    from yarl import URL
+
+    from kiosk.link.replies import MAX_DESCRIPTION_CHARS, describe_error
+
+    sdk = RuntimeError("signal failure connecting to wss://lk.test/rtc?access_token=eyJ.room.token&auto=1\nnext")
+    text = describe_error(sdk)
+    assert "eyJ" not in text and "access_token=***" in text and "\n" not in text
+    url = URL("https://api.test/v1?token=hunter2")
+    info = RequestInfo(url, "GET", CIMultiDictProxy(CIMultiDict()), url)
+    text = describe_error(ClientResponseError(info, (), status=400, message="Got more than 8190 bytes"))
+    assert "hunter2" not in text and "400 Got more than 8190 bytes" in text
+    assert len(describe_error(ValueError("x" * 10_000))) <= MAX_DESCRIPTION_CHARS
+
+
 # ---------------------------------------------------------------------------------------- property-based
 @given(st.one_of(st.text(max_size=60), st.from_regex(r"\A[0-9eE.+-]{1,20}\Z"),
                  st.datetimes(timezones=st.just(UTC)).map(lambda d: d.strftime("%a, %d %b %Y %H:%M:%S GMT"))))
