@@ -41,7 +41,7 @@ IDENTITY = "kiosk-test"
 LIVEKIT_URL = "wss://livekit.example.test"
 MIB = 1024 * 1024
 CHUNK = b"x" * MIB
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True,
+FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 Reply = Callable[[web.Request], Awaitable[web.StreamResponse]]
