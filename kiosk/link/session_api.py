@@ -5,7 +5,8 @@ Contract (documented in docs/livekit.md):
 - ``GET {api_url}/v1/models/{model_id}`` -> ``200 {"id": ..., "status": "available" | "maintenance" | ...}``;
   anything but ``available`` skips that profile (the next configured one is tried, then the offline path).
 - ``POST {api_url}/v1/voice/sessions`` with ``{"llm_model", "voice", "stt_model"?, "tts_model"?}`` ->
-  ``201 {"session_id", "livekit_url", "token", "expires_at"}`` (``expires_at`` RFC 3339).
+  ``201 {"session_id", "livekit_url", "token", "expires_at", "agent_identity"?}`` (``expires_at`` RFC 3339;
+  ``agent_identity``, where given, is the only participant the room link trusts as the agent).
 - The second source, LiveKit's standard token endpoint: ``POST {token_endpoint_url}`` with
   ``{"room_name", "participant_identity", "participant_name", "room_config"}`` -> ``201 {"server_url",
   "participant_token"}``.
