@@ -18,7 +18,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 import numpy as np
@@ -35,6 +35,9 @@ from kiosk.link.replies import MAX_JSON_DEPTH, MAX_REPLY_BYTES, RETRY_AFTER_MAX_
 from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
 from kiosk.settings import SessionSettings, SessionSource
 from kiosk.transport import InsecureTransport, check_secure
+
+if TYPE_CHECKING:
+    from fixtures.fallback import OperatorKeys
 
 CREDENTIAL = "hostile-test-credential"
 IDENTITY = "kiosk-test"
@@ -356,8 +359,8 @@ async def test_retry_after_cannot_keep_the_kiosk_away(hostile: Hostile, header: 
 
 # ---------------------------------------------------------------------------------------- uploader
 @pytest.fixture
-def stored(tmp_path: Path) -> Iterator[tuple[Message, bytes]]:
-    with Spool(tmp_path / "spool") as spool:
+def stored(tmp_path: Path, operator_keys: OperatorKeys) -> Iterator[tuple[Message, bytes]]:
+    with Spool(tmp_path / "spool", recipient_public_key=operator_keys.public) as spool:
         message_id = spool.store((np.sin(np.arange(8000) / 5) * 3000).astype(np.int16))
         message = spool.get(message_id)
         yield message, spool.read(message)
@@ -496,8 +499,9 @@ def loop() -> Iterator[Loop]:
 
 
 @pytest.fixture(scope="module")
-def stored_once(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Message, bytes]]:
-    with Spool(tmp_path_factory.mktemp("spool")) as spool:
+def stored_once(tmp_path_factory: pytest.TempPathFactory,
+                operator_keys: OperatorKeys) -> Iterator[tuple[Message, bytes]]:
+    with Spool(tmp_path_factory.mktemp("spool"), recipient_public_key=operator_keys.public) as spool:
         message_id = spool.store((np.sin(np.arange(4000) / 5) * 3000).astype(np.int16))
         message = spool.get(message_id)
         yield message, spool.read(message)
