@@ -79,7 +79,7 @@ class Kiosk:
         self.bus = EventBus()
         self._frames = _Frames()
         self.engine = AudioEngine(settings, self.bus.post, self._frames)
-        self.session_api = SessionApi(settings.session)
+        self.session_api = SessionApi.from_settings(settings)
         self.link = LiveKitRoomLink(settings, self.bus.post, self.engine, session_api=self.session_api,
                                     metrics=self.metrics, status=self.status)
         self._frames.target = self.link

@@ -121,10 +121,10 @@ class Metrics:
 
 @dataclass
 class Exchange:
-    """The last visitor/agent exchange, from the captions."""
+    """The last visitor/agent exchange, from the captions: its size only (the words are personal data)."""
 
-    visitor: str = ""
-    agent: str = ""
+    visitor_chars: int = 0
+    agent_chars: int = 0
 
 
 @dataclass

@@ -15,7 +15,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -379,7 +388,10 @@ class MetricsSettings(_Section):
     """Prometheus metrics and the JSON status endpoint, on localhost."""
 
     enabled: bool = Field(True, description="serve /metrics and /status")
-    host: str = Field("127.0.0.1", description="listen address")
+    host: str = Field("127.0.0.1", description="listen address (loopback unless expose_beyond_loopback)")
+    expose_beyond_loopback: bool = Field(
+        False, validate_default=True, description="allow a host other than loopback: the venue's network can "
+        "then read the kiosk's state and usage (kiosk doctor security warns)")
     port: int = Field(9101, ge=0, le=65535, description="listen port (0: any free port)")
     input_audio_tokens_per_second: float = Field(10.0, ge=0, description="tokens billed per second streamed in")
     output_audio_tokens_per_second: float = Field(20.0, ge=0, description="tokens billed per second of answer")
@@ -388,6 +400,17 @@ class MetricsSettings(_Section):
     spool_warn_fraction: float = Field(
         0.8, gt=0, le=1, description="warn when the spool reaches this fraction of its retention limits"
     )
+
+    @field_validator("expose_beyond_loopback")
+    @classmethod
+    def _loopback(cls, value: bool, info: ValidationInfo) -> bool:
+        from kiosk.transport import is_loopback
+
+        host = info.data.get("host")
+        if info.data.get("enabled", True) and isinstance(host, str) and not is_loopback(host) and not value:
+            raise ValueError(f"metrics.host is {host!r}, not this machine: anyone on the venue's network could read "
+                             "/metrics and /status; set metrics.host = '127.0.0.1', or set this to true")
+        return value
 
 
 # ---------------------------------------------------------------------------------------- livekit

@@ -10,6 +10,10 @@ timeout, a dropped connection) keeps it, and it is sent again later with the sam
 with full jitter (``Retry-After`` is honoured). The endpoint stores a key once and answers 2xx to a
 repeat, so a message whose acknowledgement was lost is not stored twice: at-least-once sending plus
 deduplication by key is exactly-once for the operator.
+
+The endpoint's reply is untrusted (``kiosk.link.replies``): a redirect is not followed (it is not an
+acknowledgement, and the message is not sent elsewhere), the body is never read, ``Retry-After`` is clamped,
+and no reply can raise out of ``upload``. URLs in errors are redacted.
 """
 
 from __future__ import annotations
@@ -26,7 +30,9 @@ from typing import TYPE_CHECKING
 from kiosk.errors import ConfigError, KioskError
 from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError, message_metadata
 from kiosk.link.backoff import Backoff
+from kiosk.link.replies import client_session, describe_error, parse_retry_after, printable
 from kiosk.settings import CREDENTIALS_DIRECTORY
+from kiosk.transport import check_secure, redact_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -54,19 +60,13 @@ def metadata(message: Message, sealed: bytes) -> dict[str, str | float | int]:
     return {**message_metadata(message, sealed), "attempt": message.attempts}
 
 
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP-date; the backoff decides instead
-
-
 class Uploader:
     """Sends one message per call over a shared aiohttp session (created lazily, closed by ``aclose``)."""
 
-    def __init__(self, url: str, credential: str | None, timeout_seconds: float = 30.0) -> None:
+    def __init__(self, url: str, credential: str | None, timeout_seconds: float = 30.0, *,
+                 allow_insecure_transport: bool = False) -> None:
+        """``InsecureTransport`` if ``url`` is plain http to another host (``security.allow_insecure_transport``)."""
+        check_secure(url, "delivery.url", allow_insecure=allow_insecure_transport)
         self.url = url
         self._credential = credential
         self._timeout_seconds = timeout_seconds
@@ -77,7 +77,7 @@ class Uploader:
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_seconds))
+            self._session = client_session(self._timeout_seconds)
         form = aiohttp.FormData()
         form.add_field("metadata", json.dumps(metadata(message, sealed)), content_type="application/json")
         form.add_field("audio", sealed, filename=f"{message.id}.wav.sealed", content_type="application/octet-stream")
@@ -85,16 +85,20 @@ class Uploader:
         if self._credential:
             headers["Authorization"] = f"Bearer {self._credential}"
         try:
-            async with self._session.post(self.url, data=form, headers=headers) as response:
-                await response.read()
+            # No redirects: a 3xx is not an acknowledgement, and the message must not go to another host.
+            async with self._session.post(self.url, data=form, headers=headers, allow_redirects=False) as response:
+                # The body is not read (leaving the context closes the connection): only the status counts.
                 ok = 200 <= response.status < 300
-                error = "" if ok else f"HTTP {response.status} {response.reason or ''}".strip()
+                error = "" if ok else f"HTTP {response.status} {printable(response.reason or '', 80)}".strip()
+                if 300 <= response.status < 400:
+                    error += " (a redirect; the kiosk follows none: set delivery.url to the final address)"
                 return UploadResult(message.id, ok, response.status, error,
-                                    _retry_after(response.headers.get("Retry-After")))
+                                    parse_retry_after(response.headers.get("Retry-After")))
         except TimeoutError:
-            return UploadResult(message.id, False, None, f"no reply within {self._timeout_seconds:g} s")
-        except aiohttp.ClientError as error:
-            return UploadResult(message.id, False, None, f"{type(error).__name__}: {error}")
+            return UploadResult(message.id, False, None, f"no reply from {redact_url(self.url)} within "
+                                f"{self._timeout_seconds:g} s")
+        except aiohttp.ClientError as error:  # unreachable, or a broken reply (oversized headers, ...)
+            return UploadResult(message.id, False, None, describe_error(error))
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
@@ -247,7 +251,8 @@ def uploader_from_settings(settings: Settings,
         raise ConfigError(f"delivery.credential: no delivery credential (the systemd credential "
                           f"'delivery-credential', {credential_file}, is missing, empty or unreadable): provision "
                           "it (docs/security.md), run as root, or set KIOSK_DELIVERY__CREDENTIAL for this command")
-    return Uploader(url, credential, settings.delivery.request_timeout_seconds)
+    return Uploader(url, credential, settings.delivery.request_timeout_seconds,
+                    allow_insecure_transport=settings.security.allow_insecure_transport)
 
 
 def backoff_from_settings(settings: Settings) -> Backoff:
