@@ -792,8 +792,6 @@ def _mode_check(path: Path, want_mode: int, want_uid: int, want_gids: set[int], 
 
 def security_checks(settings: Settings, root: Path = Path("/"), run: Runner = _run) -> list[Check]:
     """The appliance side of ``kiosk doctor security``: provisioning state, file modes, firewall, unit sandboxes."""
-    from kiosk.transport import is_loopback
-
     checks: list[Check] = []
     area = "security"
     marker = Marker.read(root / MARKER)
@@ -841,13 +839,6 @@ def security_checks(settings: Settings, root: Path = Path("/"), run: Runner = _r
     else:
         checks.append(Check(area, "config files", Verdict.OK,
                             "kiosk.toml and kiosk.env root:kiosk 0640 or tighter; the credential root 0600"))
-
-    if is_loopback(settings.metrics.host):
-        checks.append(Check(area, "metrics port", Verdict.OK, f"listens on {settings.metrics.host} only"))
-    else:
-        checks.append(Check(area, "metrics port", Verdict.WARN,
-                            f"metrics.host = {settings.metrics.host}: the status endpoint listens beyond loopback "
-                            "(the firewall still drops it)", "set metrics.host = \"127.0.0.1\""))
 
     if shutil.which("nft") is None:
         checks.append(Check(area, "firewall", Verdict.SKIP, "nft is not installed here"))
