@@ -142,5 +142,6 @@ async def test_a_stall_is_recovered_in_place_and_the_answer_goes_on(pulse_device
         pulse_devices.thaw()
         await engine.aclose()
     assert not sink.of(DeviceLost), engine.stats()
-    assert engine.stalls == 1 and engine.recoveries == 1, engine.stats()
+    # One stall from the freeze (a loaded machine may add one of its own): each recovered in place.
+    assert engine.stalls >= 1 and engine.recoveries == engine.stalls, engine.stats()
     assert engine.dropped_playout_samples == 0
