@@ -1,4 +1,4 @@
-"""``kiosk release ca|build|verify``: the operator's side of A/B updates, on the operator's own machine.
+r"""``kiosk release ca|build|verify``: the operator's side of A/B updates, on the operator's own machine.
 
 Update bundles are RAUC bundles (``verity`` format) signed with an X.509 key made for code signing, issued by the
 operator's update CA; the kiosks hold only the CA's certificate (RAUC's keyring, ``IGconf_kiosk_update_ca`` at
@@ -6,7 +6,7 @@ build time) and refuse any bundle it did not issue, a changed one, or one for an
 never go near a kiosk. This tool wraps ``openssl`` and ``rauc`` (Debian packages ``openssl`` and ``rauc``)::
 
     kiosk release ca ~/kiosk-update                 # once: update-ca.pem (into the image build), the keys (0600)
-    kiosk release build --boot work/.../boot.vfat --system work/.../system.erofs --version 2025.3.1 \\
+    kiosk release build --boot work/.../boot.vfat --system work/.../system.erofs --version 2025.3.1 \
         --compatible voice-kiosk-pi5 --signer ~/kiosk-update --out kiosk-2025.3.1.raucb
     kiosk release verify kiosk-2025.3.1.raucb --keyring ~/kiosk-update/update-ca.pem
 

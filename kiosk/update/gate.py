@@ -28,7 +28,7 @@ import logging
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -156,7 +156,7 @@ def _part(raw: object, name: str) -> CheckPart:
     if not isinstance(raw, dict):
         raise ResultError(f"{name}: not an object")
     try:
-        outcome = Outcome(raw.get("outcome"))
+        outcome = Outcome(str(raw.get("outcome")))
     except ValueError:
         raise ResultError(f"{name}: unknown outcome {raw.get('outcome')!r}") from None
     summary = raw.get("summary", "")
@@ -212,7 +212,7 @@ def _run(argv: Sequence[str], timeout_seconds: float) -> subprocess.CompletedPro
 
 
 def boot_id() -> str:
-    """This boot's id (the kernel's random boot id)."""
+    """The kernel's random id of this boot."""
     try:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
@@ -335,7 +335,7 @@ def is_trial(root: Path = Path("/")) -> bool:
     return read_firmware(root).booted not in (None, autoboot.committed_slot)
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -I -m kiosk.update.gate [--root DIR] is-trial|run``."""
     from kiosk.logs import setup_logging
 
