@@ -174,6 +174,9 @@ lock_passwords() {
 # RAUC: the board's compatible string (a bundle for another board is refused), the operator's update CA as the
 # keyring (without it RAUC refuses every bundle), and the image's version for `kiosk update status`.
 install_updates() {
+  case "$DEVICE_CLASS" in
+    *[!a-z0-9]*) log "IGconf_device_class '$DEVICE_CLASS' is not a device class (pi4, pi5, cm5, ...)"; exit 1 ;;
+  esac
   compatible="voice-kiosk${DEVICE_CLASS:+-$DEVICE_CLASS}"
   [ -n "$DEVICE_CLASS" ] || log "no IGconf_device_class: RAUC's compatible is '$compatible'; bundles must say the same"
   sed -i "s/^compatible=.*/compatible=$compatible/" "$ROOT/etc/rauc/system.conf"
