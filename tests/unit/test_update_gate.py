@@ -308,3 +308,21 @@ def test_update_status_command(tmp_path: Path) -> None:
                                       str(root)], capture_output=True, text=True, timeout=60, env=env,
                                      check=True).stdout)
     assert data["last_rolled_back"] is True and data["slot"] == "B" and data["image_version"] == "2025.3.1"
+
+
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(st.binary(max_size=600))
+def test_the_gate_record_and_the_checks_output_are_read_safely(tmp_path_factory: pytest.TempPathFactory,
+                                                               data: bytes) -> None:
+    """The record (a file) and the doctor's and self-test's output (another process) never crash their readers."""
+    from kiosk.update.status import read_record
+
+    path = tmp_path_factory.mktemp("record") / "kiosk-gate.json"
+    path.write_bytes(data)
+    record = read_record(path)
+    assert record is None or set(record) >= {"slot", "action", "reasons"}
+    text = data.decode("utf-8", errors="replace")
+    for code in (0, 1, 124):
+        completed = subprocess.CompletedProcess([], code, text, text)
+        assert doctor_part(completed)["outcome"] in ("pass", "fail", "timeout")
+        assert voice_part(completed)["outcome"] in ("pass", "fail", "timeout")
