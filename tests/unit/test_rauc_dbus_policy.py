@@ -10,7 +10,6 @@ user. Without our file the other user gets through: that is the distribution's d
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -59,9 +58,8 @@ BUS_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Config
 """
 OTHER_UID = 65534  # nobody: stands for the kiosk user
 
-pytestmark = pytest.mark.skipif(
-    any(shutil.which(t) is None for t in ("dbus-daemon", "dbus-send", "dbus-test-tool")) or os.geteuid() != 0,
-    reason="needs dbus-daemon, dbus-send and dbus-test-tool (dbus-tests), and root to call as another user")
+pytestmark = [pytest.mark.needs_tool("dbus-daemon", "dbus-send", "dbus-test-tool"),
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root to call the bus as another user")]
 
 
 def _bus(with_ours: bool) -> Iterator[str]:

@@ -23,8 +23,7 @@ from kiosk_dev.release import CA_CERT, SIGNER_CERT, SIGNER_KEY, build_bundle, ma
 ROOT = Path(__file__).resolve().parents[2]
 TOOLS = ("rauc", "openssl", "mksquashfs", "mkfs.ext4", "mkfs.vfat")
 
-pytestmark = pytest.mark.skipif(any(shutil.which(t) is None for t in TOOLS),
-                                reason=f"needs {', '.join(TOOLS)} (scripts/bootstrap installs them)")
+pytestmark = pytest.mark.needs_tool(*TOOLS)
 
 
 def _openssl(*argv: str) -> None:
