@@ -13,14 +13,17 @@
 #     layout, the inbound firewall (nftables.conf) and the operator's public key for signed provisioning;
 #   - the service user (at build time: the device's root is read-only) and the image's default site
 #     config, which provisioning installs on first boot;
-#   - locked passwords for root and every login account: no console password is shared by every kiosk.
+#   - locked passwords for root and every login account: no console password is shared by every kiosk;
+#   - A/B updates (docs/fleet.md): RAUC's system.conf with the tryboot backend, the operator's update CA as its
+#     keyring, a D-Bus policy that lets only root talk to RAUC, the health gate's units, the image's version.
 # --files-only skips the steps that need the target's own programs (the virtual environment and
 # purging build packages); the test suite uses it on a scratch directory.
 # --wheelhouse DIR (or KIOSK_WHEELHOUSE, or IGconf_kiosk_wheelhouse): the wheels for the target (default
 # out/wheelhouse-cp313-aarch64 in the checkout, where scripts/wheelhouse puts them).
 #
 # Environment (rpi-image-gen exports the layer's variables): IGconf_kiosk_api_url, IGconf_kiosk_mode,
-# IGconf_kiosk_language, IGconf_kiosk_hw_watchdog_sec, IGconf_kiosk_operator_key, IGconf_kiosk_wheelhouse.
+# IGconf_kiosk_language, IGconf_kiosk_hw_watchdog_sec, IGconf_kiosk_operator_key, IGconf_kiosk_wheelhouse,
+# IGconf_kiosk_update_ca, IGconf_kiosk_version; and rpi-image-gen's IGconf_device_class (pi4, pi5, ...).
 set -eu
 
 FILES_ONLY=0
@@ -41,6 +44,9 @@ MODE=${IGconf_kiosk_mode:-push_to_talk}
 LANGUAGE=${IGconf_kiosk_language:-en}
 HW_WATCHDOG_SEC=${IGconf_kiosk_hw_watchdog_sec:-15}
 OPERATOR_KEY=${IGconf_kiosk_operator_key:-}
+UPDATE_CA=${IGconf_kiosk_update_ca:-}
+IMAGE_VERSION=${IGconf_kiosk_version:-0.0.0}
+DEVICE_CLASS=${IGconf_device_class:-}
 BUILD_PACKAGES="python3-dev build-essential portaudio19-dev libspeexdsp-dev swig"
 
 log() { echo "install-kiosk: $*" >&2; }
@@ -102,7 +108,14 @@ install_files() {
   mkdir -p "$ROOT/etc/nftables.d"
   put 0644 hw/99-kiosk-audio.rules /etc/udev/rules.d/99-kiosk-audio.rules
   put 0644 hw/asound.conf /etc/asound.conf
+  put 0644 systemd/kiosk-update-gate.service /etc/systemd/system/kiosk-update-gate.service
+  put 0644 systemd/kiosk-update-check.service /etc/systemd/system/kiosk-update-check.service
+  put 0644 systemd/kiosk-update.tmpfiles.conf /usr/lib/tmpfiles.d/kiosk-update.conf
+  put 0755 image/rauc/rauc-tryboot-backend /usr/lib/kiosk/rauc-tryboot-backend
+  put 0644 image/rauc/dbus-rauc.conf /etc/dbus-1/system.d/kiosk-rauc.conf
+  put 0644 image/rauc/system.conf /etc/rauc/system.conf
   put 0644 docs/appliance.md /opt/kiosk/docs/appliance.md
+  put 0644 docs/fleet.md /opt/kiosk/docs/fleet.md
   put 0644 docs/security.md /opt/kiosk/docs/security.md
   # Mount points for the slot-shared binds; the image ships nothing inside them.
   mkdir -p "$ROOT/etc/kiosk" "$ROOT/var/lib/kiosk"
@@ -158,6 +171,35 @@ lock_passwords() {
   log "locked the passwords of: $users"
 }
 
+# RAUC: the board's compatible string (a bundle for another board is refused), the operator's update CA as the
+# keyring (without it RAUC refuses every bundle), and the image's version for `kiosk update status`.
+install_updates() {
+  case "$DEVICE_CLASS" in
+    *[!a-z0-9]*) log "IGconf_device_class '$DEVICE_CLASS' is not a device class (pi4, pi5, cm5, ...)"; exit 1 ;;
+  esac
+  compatible="voice-kiosk${DEVICE_CLASS:+-$DEVICE_CLASS}"
+  [ -n "$DEVICE_CLASS" ] || log "no IGconf_device_class: RAUC's compatible is '$compatible'; bundles must say the same"
+  sed -i "s/^compatible=.*/compatible=$compatible/" "$ROOT/etc/rauc/system.conf"
+  if ! printf '%s' "$IMAGE_VERSION" | grep -Eqx '[0-9]+(\.[0-9]+){0,2}([.+~-][A-Za-z0-9]+)*'; then
+    log "IGconf_kiosk_version '$IMAGE_VERSION' is not a version (e.g. 2025.3.1); the update bundle's version is the same"
+    exit 1
+  fi
+  mkdir -p "$ROOT/usr/share/kiosk"
+  printf '%s\n' "$IMAGE_VERSION" >"$ROOT/usr/share/kiosk/image-version"
+  keyring="$ROOT/etc/rauc/keyring.pem"
+  if [ -z "$UPDATE_CA" ]; then
+    rm -f "$keyring"
+    log "no IGconf_kiosk_update_ca: kiosks from this image refuse every update bundle (reflash to update)"
+    return
+  fi
+  if [ ! -f "$UPDATE_CA" ] || ! grep -q -- "-----BEGIN CERTIFICATE-----" "$UPDATE_CA" \
+      || grep -q -- "PRIVATE KEY-----" "$UPDATE_CA"; then
+    log "IGconf_kiosk_update_ca ($UPDATE_CA) is not the update CA's certificate (PEM, no private key): kiosk release ca"
+    exit 1
+  fi
+  install -m 0644 "$UPDATE_CA" "$keyring"
+}
+
 install_user() {
   log "creating the kiosk user"
   systemd-sysusers --root="$ROOT" "$ROOT/usr/lib/sysusers.d/kiosk.conf"
@@ -196,6 +238,7 @@ enable_units() {
   mkdir -p "$wants"
   ln -sf /etc/systemd/system/kiosk.service "$wants/kiosk.service"
   ln -sf /etc/systemd/system/kiosk-provision.service "$wants/kiosk-provision.service"
+  ln -sf /etc/systemd/system/kiosk-update-gate.service "$wants/kiosk-update-gate.service"
   # Debian's nftables.service loads /etc/nftables.conf early in boot (WantedBy=sysinit.target).
   mkdir -p "$ROOT/etc/systemd/system/sysinit.target.wants"
   ln -sf /lib/systemd/system/nftables.service "$ROOT/etc/systemd/system/sysinit.target.wants/nftables.service"
@@ -206,6 +249,7 @@ install_files
 install_boot_config
 install_user
 install_operator_key
+install_updates
 install_default_config
 lock_passwords
 enable_units

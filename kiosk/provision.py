@@ -768,7 +768,8 @@ def _run(argv: Sequence[str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(list(argv), capture_output=True, text=True, timeout=60, check=False)
 
 
-UNIT_LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.service": 3.0}
+UNIT_LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.service": 3.0,
+               "kiosk-update-gate.service": 3.0, "kiosk-update-check.service": 3.0}
 FIREWALL_TABLE = ("inet", "kiosk")
 
 

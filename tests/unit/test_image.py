@@ -88,7 +88,8 @@ def _metadata(path: Path) -> dict[str, str]:
     raise AssertionError("no METAEND")
 
 
-VARIABLES = ("srcdir", "api_url", "mode", "language", "hw_watchdog_sec", "operator_key", "wheelhouse")
+VARIABLES = ("srcdir", "api_url", "mode", "language", "hw_watchdog_sec", "operator_key", "wheelhouse", "update_ca",
+             "version")
 
 
 def test_layer_yaml_and_metadata() -> None:
@@ -114,12 +115,14 @@ def test_layer_yaml_and_metadata() -> None:
     packages = data["mmdebstrap"]["packages"]
     # python3-lgpio: gpiozero's pin factory on Pi 4/5 (the venv is built with system site packages).
     assert {"python3-venv", "libportaudio2", "libspeexdsp1", "python3-lgpio", "nftables"} <= set(packages)
+    # A/B updates: RAUC's tool and its D-Bus service (rauc install, rauc status mark-good).
+    assert {"rauc", "rauc-service"} <= set(packages)
     # No SSH server in the image: nobody logs in over the network unless the operator adds it on purpose.
     assert not any("ssh" in p for p in packages)
     assert "--system-site-packages" in (IMAGE / "install-kiosk.sh").read_text()
     hooks = data["mmdebstrap"]["customize-hooks"]
     assert any("image/install-kiosk.sh" in h for h in hooks)
-    assert any("enable-units" in h and "kiosk" in h and "nftables" in h for h in hooks)
+    assert any("enable-units" in h and "kiosk" in h and "nftables" in h and "kiosk-update-gate" in h for h in hooks)
 
 
 def _valid(var: str) -> re.Pattern[str]:
@@ -137,6 +140,8 @@ def _valid(var: str) -> re.Pattern[str]:
     ("operator_key", "GJrGQjMXvIwQOL0fOMsdhoTK02wdVOCvcslMx8fbk5M=",
      "MCowBQYDK2VwAyEAGb9ECWmEzf6FQbrBZ9w7lshQhqowtrbLDFw4rXAxZuE="),
     ("wheelhouse", "/srv/wheels", "wheels"),
+    ("update_ca", "/home/build/kiosk-update/update-ca.pem", "update-ca.pem"),
+    ("version", "2025.3.1", "v1 beta"),
 ])
 def test_variable_validation(var: str, good: str, bad: str) -> None:
     assert _valid(var).fullmatch(good) and not _valid(var).fullmatch(bad)
@@ -171,6 +176,18 @@ SHARED_SHADOW = (f"root:{SHARED_HASH}:19000:0:99999:7:::\ndaemon:*:19000:0:99999
                  f"pi:{SHARED_HASH}:19000:0:99999:7:::\n")
 
 
+def _update_ca(tmp_path: Path) -> Path:
+    """A CA certificate for the image's RAUC keyring (openssl; a fixed stand-in PEM without it)."""
+    cert = tmp_path / "update-ca.pem"
+    if shutil.which("openssl"):
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(tmp_path / "update-ca.key"), "-out", str(cert), "-days", "2",
+                        "-subj", "/CN=Test updates CA"], check=True, capture_output=True, timeout=60)
+    else:
+        cert.write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    return cert
+
+
 def _install(tmp_path: Path) -> Path:
     root = tmp_path / "rootfs"
     (root / "etc").mkdir(parents=True)
@@ -185,7 +202,9 @@ def _install(tmp_path: Path) -> Path:
     (root / "boot/firmware/config.txt").write_text("arm_64bit=1\n")
     (root / "boot/firmware/cmdline.txt").write_text("console=tty1 root=/dev/disk/by-slot/active/system\n")
     env = {**os.environ, "IGconf_kiosk_api_url": "https://voice.example.org", "IGconf_kiosk_mode": "tap_to_talk",
-           "IGconf_kiosk_hw_watchdog_sec": "12", "IGconf_kiosk_operator_key": OPERATOR_KEY}
+           "IGconf_kiosk_hw_watchdog_sec": "12", "IGconf_kiosk_operator_key": OPERATOR_KEY,
+           "IGconf_kiosk_update_ca": str(_update_ca(tmp_path)), "IGconf_kiosk_version": "2025.3.1",
+           "IGconf_device_class": "pi5"}
     subprocess.run([str(IMAGE / "install-kiosk.sh"), "--files-only", str(root)], check=True, env=env,
                    capture_output=True, timeout=120)
     return root
@@ -209,7 +228,8 @@ def test_install_into_a_scratch_root(tmp_path: Path) -> None:
     for _, dest in re.findall(r"^\s*put \d{4} (\S+) (\S+)", script, flags=re.M):
         assert (root / dest.lstrip("/")).is_file(), dest
     wants = root / "etc/systemd/system/multi-user.target.wants"
-    assert {p.name for p in wants.iterdir()} == {"kiosk.service", "kiosk-provision.service"}
+    assert {p.name for p in wants.iterdir()} == {"kiosk.service", "kiosk-provision.service",
+                                                 "kiosk-update-gate.service"}
     # The inbound firewall is loaded early at boot by Debian's nftables.service.
     assert (root / "etc/systemd/system/sysinit.target.wants/nftables.service").is_symlink()
     assert (root / "etc/nftables.conf").read_text() == (IMAGE / "nftables.conf").read_text()
@@ -241,6 +261,53 @@ def test_install_into_a_scratch_root(tmp_path: Path) -> None:
     assert (root / "boot/firmware/cmdline.txt").read_text().count("watchdog_disarm=0") == 1
 
 
+@pytest.mark.needs_tool("systemd-sysusers")
+def test_install_sets_up_updates(tmp_path: Path) -> None:
+    """RAUC's config for this board, the operator's update CA as its keyring, root-only D-Bus, the version."""
+    import xml.etree.ElementTree as ET
+
+    root = _install(tmp_path)
+    conf = (root / "etc/rauc/system.conf").read_text()
+    assert re.search(r"^compatible=voice-kiosk-pi5$", conf, flags=re.M) and "@COMPATIBLE@" not in conf
+    assert re.search(r"^path=/etc/rauc/keyring.pem$", conf, flags=re.M)
+    assert (root / "etc/rauc/keyring.pem").read_text() == (tmp_path / "update-ca.pem").read_text()
+    assert "PRIVATE KEY" not in (root / "etc/rauc/keyring.pem").read_text()
+    backend = root / "usr/lib/kiosk/rauc-tryboot-backend"
+    assert os.access(backend, os.X_OK) and re.search(r"^bootloader-custom-backend=/usr/lib/kiosk/rauc-tryboot-backend$",
+                                                     conf, flags=re.M)
+    assert (root / "usr/share/kiosk/image-version").read_text() == "2025.3.1\n"
+    from kiosk.update.status import read_image_version
+
+    assert read_image_version(root) == "2025.3.1"
+    # Only root may talk to RAUC (the distribution's policy lets every user install and mark slots).
+    policy = ET.parse(root / "etc/dbus-1/system.d/kiosk-rauc.conf").getroot()
+    rules = {(p.get("context") or p.get("user"), child.tag, child.get("send_destination"))
+             for p in policy.iter("policy") for child in p}
+    assert rules == {("default", "deny", "de.pengutronix.rauc"), ("root", "allow", "de.pengutronix.rauc")}
+    assert "d /persistent/rauc 0755 root root -" in (root / "usr/lib/tmpfiles.d/kiosk-update.conf").read_text()
+    assert (root / "opt/kiosk/docs/fleet.md").is_file()
+
+
+@pytest.mark.needs_tool("systemd-sysusers")
+def test_install_refuses_a_bad_update_ca_or_version(tmp_path: Path) -> None:
+    root = _install(tmp_path)
+    key = tmp_path / "update-ca.key"
+    for env, problem in (({"IGconf_kiosk_update_ca": str(key)}, "not the update CA's certificate"),
+                         ({"IGconf_kiosk_update_ca": str(tmp_path / "none.pem")}, "not the update CA's certificate"),
+                         ({"IGconf_kiosk_version": "v1 beta"}, "is not a version")):
+        if not key.exists():
+            key.write_text("-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n")
+        result = subprocess.run([str(IMAGE / "install-kiosk.sh"), "--files-only", str(root)], capture_output=True,
+                                text=True, timeout=120, env={**os.environ, **env})
+        assert result.returncode == 1 and problem in result.stderr, result.stderr
+    # No CA at all: the image is built, and says its kiosks refuse every bundle.
+    result = subprocess.run([str(IMAGE / "install-kiosk.sh"), "--files-only", str(root)], capture_output=True,
+                            text=True, timeout=120, env={k: v for k, v in os.environ.items()
+                                                         if not k.startswith("IGconf_kiosk_update_ca")})
+    assert result.returncode == 0 and "refuse every update bundle" in result.stderr
+    assert not (root / "etc/rauc/keyring.pem").exists()
+
+
 @pytest.mark.needs_tool("systemd-analyze")
 def test_installed_units_verify(tmp_path: Path) -> None:
     root = _install(tmp_path)
@@ -254,7 +321,8 @@ def test_installed_units_verify(tmp_path: Path) -> None:
     venv_python.write_text("#!/bin/sh\n")
     venv_python.chmod(0o755)
     result = subprocess.run(["systemd-analyze", "verify", f"--root={root}", "kiosk.service",
-                             "kiosk-provision.service", "kiosk-cooldown.service", "kiosk-retry.timer"],
+                             "kiosk-provision.service", "kiosk-cooldown.service", "kiosk-retry.timer",
+                             "kiosk-update-gate.service", "kiosk-update-check.service"],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 

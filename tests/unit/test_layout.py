@@ -80,9 +80,11 @@ def test_the_cli_adds_development_commands_only_from_entry_points(monkeypatch: p
 
     monkeypatch.setattr(importlib.metadata, "entry_points", lambda group: [])
     commands = set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
-    assert commands == {"config", "run", "audio", "devices", "link", "messages", "cues", "doctor"}
+    assert commands == {"config", "run", "audio", "devices", "link", "messages", "cues", "doctor", "selftest",
+                        "update"}
     monkeypatch.undo()
-    assert {"demo", "panel", "bench", "dev"} <= set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    everything = set(cli.build_parser()._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    assert {"demo", "panel", "bench", "dev", "bundle", "release"} <= everything
 
 
 @pytest.mark.slow

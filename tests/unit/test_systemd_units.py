@@ -12,10 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
-SERVICES = ("kiosk.service", "kiosk-provision.service", "kiosk-cooldown.service")
+SERVICES = ("kiosk.service", "kiosk-provision.service", "kiosk-cooldown.service", "kiosk-update-gate.service",
+            "kiosk-update-check.service")
 UNITS = (*SERVICES, "kiosk-retry.timer")
 # Exposure limits (systemd-analyze security, 0 = locked down, 10 = unrestricted).
-LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.service": 3.0}
+LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.service": 3.0,
+          "kiosk-update-gate.service": 3.0, "kiosk-update-check.service": 3.0}
 # Executables the units name, made to exist in the scratch root so `verify` checks everything else.
 EXECUTABLES = ("/opt/kiosk/venv/bin/kiosk", "/opt/kiosk/venv/bin/python")
 
@@ -159,6 +161,42 @@ def test_provisioning_runs_only_its_module_as_root_in_a_sandbox() -> None:
     assert set(svc["CapabilityBoundingSet"][0].split()) == {"CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_SYS_ADMIN"}
     assert svc["PrivateNetwork"] == ["yes"] and svc["ProtectSystem"] == ["strict"]
     assert set(svc["ReadWritePaths"][0].split()) == {"/etc/kiosk", "-/bootfs", "-/boot/firmware"}
+
+
+def test_update_gate_runs_only_on_a_trial_boot_after_the_kiosk() -> None:
+    """The gate: after kiosk.service came up, only on a trial boot, and a crashed gate reboots (rolls back)."""
+    unit = _entries(SYSTEMD / "kiosk-update-gate.service")
+    head, svc = unit["Unit"], unit["Service"]
+    assert "kiosk.service" in head["After"][0].split() and head["Wants"] == ["kiosk.service"]
+    assert head["FailureAction"] == ["reboot"]
+    assert svc["ExecCondition"] == ["/opt/kiosk/venv/bin/python -I -m kiosk.update.gate is-trial"]
+    assert svc["ExecStart"] == ["/opt/kiosk/venv/bin/python -I -m kiosk.update.gate run"]
+    assert svc["Type"] == ["oneshot"] and "User" not in svc  # root: systemctl and RAUC over unix sockets
+    assert svc["CapabilityBoundingSet"] == [""] and svc["PrivateNetwork"] == ["yes"]
+    assert svc["RestrictAddressFamilies"] == ["AF_UNIX"] and svc["ReadWritePaths"] == ["/persistent/rauc"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    # Its timeout covers the check unit's, so the check's own time bound decides first.
+    gate = re.fullmatch(r"(\d+)min", svc["TimeoutStartSec"][0])
+    check = re.fullmatch(r"(\d+)min", _entries(SYSTEMD / "kiosk-update-check.service")["Service"]["TimeoutStartSec"][0])
+    assert gate and check and int(gate.group(1)) > int(check.group(1))
+
+
+def test_update_check_runs_as_the_kiosk_with_the_devices_free() -> None:
+    unit = _entries(SYSTEMD / "kiosk-update-check.service")
+    head, svc = unit["Unit"], unit["Service"]
+    assert head["Conflicts"] == ["kiosk.service"]  # the kiosk stops first: the checks open the same devices
+    assert svc["User"] == ["kiosk"] and svc["CapabilityBoundingSet"] == [""]
+    assert not any(c.startswith(("+", "!", "-+", "+-")) for c in svc["ExecStart"])
+    assert svc["ExecStart"] == ["/opt/kiosk/venv/bin/kiosk update check --out %t/kiosk-update-check/result.json"]
+    assert svc["RuntimeDirectory"] == ["kiosk-update-check"] and svc["RuntimeDirectoryPreserve"] == ["yes"]
+    assert svc["LoadCredential"] == ["device-credential:/etc/kiosk/credentials/device-credential"]
+    # Same device sandbox as the kiosk.
+    kiosk = _entries(SYSTEMD / "kiosk.service")["Service"]
+    for key in ("DevicePolicy", "DeviceAllow", "SupplementaryGroups", "RestrictAddressFamilies", "SystemCallFilter"):
+        assert svc[key] == kiosk[key], key
+    from kiosk.update.gate import CHECK_RESULT, CHECK_UNIT
+
+    assert CHECK_UNIT == "kiosk-update-check.service" and str(CHECK_RESULT) == "/run/kiosk-update-check/result.json"
 
 
 @pytest.fixture
