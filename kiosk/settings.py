@@ -159,6 +159,10 @@ class VadSettings(_Section):
     barge_in_margin_db: float = Field(
         6.0, ge=0, le=40, description="while the agent speaks, the output must exceed the expected echo by this"
     )
+    barge_in_learn_talk: bool = Field(
+        True, description="learn the canceller's leak also from speech-like frames it barely attenuated (false: "
+        "keep them out, so a visitor quieter than the echo is not learned as leak; more false barge-ins)"
+    )
 
 
 # ------------------------------------------------------------------------------------ interaction
