@@ -83,8 +83,17 @@ class AudioSettings(_Section):
         None, description="rate to open the devices at; unset: 16000 if supported, else the device default"
     )
     capture_channels: int | None = Field(None, ge=1, le=32, description="channels to open; unset: the device's")
-    channel: int | Literal["mix"] = Field(
-        0, description="array channel to use (0-based) or 'mix' for a mixdown of all channels"
+    channel: int | Literal["mix", "beam"] = Field(
+        0, description="array channel to use (0-based), 'mix' for a mixdown of all channels, or 'beam' for the "
+        "fixed beamformer over the array's microphones (audio.array_*)"
+    )
+    array_channels: int = Field(4, ge=2, le=16, description="beam: microphones on the array's circle")
+    array_radius_mm: float = Field(32.0, gt=0, le=500, description="beam: radius of the array's circle")
+    array_first_channel: int = Field(
+        0, ge=0, le=31, description="beam: capture channel of the first microphone (the rest follow in order)"
+    )
+    beam_azimuth_deg: float = Field(
+        0.0, ge=-180, le=180, description="beam: look direction, counter-clockwise from the kiosk's front axis"
     )
     latency_ms: float = Field(20.0, gt=0, le=500, description="PortAudio suggested latency per direction")
     mic_ring_ms: int = Field(500, ge=50, le=5000, description="capture ring; the oldest audio drops when full")
@@ -110,14 +119,28 @@ class AudioSettings(_Section):
     @field_validator("channel", mode="before")
     @classmethod
     def _channel(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "mix":
+        if isinstance(value, str) and value not in ("mix", "beam"):
             try:
                 return int(value)
             except ValueError:
-                raise ValueError("must be a channel number (0, 1, ...) or 'mix'") from None
+                raise ValueError("must be a channel number (0, 1, ...), 'mix' or 'beam'") from None
         if isinstance(value, int) and value < 0:
-            raise ValueError("must be 0 or more (channels count from 0), or 'mix'")
+            raise ValueError("must be 0 or more (channels count from 0), 'mix' or 'beam'")
         return value
+
+    @model_validator(mode="after")
+    def _array(self) -> AudioSettings:
+        if self.channel != "beam":
+            return self
+        needed = self.array_first_channel + self.array_channels
+        if needed > 32:
+            raise ValueError(f"audio.array_first_channel ({self.array_first_channel}) + audio.array_channels "
+                             f"({self.array_channels}) reach past channel 31: lower one of them")
+        if self.capture_channels is not None and self.capture_channels < needed:
+            raise ValueError(f"audio.channel = 'beam' reads capture channels {self.array_first_channel} to "
+                             f"{needed - 1}, but audio.capture_channels is {self.capture_channels}: set it to "
+                             f"{needed} or more (or leave it unset)")
+        return self
 
 
 class AecBackend(StrEnum):
@@ -167,6 +190,10 @@ class VadSettings(_Section):
     )
     barge_in_margin_db: float = Field(
         6.0, ge=0, le=40, description="while the agent speaks, the output must exceed the expected echo by this"
+    )
+    barge_in_learn_talk: bool = Field(
+        True, description="learn the canceller's leak also from speech-like frames it barely attenuated (false: "
+        "keep them out, so a visitor quieter than the echo is not learned as leak; more false barge-ins)"
     )
 
 

@@ -20,8 +20,10 @@ import kiosk
 
 ROOT = Path(__file__).resolve().parents[2]
 PRODUCT = Path(kiosk.__file__).parent
-# Never imported by the product: development code, test tools, and what only they need.
-FORBIDDEN = ("kiosk_dev", "pytest", "_pytest", "hypothesis", "pyroomacoustics", "fixtures", "livekit.api")
+# Never imported by the product: development code, test tools, and what only they need (the room corpus's
+# optional benchmark variants included: the Silero onset check and the native AEC3 binding).
+FORBIDDEN = ("kiosk_dev", "pytest", "_pytest", "hypothesis", "pyroomacoustics", "fixtures", "livekit.api",
+             "onnxruntime", "silero_vad", "pywebrtc_audio")
 
 
 def _imports(path: Path) -> set[str]:
