@@ -24,6 +24,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.tryboot import IMAGE_AUTOBOOT, scratch_root
 from kiosk.update.check import doctor_part, voice_part
 from kiosk.update.gate import (
     Action,
@@ -37,7 +38,6 @@ from kiosk.update.gate import (
 )
 from kiosk.update.status import read_status
 from kiosk.update.tryboot import STATE, Autoboot, Firmware, SlotState, parse_autoboot
-from tests.unit.test_update_tryboot import IMAGE_AUTOBOOT, scratch_root
 
 
 # ------------------------------------------------------------------------------------------ the decision

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures.tryboot import IMAGE_AUTOBOOT, cell, scratch_root
 from kiosk.update.tryboot import (
     AUTOBOOT,
     DEVICE_TREE,
@@ -32,7 +33,6 @@ from kiosk.update.tryboot import (
 
 ROOT = Path(__file__).resolve().parents[2]
 # What rpi-image-gen's image-rota writes (image/gpt/ab_userdata/pre-image.sh).
-IMAGE_AUTOBOOT = b"[all]\ntryboot_a_b=1\nboot_partition=2\n[tryboot]\nboot_partition=3\n"
 A_COMMITTED = Autoboot(committed=2, trial=3)
 
 
@@ -181,24 +181,6 @@ def test_any_call_sequence_keeps_autoboot_valid(calls: list[tuple[str, str, str,
 
 
 # --------------------------------------------------------------------------------- as RAUC runs it
-def _cell(value: int) -> bytes:
-    return value.to_bytes(4, "big")
-
-
-def scratch_root(tmp_path: Path, *, partition: int | None, tryboot: bool = False,
-                 autoboot: bytes = IMAGE_AUTOBOOT) -> Path:
-    """A root with the boot configuration partition and the firmware's device-tree cells."""
-    root = tmp_path / "root"
-    (root / AUTOBOOT).parent.mkdir(parents=True, exist_ok=True)
-    (root / AUTOBOOT).write_bytes(autoboot)
-    dt = root / DEVICE_TREE
-    dt.mkdir(parents=True, exist_ok=True)
-    if partition is not None:
-        (dt / "partition").write_bytes(_cell(partition))
-        (dt / "tryboot").write_bytes(_cell(1 if tryboot else 0))
-    return root
-
-
 def backend(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     return subprocess.run([sys.executable, "-m", "kiosk.update.tryboot", "--root", str(root), *argv],
@@ -216,8 +198,8 @@ def test_the_backend_process_through_an_update(tmp_path: Path) -> None:
     assert backend(root, "get-primary").stdout == "B\n"
     assert (root / STATE).stat().st_mode & 0o777 == 0o644
     # The trial boot: the firmware booted partition 3 with the tryboot flag.
-    (root / DEVICE_TREE / "partition").write_bytes(_cell(3))
-    (root / DEVICE_TREE / "tryboot").write_bytes(_cell(1))
+    (root / DEVICE_TREE / "partition").write_bytes(cell(3))
+    (root / DEVICE_TREE / "tryboot").write_bytes(cell(1))
     assert backend(root, "get-current").stdout == "B\n"
     assert backend(root, "set-state", "B", "good").returncode == 0
     assert parse_autoboot((root / AUTOBOOT).read_bytes()) == Autoboot(committed=3, trial=2)
