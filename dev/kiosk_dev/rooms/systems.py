@@ -210,7 +210,7 @@ class NativeAec3:
 
     def process(self, near: Pcm, far: Pcm) -> Pcm:
         """One frame through the native AEC3."""
-        return self._processor.process(near, far)
+        return np.asarray(self._processor.process(near, far), dtype=np.int16)
 
 
 NATIVE_INSTALL = "pip install pywebrtc-audio"
