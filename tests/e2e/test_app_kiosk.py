@@ -220,6 +220,7 @@ async def open_app(stack: LocalStack, pulse_devices: PulseServer, tmp_path: Path
         loop = asyncio.get_running_loop()
         panel = VirtualPanel(cfg.panel, cfg.interaction, kiosk.bus.post, loop=loop)
         kiosk.panel = panel
+        kiosk.staff = panel  # call_staff pulses the virtual panel's mock pin
         app = App(kiosk, panel, room, pulse_devices, stack)
         kiosk.listeners.append(app.listener)
         kiosk.engine.listeners.append(app.frame)
@@ -568,3 +569,69 @@ async def test_the_operators_cue_replaces_the_shipped_one(open_app: OpenApp, sta
     played = await app.wait_cue_finished(Cue.OFFLINE, 20, pressed)
     # The operator's 0.3 s tone, not the shipped spoken message (over a second).
     assert app.voiced_seconds(pressed, played.at) <= 1.0, app.voiced_seconds(pressed, played.at)
+
+
+# ---------------------------------------------------------------------------------------------- the agent's tools
+async def _ask_with_a_planned_tool(app: App, text: str, tool: str, payload: str = "") -> tuple[float, str]:
+    """Push-to-talk as ``App.ask``, with the session's agent told to call ``tool`` in the middle of its answer."""
+    from kiosk.events import SessionOpened as Opened
+
+    pressed = app.now
+    app.panel.press()
+    if app.state.phase is Phase.CONNECTING or app.state.phase is Phase.IDLE:
+        await app.wait_event(Opened, 15, pressed)
+    session_id = app.kiosk.link.session_id
+    await asyncio.to_thread(app.stack.agent_plan_tool, session_id, tool, payload)
+    await asyncio.sleep(0.4)
+    words = speech(text)
+    app.room.say(words, name=text)
+    await asyncio.sleep(len(words) / 16000 + 0.5)
+    app.panel.release()
+    return app.now, session_id
+
+
+async def test_the_agent_uses_tools_mid_answer_and_takes_a_message(open_app: OpenApp, tmp_path: Path) -> None:
+    """kiosk_status in the middle of an answer keeps the session (LEDs: tool); take_message then hands the
+    visitor to the recorder once the agent has finished, and the message is stored with the agent's note, both
+    sealed to the operator's key."""
+    from kiosk.effects import StartRecording
+    from kiosk.events import MessageRequested, ToolFinished, ToolStarted
+    from kiosk.fallback.sealing import read_private_key, unseal
+
+    note = "Wants the sales team to call back about the order"
+    app = await open_app()
+    released, session_id = await _ask_with_a_planned_tool(app, QUESTION, "kiosk_status")
+    tool_done = await app.wait_event(ToolFinished, 30, released)
+    done = await app.wait_event(AgentStateChanged, 40, tool_done.at, lambda e: e.state is AgentState.LISTENING)
+    answered = await app.wait_phase(Phase.LISTENING, 15, done.at) if app.state.phase is not Phase.LISTENING \
+        else done
+    assert ShowPattern("tool") in app.effects(ShowPattern, released)
+    assert not any(e.new.phase is Phase.IDLE for e in app.entries if e.at >= released), "the session ended"
+    report = app.stack.agent_report(session_id)
+    assert [(c["tool"], c["ok"], c["mid_answer"]) for c in report["tool_calls"]] == [("kiosk_status", True, True)]
+    first = next(e for e in app.entries if e.at >= released and isinstance(e.event, ToolStarted))
+    assert app.voiced_seconds(released, first.at) > 0.5  # the first half of the answer was heard before the tool
+
+    released, same = await _ask_with_a_planned_tool(app, SECOND_QUESTION, "take_message", json.dumps({"summary": note}))
+    assert same == session_id  # the same conversation
+    requested = (await app.wait_event(MessageRequested, 40, released)).event
+    assert isinstance(requested, MessageRequested) and note not in repr(requested)
+    handed = await app.wait_phase(Phase.RECORDING_MESSAGE, 40, released)
+    assert handed.old.phase in (Phase.SPEAKING, Phase.LISTENING) and app.state.online
+    assert app.voiced_seconds(released, handed.at) > 2.0  # the agent's answer and its "after the tone" played
+    tone = await app.wait_cue_finished(Cue.RECORDING_TONE, 10, handed.at)
+    assert app.effects(StartRecording, handed.at)
+    await asyncio.sleep(0.3)
+    words = speech(MESSAGE)
+    app.room.say(words, name="message")
+    stored = (await app.wait_event(RecordingStored, 30, tone.at)).event
+    assert isinstance(stored, RecordingStored)
+    await app.wait_cue_finished(Cue.MESSAGE_STORED, 15, tone.at)
+    await app.wait_phase(Phase.IDLE, 10, tone.at)
+    message = app.kiosk.spool.get(stored.message_id)
+    sealed_note = app.kiosk.spool.read_note(message)
+    assert sealed_note is not None and note.encode() not in sealed_note
+    key = read_private_key(tmp_path / "operator.key")
+    assert unseal(sealed_note, key).decode() == note
+    assert 0.8 * len(words) / 16000 <= message.duration_seconds <= len(words) / 16000 + 2.5
+    assert answered.at < handed.at
