@@ -10,6 +10,8 @@ Wiring (see docs/ and DESIGN.md's dataflow)::
     room --agent audio--> LiveKitRoomLink --> AudioEngine (PlayoutSink; also the AEC reference)
     GpioPanel (gpiozero threads) --Button*--> EventBus (call_soon_threadsafe)
     RouteManager --RouteChanged--> EventBus;  offline Probe --LinkUp/ApiRefused--> EventBus
+    agent --RPC kiosk.<tool>--> LiveKitRoomLink --> ToolRunner --Tool*/MessageRequested/...--> EventBus
+                                                    ToolRunner --call_staff--> GpioPanel's staff-call output
 """
 
 from __future__ import annotations
@@ -37,10 +39,11 @@ from kiosk.link.backoff import Backoff
 from kiosk.link.livekit import LiveKitRoomLink
 from kiosk.link.session_api import SessionApi, SessionRefused
 from kiosk.metrics import Metrics, MetricsServer, Status
-from kiosk.panel.gpio import open_panel
-from kiosk.ports import Panel, Pcm
+from kiosk.panel.gpio import GpioPanel, open_panel
+from kiosk.ports import Panel, Pcm, StaffSignal
 from kiosk.settings import Settings
 from kiosk.state import KioskState, Phase, Policy, Transition
+from kiosk.tools import KioskSnapshot, ToolRunner
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -80,13 +83,16 @@ class Kiosk:
         self._frames = _Frames()
         self.engine = AudioEngine(settings, self.bus.post, self._frames)
         self.session_api = SessionApi.from_settings(settings)
+        self.tools = ToolRunner(settings, self.bus.post, metrics=self.metrics, snapshot=self._snapshot)
         self.link = LiveKitRoomLink(settings, self.bus.post, self.engine, session_api=self.session_api,
-                                    metrics=self.metrics, status=self.status)
+                                    metrics=self.metrics, status=self.status, tools=self.tools)
         self._frames.target = self.link
         self.route = RouteManager(settings, self.engine, self.bus.post)
         self.spool = Spool.from_settings(settings.spool)
         self.deliverer = Deliverer.from_settings(settings, self.spool)
         self.panel: Panel | None = panel
+        # The staff-call output (call_staff): the GPIO panel's, or what the caller sets (the demo's virtual panel).
+        self.staff: StaffSignal | None = None
         self.controller: Controller | None = None
         self.metrics_server = MetricsServer(settings.metrics, self.metrics, self.status) \
             if settings.metrics.enabled else None
@@ -103,11 +109,15 @@ class Kiosk:
         settings = self.settings
         if self.panel is None:
             self.panel = open_panel(settings.panel, settings.interaction, self.bus.post, loop=loop)
+        if self.staff is None and isinstance(self.panel, GpioPanel) and self.panel.staff_output is not None:
+            self.staff = self.panel
+        self.tools.staff = self.staff
         await self.engine.start()
         await self.route.start()
         self.controller = Controller(
             policy=Policy.from_settings(settings.interaction, settings.spool,
-                                        consent_notice=settings.session.consent_notice),
+                                        consent_notice=settings.session.consent_notice, livekit=settings.livekit,
+                                        tools=settings.tools, panel=settings.panel),
             audio=self.engine, link=self.link, clock=LoopClock(loop), panel=self.panel,
             store=self.spool, bus=self.bus, route=self.route.route,
             echo_path_verified=self.route.echo_path_verified,
@@ -171,6 +181,16 @@ class Kiosk:
         self.notifier.close()
 
     # ------------------------------------------------------------------------------------ behaviour
+    def _snapshot(self) -> KioskSnapshot:
+        """What the agent's tools may know of the kiosk (kiosk_status; whether a conversation is under way)."""
+        state = self.controller.state if self.controller is not None else None
+        return KioskSnapshot(
+            conversing=state is not None and state.phase in (Phase.LISTENING, Phase.THINKING, Phase.SPEAKING),
+            online=state.online if state is not None else False,
+            route=self.route.route.value,
+            queued_messages=self.status.spool_messages,  # refreshed every PUBLISH_INTERVAL_SECONDS
+        )
+
     def _controller_alive(self) -> tuple[bool, str]:
         controller = self.controller
         if controller is None:

@@ -21,11 +21,13 @@ from typing import Any
 
 from kiosk.bus import EventBus
 from kiosk.effects import (
+    BeginTurn,
     CancelTimer,
     ClearPlayback,
     CloseSession,
     Cue,
     Effect,
+    EndTurn,
     InterruptAgent,
     OpenSession,
     PlayCue,
@@ -49,6 +51,7 @@ from kiosk.events import (
     Route,
     TimerExpired,
 )
+from kiosk.personal import PersonalText
 from kiosk.ports import AudioControl, Cancellable, Clock, MessageStore, Panel, Recording, RoomLink
 from kiosk.state import KioskState, Phase, Policy, Transition, initial_state, pattern_key, step
 
@@ -154,6 +157,8 @@ class Controller:
         self._generation = 0
         self._listeners: list[Listener] = []
         self._link_lane = _Lane("link", self._lane_error)
+        # Turn RPCs have their own lane: in order among themselves, never holding up a close or an interrupt.
+        self._turn_lane = _Lane("turn", self._lane_error)
         self._cue_lane = _Lane("cue", self._lane_error)
         self._store_lane = _Lane("store", self._lane_error)
         self._busy = False
@@ -217,6 +222,7 @@ class Controller:
         self._arm_heartbeat()
         async with asyncio.TaskGroup() as group:
             group.create_task(self._link_lane.run())
+            group.create_task(self._turn_lane.run())
             group.create_task(self._cue_lane.run())
             group.create_task(self._store_lane.run())
             group.create_task(self._consume())
@@ -248,8 +254,8 @@ class Controller:
             self._task.result()  # surface a crash of the controller in the test that caused it
 
     def _quiet(self) -> bool:
-        return (len(self.bus) == 0 and not self._busy and self._link_lane.idle and self._cue_lane.idle
-                and self._store_lane.idle)
+        return (len(self.bus) == 0 and not self._busy and self._link_lane.idle and self._turn_lane.idle
+                and self._cue_lane.idle and self._store_lane.idle)
 
     async def aclose(self) -> None:
         """Stop consuming, cancel timers and lanes; the ports are closed by their owners."""
@@ -304,9 +310,15 @@ class Controller:
             case OpenSession():
                 self._link_lane.submit("open", self._link.open)
             case CloseSession():
-                # An open still in progress is abandoned: the visitor has gone, a session costs money.
+                # An open still in progress is abandoned: the visitor has gone, a session costs money. Turn
+                # RPCs still queued are for the room being left.
                 self._link_lane.cancel("open")
+                self._turn_lane.cancel("turn")
                 self._link_lane.submit("close", self._link.close)
+            case BeginTurn():
+                self._turn_lane.submit("turn", self._link.begin_turn)
+            case EndTurn(commit=commit):
+                self._turn_lane.submit("turn", functools.partial(self._link.end_turn, commit))
             case StartPublishing(preroll=preroll):
                 self._audio.set_gate(True, preroll=preroll)
                 self._link.set_publishing(True)
@@ -333,10 +345,10 @@ class Controller:
                     entry[1].cancel()
             case StartRecording():
                 self._audio.start_recording()
-            case StopRecording(keep=keep):
+            case StopRecording(keep=keep, note=note):
                 recording = self._audio.stop_recording()
                 if keep:
-                    self._store_lane.submit("store", lambda: self._store_recording(recording))
+                    self._store_lane.submit("store", functools.partial(self._store_recording, recording, note))
             case _:
                 raise TypeError(f"no handler for effect {effect!r}")
 
@@ -368,12 +380,12 @@ class Controller:
             _LOGGER.warning("cue %s could not play: %s", name.value, error)
         self.post(CueFinished(name))
 
-    async def _store_recording(self, recording: Recording) -> None:
+    async def _store_recording(self, recording: Recording, note: PersonalText | None = None) -> None:
         if self._store is None:
             self.post(RecordingFailed("no message store is configured"))
             return
         try:
-            message_id = await self._store.store_recording(recording)
+            message_id = await self._store.store_recording(recording, note)
         except KioskError as error:
             _LOGGER.error("visitor message could not be stored: %s", error)
             self.post(RecordingFailed(error.code))

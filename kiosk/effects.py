@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from kiosk.personal import PersonalText
+
 
 class Cue(StrEnum):
     """Local cues the state machine asks for (``kiosk.audio.cues`` ships one per name and language)."""
@@ -44,6 +46,8 @@ class Timer(StrEnum):
     MAX_MESSAGE = "max_message"  # longest visitor message
     MESSAGE_OFFER = "message_offer"  # how long "press to leave a message" stays open
     ERROR_CLEAR = "error_clear"  # how long a recoverable error shows before returning to rest
+    HANDOVER = "handover"  # longest wait for the agent to finish speaking before a tool's handover happens
+    STAFF_CALLED = "staff_called"  # how long the "staff called" LED pattern shows after call_staff
 
 
 class OfflineReason(StrEnum):
@@ -136,9 +140,28 @@ class StartRecording(Effect):
 
 @dataclass(frozen=True, slots=True)
 class StopRecording(Effect):
-    """Stop recording; ``keep`` hands the message to the store (which posts RecordingStored/Failed)."""
+    """Stop recording; ``keep`` hands the message to the store (which posts RecordingStored/Failed).
+
+    ``note``: the agent's one-line summary (``take_message``), stored sealed beside the recording.
+    """
 
     keep: bool = True
+    note: PersonalText | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BeginTurn(Effect):
+    """Manual turns: the visitor's microphone goes live, the agent's turn input opens (its ``start_turn`` RPC)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndTurn(Effect):
+    """Manual turns: the microphone closed; the turn ends.
+
+    ``commit`` (the visitor spoke) asks for an answer (``end_turn``), otherwise the turn is dropped (``cancel_turn``).
+    """
+
+    commit: bool = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from kiosk.effects import Cue, Timer
+from kiosk.personal import PersonalText
 
 
 class Button(StrEnum):
@@ -41,6 +42,15 @@ class RefusalReason(StrEnum):
     MAINTENANCE = "maintenance"
     BUDGET_CAP = "budget_cap"
     UNREACHABLE = "unreachable"
+
+
+class Tool(StrEnum):
+    """The kiosk-side tools the agent may call over LiveKit RPC (``kiosk.tools``; docs/livekit.md)."""
+
+    CALL_STAFF = "call_staff"  # pulse the staff-call output (relay, bell, beacon)
+    TAKE_MESSAGE = "take_message"  # hand the visitor to the message recorder, with the agent's summary
+    END_CONVERSATION = "end_conversation"  # end the session once the agent has said goodbye
+    KIOSK_STATUS = "kiosk_status"  # route, online state, messages waiting (nothing personal)
 
 
 class Route(StrEnum):
@@ -218,3 +228,38 @@ class ErrorOccurred(Event):
 
     code: str = ""
     message: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ToolStarted(Event):
+    """The agent called a kiosk tool and it is running (the session must not end on silence meanwhile)."""
+
+    tool: Tool = Tool.KIOSK_STATUS
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFinished(Event):
+    """A kiosk tool finished (``outcome``: ``ok`` or the refusal's code)."""
+
+    tool: Tool = Tool.KIOSK_STATUS
+    outcome: str = "ok"
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRequested(Event):
+    """The agent asked the kiosk to record the visitor's message (``take_message``), with its summary.
+
+    The summary is personal data: it travels as ``PersonalText`` (never in a log line) to the sealed store.
+    """
+
+    note: PersonalText | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EndRequested(Event):
+    """The agent asked the kiosk to end the conversation (``end_conversation``) once it has said goodbye."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaffCalled(Event):
+    """The staff-call output was pulsed (``call_staff``): the LEDs say staff are on their way for a while."""

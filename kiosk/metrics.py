@@ -81,6 +81,19 @@ class Metrics:
         self.credit_burn_per_talk_minute = Gauge(
             "kiosk_credit_burn_per_talk_minute", "Estimated credits per minute of session (last session)", registry=r
         )
+        self.turn_rpcs = Counter(
+            "kiosk_turn_rpcs", "Manual-turn RPCs to the agent (start_turn, end_turn, cancel_turn) by outcome",
+            ["method", "outcome"], registry=r,
+        )
+        # Tools the agent calls (kiosk.tools): tool name and outcome only, never arguments.
+        self.tool_calls = Counter(
+            "kiosk_tool_calls", "Kiosk tool calls from the agent by tool and outcome (ok or the refusal's code)",
+            ["tool", "outcome"], registry=r,
+        )
+        self.tool_seconds = Histogram(
+            "kiosk_tool_seconds", "Time to answer a kiosk tool call", ["tool"], buckets=_PATH_BUCKETS + (1.0, 2.0, 5.0),
+            registry=r,
+        )
         # Audio (the audio area updates these).
         self.aec_erle_db = Gauge("kiosk_aec_erle_db", "Echo return loss enhancement (recent)", registry=r)
         self.aec_delay_ms = Gauge("kiosk_aec_delay_ms", "Estimated bulk delay mic vs reference", registry=r)

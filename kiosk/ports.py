@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from kiosk.audio.format import Pcm
-from kiosk.events import Event
+from kiosk.events import Event, Tool
+from kiosk.personal import PersonalText
 
 __all__ = ["AecStats", "AudioControl", "Cancellable", "Clock", "EchoCanceller", "EventSink", "FrameSink",
-           "MessageStore", "Panel", "Pcm", "PlayoutSink", "Recording", "RoomLink", "VoiceDetector"]
+           "MessageStore", "Panel", "Pcm", "PlayoutSink", "Recording", "RoomLink", "StaffSignal", "ToolHandler",
+           "VoiceDetector"]
 
 # Post an event into the controller's loop. Safe to call from the loop; adapters on other threads use
 # ``loop.call_soon_threadsafe(sink, event)``.
@@ -100,8 +102,11 @@ class AudioControl(Protocol):
 class MessageStore(Protocol):
     """Durable storage for visitors' messages (the spool)."""
 
-    async def store_recording(self, recording: Recording) -> str:
-        """Store ``recording`` durably and return its message id; raises ``KioskError`` if it cannot."""
+    async def store_recording(self, recording: Recording, note: PersonalText | None = None) -> str:
+        """Store ``recording`` (and the agent's ``note``, sealed beside it) durably and return its message id.
+
+        Raises ``KioskError`` if it cannot.
+        """
         ...
 
 
@@ -122,6 +127,34 @@ class RoomLink(Protocol):
 
     def set_publishing(self, on: bool) -> None:
         """Unmute or mute the published microphone track."""
+        ...
+
+    async def begin_turn(self) -> None:
+        """Manual turns: the visitor's turn starts (the agent's ``start_turn``); failures are logged, never raised."""
+        ...
+
+    async def end_turn(self, commit: bool) -> None:
+        """Manual turns: the turn ends, answered (``end_turn``) or dropped (``cancel_turn``); never raises."""
+        ...
+
+
+class ToolHandler(Protocol):
+    """Runs the kiosk-side tools the agent calls over RPC (``kiosk.tools.ToolRunner``)."""
+
+    async def call(self, tool: Tool, payload: str, *, trusted: bool, session_id: str,
+                   response_timeout_seconds: float | None = None) -> str:
+        """Run ``tool`` with the RPC's JSON ``payload``; the JSON result, or ``ToolRefused`` naming why not.
+
+        ``trusted``: the caller is the session's agent (only it may use the tools).
+        """
+        ...
+
+
+class StaffSignal(Protocol):
+    """The staff-call output (relay, bell or beacon on a GPIO), driven by the panel adapter."""
+
+    def call_staff(self) -> None:
+        """Pulse the output once (``panel.staff_output.pulse_seconds``); ``DeviceError`` if it cannot."""
         ...
 
 

@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from kiosk.errors import ConfigError
+from kiosk.events import Tool
 
 DEFAULT_CONFIG_PATH = Path("/etc/kiosk/kiosk.toml")
 # Where provisioning puts the credentials that kiosk.service hands over with LoadCredential= (one file each).
@@ -255,6 +256,18 @@ class LedSpec(_Section):
         return self
 
 
+class StaffOutputSpec(_Section):
+    """The staff-call output (``call_staff``): a GPIO driving a relay module, bell or beacon (hw/README.md)."""
+
+    pin: int = Field(description="BCM GPIO number (the reference wiring uses GPIO 26, header pin 37)")
+    active_high: bool = Field(True, description="false when the relay module's input is active-low")
+    pulse_seconds: float = Field(2.0, gt=0, le=30, description="how long the output stays on per call")
+    min_interval_seconds: float = Field(
+        60.0, ge=0, le=3600, description="calls closer together than this are refused (rate_limited)")
+    pattern_seconds: float = Field(
+        30.0, gt=0, le=600, description="how long the LEDs show the staff_called pattern after a call")
+
+
 class PanelSettings(_Section):
     """Buttons and LEDs on the GPIO header (see hw/README.md for the reference wiring)."""
 
@@ -267,6 +280,8 @@ class PanelSettings(_Section):
     leds: list[LedSpec] = Field(
         default_factory=lambda: [LedSpec(kind="rgb", pins=[22, 23, 24])], description="status LEDs"
     )
+    staff_output: StaffOutputSpec | None = Field(
+        None, description="the staff-call output for the call_staff tool (e.g. { pin = 26 }); unset: none")
 
     @model_validator(mode="after")
     def _pins(self) -> PanelSettings:
@@ -274,6 +289,8 @@ class PanelSettings(_Section):
         named: list[tuple[str, int]] = [("talk_button.pin", self.talk_button.pin)]
         if self.cancel_button is not None:
             named.append(("cancel_button.pin", self.cancel_button.pin))
+        if self.staff_output is not None:
+            named.append(("staff_output.pin", self.staff_output.pin))
         for i, led in enumerate(self.leds):
             named += [(f"leds[{i}].pins", p) for p in led.pins]
         for name, pin in named:
@@ -441,6 +458,14 @@ class MetricsSettings(_Section):
 
 
 # ---------------------------------------------------------------------------------------- livekit
+class TurnDetection(StrEnum):
+    """Who decides where the visitor's turn ends (docs/livekit.md, "Turns")."""
+
+    AUTO = "auto"  # manual in push_to_talk, the agent's own in tap_to_talk and open_mic
+    MANUAL = "manual"  # the kiosk's gate: start_turn when the microphone goes live, end_turn when it closes
+    AGENT = "agent"  # the agent's own turn detection (its VAD), in every mode
+
+
 class LiveKitSettings(_Section):
     """The LiveKit room link (rtc SDK)."""
 
@@ -457,6 +482,30 @@ class LiveKitSettings(_Section):
     reconnect_give_up_seconds: float = Field(
         20.0, gt=0, le=600, description="end a session whose SDK reconnect has not succeeded after this long"
     )
+    turns: TurnDetection = Field(
+        TurnDetection.AUTO, description="auto (manual in push_to_talk, the agent's own hands-free), manual, agent")
+    turn_rpc_timeout_seconds: float = Field(
+        2.0, gt=0, le=15, description="wait this long for the agent to answer start_turn/end_turn/cancel_turn")
+
+
+# ------------------------------------------------------------------------------------------ tools
+class ToolsSettings(_Section):
+    """Kiosk-side tools the trusted agent may call over LiveKit RPC (docs/livekit.md, docs/security.md)."""
+
+    enabled: list[Tool] = Field(
+        default_factory=list, description="the allowlist: call_staff, take_message, end_conversation, kiosk_status "
+        "(every other call is refused)")
+    timeout_seconds: float = Field(5.0, gt=0, le=30, description="a tool that takes longer is abandoned (timeout)")
+    max_calls_per_session: int = Field(
+        12, ge=1, le=1000, description="tool calls one session may make; more are refused (rate_limited)")
+    handover_wait_seconds: float = Field(
+        10.0, gt=0, le=120, description="take_message/end_conversation: longest wait for the agent to stop "
+        "speaking before the kiosk hands over")
+
+    @field_validator("enabled")
+    @classmethod
+    def _unique(cls, value: list[Tool]) -> list[Tool]:
+        return list(dict.fromkeys(value))
 
 
 # --------------------------------------------------------------------------------------- security
@@ -489,7 +538,21 @@ class Settings(BaseSettings):
     delivery: DeliverySettings = Field(default_factory=DeliverySettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     livekit: LiveKitSettings = Field(default_factory=LiveKitSettings)
+    tools: ToolsSettings = Field(default_factory=ToolsSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @model_validator(mode="after")
+    def _tools(self) -> Settings:
+        """An enabled tool must be able to act: call_staff needs its output, take_message a sealing key."""
+        if Tool.CALL_STAFF in self.tools.enabled and (not self.panel.enabled or self.panel.staff_output is None):
+            raise ValueError("tools.enabled has call_staff but there is no staff-call output: set "
+                             "panel.staff_output = { pin = 26 } (hw/README.md) with panel.enabled, or remove "
+                             "call_staff from tools.enabled")
+        if Tool.TAKE_MESSAGE in self.tools.enabled and self.spool.recipient_public_key is None:
+            raise ValueError("tools.enabled has take_message but spool.recipient_public_key is unset, so no message "
+                             "can be sealed and none is recorded: set the operator's key (kiosk messages keygen), "
+                             "or remove take_message from tools.enabled")
+        return self
 
     @model_validator(mode="after")
     def _transport(self) -> Settings:

@@ -4,6 +4,12 @@
 ``TimerExpired`` event, so the same table runs on a virtual clock in tests and on the loop in service.
 The controller (``kiosk.controller``) is the only place effects become I/O. docs/behaviour.md describes
 the states, modes, barge-in policy and timers, with the transition table.
+
+Two agent contracts live here as well (docs/livekit.md): with manual turns the microphone's gate is the
+visitor's turn (``BeginTurn`` as it opens, ``EndTurn(commit)`` as it closes); and the agent's tools arrive as
+events (``ToolStarted``/``ToolFinished`` bracket a running tool, during which silence does not end the session;
+``MessageRequested`` and ``EndRequested`` hand the visitor over once the agent has finished speaking;
+``StaffCalled`` shows the staff pattern for a while).
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from typing import Any
 
 from kiosk.effects import (
     OFFLINE_CUES,
+    BeginTurn,
     CancelTimer,
     ClearPlayback,
     CloseSession,
     Cue,
     Effect,
+    EndTurn,
     InterruptAgent,
     OfflineReason,
     OpenSession,
@@ -43,10 +51,12 @@ from kiosk.events import (
     CueFinished,
     DeviceFound,
     DeviceLost,
+    EndRequested,
     ErrorOccurred,
     Event,
     LinkLost,
     LinkUp,
+    MessageRequested,
     PlaybackFinished,
     PlaybackStarted,
     RecordingFailed,
@@ -56,12 +66,24 @@ from kiosk.events import (
     RouteChanged,
     SessionClosed,
     SessionOpened,
+    StaffCalled,
     Started,
     TimerExpired,
+    ToolFinished,
+    ToolStarted,
     VoiceStarted,
     VoiceStopped,
 )
-from kiosk.settings import InteractionMode, InteractionSettings, SpoolSettings
+from kiosk.personal import PersonalText
+from kiosk.settings import (
+    InteractionMode,
+    InteractionSettings,
+    LiveKitSettings,
+    PanelSettings,
+    SpoolSettings,
+    ToolsSettings,
+    TurnDetection,
+)
 
 
 class Phase(StrEnum):
@@ -93,6 +115,14 @@ class MessageStep(StrEnum):
     SAVING = "saving"  # handed to the store; confirmed only on RecordingStored
 
 
+class Handover(StrEnum):
+    """What the agent asked the kiosk to do once it has finished speaking."""
+
+    NONE = "none"
+    MESSAGE = "message"  # take_message: end the session, record the visitor's message (with the agent's note)
+    END = "end"  # end_conversation: end the session politely
+
+
 _DEFAULT_MAX_MESSAGE_SECONDS = 60.0
 
 
@@ -111,11 +141,16 @@ class Policy:
     # Offer "leave a message" while offline. Off when no operator key is configured (spool.recipient_public_key):
     # a message could not be sealed, and a visitor's voice is never stored in the clear.
     messages: bool = True
+    turns: TurnDetection = TurnDetection.AUTO  # livekit.turns
+    handover_wait_seconds: float = 10.0  # tools.handover_wait_seconds
+    staff_pattern_seconds: float = 30.0  # panel.staff_output.pattern_seconds
 
     @classmethod
     def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None, *,
-                      consent_notice: bool = False) -> Policy:
+                      consent_notice: bool = False, livekit: LiveKitSettings | None = None,
+                      tools: ToolsSettings | None = None, panel: PanelSettings | None = None) -> Policy:
         """The policy for these settings (``consent_notice``: ``session.consent_notice``)."""
+        staff = panel.staff_output if panel is not None else None
         return cls(
             mode=interaction.mode,
             barge_in=interaction.barge_in,
@@ -126,12 +161,22 @@ class Policy:
             error_hold_seconds=interaction.error_hold_seconds,
             consent_notice=consent_notice,
             messages=spool.recipient_public_key is not None if spool is not None else True,
+            turns=livekit.turns if livekit is not None else TurnDetection.AUTO,
+            handover_wait_seconds=tools.handover_wait_seconds if tools is not None else 10.0,
+            staff_pattern_seconds=staff.pattern_seconds if staff is not None else 30.0,
         )
 
     @property
     def hands_free(self) -> bool:
         """Tap-to-talk and open-mic: voice activity, not the button, gates the microphone."""
         return self.mode is not InteractionMode.PUSH_TO_TALK
+
+    @property
+    def manual_turns(self) -> bool:
+        """The kiosk gives the agent its turn boundaries (``livekit.turns``; auto: push-to-talk only)."""
+        if self.turns is TurnDetection.AUTO:
+            return not self.hands_free
+        return self.turns is TurnDetection.MANUAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +198,12 @@ class KioskState:
     playing: bool = False  # agent audio is coming out of the speaker
     message: MessageStep = MessageStep.NONE
     consent_playing: bool = False  # the session's AI notice is playing: the microphone must not stream yet
+    turn_open: bool = False  # manual turns: BeginTurn sent, EndTurn not yet (follows the gate)
+    tool_running: bool = False  # a kiosk tool the agent called is running: silence does not end the session
+    handover: Handover = Handover.NONE  # asked for by a tool; happens when the agent has finished speaking
+    message_note: PersonalText | None = None  # take_message's summary, until it goes to the store with the audio
+    staff_called: bool = False  # call_staff pulsed the output: the LEDs say so for a while
+    agent_busy: bool = False  # the agent's last lk.agent.state was thinking or speaking (it has more to say)
 
     def with_(self, **changes: Any) -> KioskState:
         """A copy with ``changes``."""
@@ -172,12 +223,22 @@ class Transition:
     effects: tuple[Effect, ...]
 
 
+# Phases whose pattern a running tool or a staff call may show over (never while the microphone is live).
+_TOOL_PATTERN_PHASES = frozenset({Phase.LISTENING, Phase.THINKING, Phase.SPEAKING})
+_STAFF_PATTERN_PHASES = _TOOL_PATTERN_PHASES | {Phase.IDLE}
+
+
 def pattern_key(state: KioskState) -> str:
     """The name of the LED pattern for ``state`` (``kiosk.panel.patterns.PATTERNS`` maps it to data)."""
     if state.phase is Phase.OFFLINE:
         return state.offline_reason.value
     if state.consent_playing and state.phase in SESSION_PHASES:
         return "consent"
+    if not state.publishing:
+        if state.tool_running and state.phase in _TOOL_PATTERN_PHASES:
+            return "tool"
+        if state.staff_called and state.phase in _STAFF_PATTERN_PHASES:
+            return "staff_called"
     return state.phase.value
 
 
@@ -203,6 +264,8 @@ _REFUSAL_REASONS: dict[RefusalReason, OfflineReason] = {
     RefusalReason.BUDGET_CAP: OfflineReason.BUDGET_CAP,
 }
 _SESSION_TIMERS = (Timer.MAX_SESSION, Timer.NO_SPEECH, Timer.IDLE_END)
+# Phases in which the agent converses (its tools' handovers apply): a session, opened.
+_CONVERSING = frozenset({Phase.LISTENING, Phase.THINKING, Phase.SPEAKING})
 
 
 class _Builder:
@@ -223,11 +286,21 @@ class _Builder:
         self.effects.extend(effects)
 
     def publish(self, on: bool, *, preroll: bool = True) -> None:
+        """Open or close the gate; with manual turns the visitor's turn opens just before and ends just after."""
         if on and self.state.consent_playing:
             return  # nothing streams before the visitor has heard the notice; its end decides again
-        if self.state.publishing != on:
-            self.do(StartPublishing(preroll) if on else StopPublishing())
-            self.set(publishing=on)
+        if self.state.publishing == on:
+            return
+        if on and self.state.policy.manual_turns and not self.state.turn_open:
+            # First the agent's turn input, then the audio (the pre-roll covers the RPC's travel time).
+            self.do(BeginTurn())
+            self.set(turn_open=True)
+        self.do(StartPublishing(preroll) if on else StopPublishing())
+        self.set(publishing=on)
+        if not on and self.state.turn_open:
+            # The turn is committed (answer it) only if the visitor said something; otherwise dropped.
+            self.do(EndTurn(commit=self.state.heard_voice))
+            self.set(turn_open=False)
 
     def timer(self, name: Timer, seconds: float) -> None:
         self.do(StartTimer(name, seconds))
@@ -238,19 +311,30 @@ class _Builder:
     def rest(self) -> None:
         """Back to where the kiosk waits for a visitor: idle if online, else offline (nothing offered)."""
         self.set(phase=Phase.IDLE if self.state.online else Phase.OFFLINE, message=MessageStep.NONE,
-                 heard_voice=False)
+                 heard_voice=False, message_note=None)
+
+    def drop_handover(self) -> None:
+        """Forget a handover the agent asked for (the visitor spoke up again, or the session ends)."""
+        if self.state.handover is not Handover.NONE:
+            self.cancel(Timer.HANDOVER)
+            self.set(handover=Handover.NONE, message_note=None)
 
     def leave(self, *, keep_message: bool) -> None:
         """Tear down what the current phase runs (session, recording, offer), without changing phase."""
         s = self.state
         if s.phase in SESSION_PHASES:
+            # The session's close ends a manual turn with it: no end_turn into a room being left.
+            self.set(turn_open=False)
             self.publish(False)
             self.do(ClearPlayback(), CloseSession())
             self.cancel(*_SESSION_TIMERS)
-            self.set(playing=False, consent_playing=False)
+            self.drop_handover()
+            # A tool still running belongs to the session being left: its silence no longer matters.
+            self.set(playing=False, consent_playing=False, tool_running=False, agent_busy=False)
         elif s.phase is Phase.RECORDING_MESSAGE and s.message is MessageStep.RECORDING:
-            self.do(StopRecording(keep=keep_message))
+            self.do(StopRecording(keep=keep_message, note=s.message_note if keep_message else None))
             self.cancel(Timer.MAX_MESSAGE, Timer.NO_SPEECH)
+            self.set(message_note=None)
         elif s.phase is Phase.OFFLINE and s.message is MessageStep.OFFERED:
             self.cancel(Timer.MESSAGE_OFFER)
 
@@ -287,7 +371,7 @@ class _Builder:
         if visitor_present and not device:
             self.do(PlayCue(Cue.ERROR))
         self.timer(Timer.ERROR_CLEAR, s.policy.error_hold_seconds)
-        self.set(phase=Phase.ERROR, last_error=code, message=MessageStep.NONE, heard_voice=False)
+        self.set(phase=Phase.ERROR, last_error=code, message=MessageStep.NONE, heard_voice=False, message_note=None)
         if device:
             self.set(device_ok=False)
 
@@ -318,6 +402,37 @@ def _dispatch(b: _Builder, event: Event) -> None:
         case LinkLost():
             b.go_offline(OfflineReason.OFFLINE, visitor_present=True)
             return
+        case ToolStarted():
+            b.set(tool_running=True)
+            return
+        case ToolFinished():
+            b.set(tool_running=False)
+            if s.phase in (Phase.LISTENING, Phase.THINKING) and not s.publishing and not s.consent_playing:
+                # Silence while the tool ran did not end the session (its timers waited): the wait for the
+                # next exchange starts now, so a session whose agent falls silent still ends.
+                b.timer(Timer.IDLE_END, s.policy.idle_end_seconds)
+            return
+        case StaffCalled():
+            b.set(staff_called=True)
+            b.timer(Timer.STAFF_CALLED, s.policy.staff_pattern_seconds)
+            return
+        case TimerExpired(name=Timer.STAFF_CALLED):
+            b.set(staff_called=False)
+            return
+        case MessageRequested(note=note) if s.phase in _CONVERSING and s.policy.messages:
+            b.set(handover=Handover.MESSAGE, message_note=note)
+            b.timer(Timer.HANDOVER, s.policy.handover_wait_seconds)
+            return
+        case EndRequested() if s.phase in _CONVERSING:
+            b.set(handover=Handover.END, message_note=None)
+            b.timer(Timer.HANDOVER, s.policy.handover_wait_seconds)
+            return
+        case TimerExpired(name=Timer.HANDOVER) if s.handover is not Handover.NONE and s.phase in _CONVERSING:
+            # The agent did not finish speaking in time (or never spoke): hand over now, unless its answer is
+            # still coming out of the speaker (its end hands over) or the visitor is talking.
+            if not (s.playing or s.publishing):
+                _handover(b)
+            return
         case ApiRefused(reason=reason):
             # Every refusal reads as one of four plain reasons to the visitor; the exact one (e.g. an
             # unauthorised device credential) goes to last_error for staff and the status.
@@ -340,12 +455,16 @@ def _dispatch(b: _Builder, event: Event) -> None:
             b.set(talk_held=True)  # what the visitor said so far still counts: the press may end the message
         case ButtonPressed(button=Button.TALK):
             b.set(talk_held=True, heard_voice=False)
+            if s.phase in SESSION_PHASES:
+                b.drop_handover()  # the visitor speaks up again: the conversation goes on
         case ButtonReleased(button=Button.TALK):
             b.set(talk_held=False)
         case VoiceStarted():
             b.set(voice_active=True, heard_voice=True)
         case VoiceStopped():
             b.set(voice_active=False)
+        case AgentStateChanged(state=agent) if s.phase in SESSION_PHASES:
+            b.set(agent_busy=agent in (AgentState.THINKING, AgentState.SPEAKING))
         case PlaybackStarted():
             b.set(playing=True)
         case PlaybackFinished():
@@ -482,7 +601,26 @@ def _go_live(b: _Builder, *, start_tone: bool, preroll: bool = True) -> None:
 
 def _barge_in(b: _Builder) -> None:
     b.do(ClearPlayback(), InterruptAgent())
+    b.drop_handover()
     b.set(playing=False, phase=Phase.LISTENING)
+
+
+def _handover(b: _Builder) -> None:
+    """Do what the agent's tool asked for, now that the agent has finished speaking."""
+    s = b.s
+    if s.handover is Handover.MESSAGE:
+        note = s.message_note
+        b.leave(keep_message=True)
+        # The offline recorder's flow, online: the tone, then the visitor's message, stored with the note.
+        b.do(PlayCue(Cue.RECORDING_TONE))
+        b.set(phase=Phase.RECORDING_MESSAGE, message=MessageStep.TONE, message_note=note, heard_voice=False)
+    else:
+        b.end_session(Cue.SESSION_END)
+
+
+def _agent_done(s: KioskState) -> bool:
+    """A handover is due: the agent has said all it will (its state) and it has played out; nobody talks."""
+    return s.handover is not Handover.NONE and not (s.agent_busy or s.playing or s.publishing or s.consent_playing)
 
 
 def _listening(b: _Builder, event: Event) -> None:
@@ -513,8 +651,11 @@ def _listening(b: _Builder, event: Event) -> None:
             b.publish(False)
             b.timer(Timer.IDLE_END, p.idle_end_seconds)
             b.set(phase=Phase.THINKING)
-        case TimerExpired(name=Timer.NO_SPEECH | Timer.IDLE_END) if not (s.voice_active or s.talk_held):
+        case TimerExpired(name=Timer.NO_SPEECH | Timer.IDLE_END) if not (s.voice_active or s.talk_held
+                                                                          or s.tool_running):
             b.end_session(Cue.SESSION_END)
+        case AgentStateChanged(state=AgentState.LISTENING | AgentState.IDLE) if _agent_done(s):
+            _handover(b)
         case AgentStateChanged(state=AgentState.SPEAKING) | PlaybackStarted() if not s.publishing:
             b.cancel(Timer.IDLE_END, Timer.NO_SPEECH)
             b.set(phase=Phase.SPEAKING)
@@ -537,7 +678,9 @@ def _thinking(b: _Builder, event: Event) -> None:
             b.publish(True)
             b.cancel(Timer.IDLE_END)
             b.set(phase=Phase.LISTENING)
-        case TimerExpired(name=Timer.IDLE_END):
+        case AgentStateChanged(state=AgentState.LISTENING | AgentState.IDLE) if _agent_done(s):
+            _handover(b)
+        case TimerExpired(name=Timer.IDLE_END) if not s.tool_running:
             b.end_session(Cue.SESSION_END)
 
 
@@ -546,6 +689,9 @@ def _speaking(b: _Builder, event: Event) -> None:
     p = s.policy
     match event:
         case PlaybackFinished() | AgentStateChanged(state=AgentState.LISTENING | AgentState.IDLE) if not b.s.playing:
+            if _agent_done(b.s):
+                _handover(b)
+                return
             b.set(phase=Phase.LISTENING)
             b.timer(Timer.IDLE_END, p.idle_end_seconds)
         case ButtonPressed(button=Button.TALK):

@@ -36,6 +36,7 @@ from kiosk.events import (
     VoiceStopped,
 )
 from kiosk.panel.gpio import GpioPanel
+from kiosk.personal import PersonalText
 from kiosk.ports import Cancellable, Clock, EventSink, Pcm, Recording
 from kiosk.settings import ButtonSpec, InteractionMode, InteractionSettings, PanelSettings
 from kiosk.state import Policy
@@ -98,18 +99,24 @@ class SimulatedAudio:
 
 
 class SimulatedRoom:
-    """A ``RoomLink`` stand-in: sessions open (or are refused) at once; an optional scripted agent answers."""
+    """A ``RoomLink`` stand-in: sessions open (or are refused) at once; an optional scripted agent answers.
+
+    The scripted agent answers when the visitor's turn ends: at ``end_turn`` with manual turns, else when the
+    microphone is muted after speech (as an agent detecting turns itself would).
+    """
 
     def __init__(self, sink: EventSink, clock: Clock, *, auto_open: bool = True, agent: bool = False,
-                 think_seconds: float = 0.8, speak_seconds: float = 3.0) -> None:
+                 think_seconds: float = 0.8, speak_seconds: float = 3.0, manual_turns: bool = False) -> None:
         self._sink = sink
         self._clock = clock
         self.auto_open = auto_open
         self.agent = agent
+        self.manual_turns = manual_turns
         self.think_seconds = think_seconds
         self.speak_seconds = speak_seconds
         self.refuse: RefusalReason | None = None
         self.calls: list[str] = []
+        self.turns: list[str] = []  # turn RPCs (start_turn, end_turn, cancel_turn), in order
         self.publishing = False
         self.connected = False
         self._ids = itertools.count(1)
@@ -142,7 +149,17 @@ class SimulatedRoom:
         self.calls.append(f"publish:{'on' if on else 'off'}")
         was = self.publishing
         self.publishing = on
-        if self.agent and was and not on and self.connected:
+        if self.agent and was and not on and self.connected and not self.manual_turns:
+            self._answer()
+
+    async def begin_turn(self) -> None:
+        """Manual turns: the visitor's turn starts."""
+        self.turns.append("start_turn")
+
+    async def end_turn(self, commit: bool) -> None:
+        """Manual turns: the turn ends; committed, the scripted agent answers."""
+        self.turns.append("end_turn" if commit else "cancel_turn")
+        if self.agent and commit and self.connected:
             self._answer()
 
     def _answer(self) -> None:
@@ -175,13 +192,15 @@ class MemoryMessageStore:
 
     def __init__(self) -> None:
         self.messages: list[Recording] = []
+        self.notes: list[PersonalText | None] = []  # the agent's note of each message (None: none)
         self.fail = False
 
-    async def store_recording(self, recording: Recording) -> str:
-        """Keep ``recording``; return its id."""
+    async def store_recording(self, recording: Recording, note: PersonalText | None = None) -> str:
+        """Keep ``recording`` (and its note); return its id."""
         if self.fail:
             raise KioskError("spool_full", "simulated storage failure")
         self.messages.append(recording)
+        self.notes.append(note)
         return f"msg-{len(self.messages)}"
 
 
@@ -277,8 +296,12 @@ async def build_rig(
     voice_follows_gate: bool = False,
     started: bool = True,
     consent_notice: bool = False,
+    policy: Policy | None = None,
 ) -> Rig:
-    """Build and start a rig on the running loop (call ``aclose`` when done)."""
+    """Build and start a rig on the running loop (call ``aclose`` when done).
+
+    ``policy`` replaces the one made from ``interaction`` and ``consent_notice`` (turns, tools' timers).
+    """
     from gpiozero.pins.mock import MockFactory, MockPWMPin
 
     interaction = interaction or InteractionSettings(mode=mode, open_mic_acknowledged=True)
@@ -293,12 +316,12 @@ async def build_rig(
     def sink(event: Event) -> None:
         holder[0].post(event)
 
+    policy = policy or Policy.from_settings(interaction, consent_notice=consent_notice)
     audio = SimulatedAudio(sink, clock, voice_follows_gate=voice_follows_gate)
-    room = SimulatedRoom(sink, clock, agent=agent)
+    room = SimulatedRoom(sink, clock, agent=agent, manual_turns=policy.manual_turns)
     store = MemoryMessageStore()
     gpio = GpioPanel(panel, interaction, sink, loop=loop, pin_factory=factory)
-    controller = Controller(policy=Policy.from_settings(interaction, consent_notice=consent_notice), audio=audio,
-                            link=room, clock=clock,
+    controller = Controller(policy=policy, audio=audio, link=room, clock=clock,
                             panel=gpio, store=store, route=Route.ARRAY, echo_path_verified=echo_path_verified)
     holder.append(controller)
     controller.start()

@@ -119,10 +119,13 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
     """``base`` pointed at the local stack, the virtual devices, a temporary spool and a free metrics port.
 
     Messages are sealed to a demo operator key whose private half is ``operator_key_file`` (default:
-    ``operator.key`` beside the spool directory); delivery uses the stand-in endpoint's credential.
+    ``operator.key`` beside the spool directory); delivery uses the stand-in endpoint's credential. Every tool
+    the agent can call is enabled, with the staff-call output on a mock pin of the virtual panel (GPIO 26).
     """
     from pydantic import SecretStr
 
+    from kiosk.events import Tool
+    from kiosk.settings import StaffOutputSpec
     from kiosk_dev.message_endpoint import DEFAULT_TOKEN
     from kiosk_dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE
 
@@ -141,6 +144,9 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
             "directory": spool_dir,
             "recipient_public_key": operator_key(operator_key_file or spool_dir.parent / "operator.key")}),
         "delivery": base.delivery.model_copy(update={"credential": SecretStr(DEFAULT_TOKEN)}),
+        "panel": base.panel if base.panel.staff_output is not None else base.panel.model_copy(update={
+            "staff_output": StaffOutputSpec(pin=26)}),
+        "tools": base.tools.model_copy(update={"enabled": list(Tool)}),
         "metrics": base.metrics.model_copy(update={"port": 0}),
         # The stack's private network is plain http/ws between two namespaces of this machine.
         "security": base.security.model_copy(update={"allow_insecure_transport": True}),
@@ -168,7 +174,8 @@ async def _scripted(kiosk: Any, panel: Any, room: Any, recorder: _Recorder, ques
         panel.release()
         released = loop.time()
         opened = await recorder.wait_for(SessionOpened, pressed, 1.0)
-        # The agent may take the turn before the button comes up (its own end-of-turn detection).
+        # Push-to-talk takes manual turns: the agent answers after end_turn, i.e. after the release (the report's
+        # answer_started_after_release_s is positive; an agent without turn methods could answer earlier).
         speaking = await recorder.wait_for(PlaybackStarted, pressed + 0.4, ANSWER_WAIT_SECONDS)
         finished = await recorder.wait_for(PlaybackFinished, speaking, ANSWER_WAIT_SECONDS) \
             if speaking is not None else None
@@ -237,6 +244,7 @@ async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
         kiosk = Kiosk(cfg)
         panel = VirtualPanel(cfg.panel, cfg.interaction, kiosk.bus.post, loop=loop)
         kiosk.panel = panel
+        kiosk.staff = panel  # call_staff pulses the virtual panel's mock pin
         recorder = _Recorder(loop)
         kiosk.listeners.append(recorder)
         await kiosk.start()

@@ -5,7 +5,8 @@ bearer token (delivery's own credential), verifies the sealed file against the c
 refuses anything that is not a sealed message (a kiosk must never send plain audio), stores each
 ``Idempotency-Key`` once and answers 2xx to a repeat (``201`` first time, ``200`` for a duplicate). Given the
 operator's private key (``private_key``, ``--private-key FILE``) it also opens each message, refuses one that
-does not open to a 16 kHz mono WAV, and keeps the WAV, so tests can prove the audio arrived intact. ``faults``
+does not open to a 16 kHz mono WAV, and keeps the WAV (and the agent's note, opened, when one came along), so
+tests can prove the audio arrived intact. ``faults``
 scripts misbehaviour, one entry consumed per request:
 
 - ``fail``: answer 500 without storing;
@@ -55,6 +56,8 @@ class Received:
     metadata: dict[str, object]
     audio: bytes
     wav: bytes | None = None
+    note: bytes | None = None  # the agent's sealed note (take_message), as sent
+    note_text: str | None = None  # opened with the operator's key
 
 
 @dataclass
@@ -84,6 +87,7 @@ class MessageEndpoint:
         self.posts[key] += 1
         meta: dict[str, object] = {}
         audio = b""
+        note: bytes | None = None
         try:
             reader = await request.multipart()
             while (part := await reader.next()) is not None:
@@ -94,6 +98,8 @@ class MessageEndpoint:
                     meta = loaded if isinstance(loaded, dict) else {}
                 elif part.name == "audio":
                     audio = bytes(await part.read())
+                elif part.name == "note":
+                    note = bytes(await part.read())
         except (ValueError, AssertionError, RuntimeError) as error:
             self.rejected += 1
             return web.json_response({"error": f"not a multipart upload: {error}"}, status=400)
@@ -103,14 +109,24 @@ class MessageEndpoint:
         if not audio.startswith(MAGIC):
             self.rejected += 1
             return web.json_response({"error": "not a sealed message: plain audio is never accepted"}, status=400)
+        if (note is None) != ("note_sha256" not in meta) or (
+                note is not None and (hashlib.sha256(note).hexdigest() != meta.get("note_sha256")
+                                      or not note.startswith(MAGIC))):
+            self.rejected += 1
+            return web.json_response({"error": "the note and its metadata do not match (or it is not sealed)"},
+                                     status=400)
         wav = None
+        note_text = None
         if self.private_key is not None:
             try:
                 wav = unseal(audio, self.private_key)
                 decode_message(wav)
-            except KioskError as error:
+                if note is not None:
+                    note_text = unseal(note, self.private_key).decode("utf-8")
+            except (KioskError, UnicodeDecodeError) as error:
                 self.rejected += 1
-                return web.json_response({"error": f"the message does not open: {error.message}"}, status=400)
+                why = error.message if isinstance(error, KioskError) else "the note is not UTF-8 text"
+                return web.json_response({"error": f"the message does not open: {why}"}, status=400)
         if fault == "fail":
             return web.json_response({"error": "scripted failure"}, status=500)
         if fault == "slow":
@@ -118,7 +134,7 @@ class MessageEndpoint:
             return web.json_response({"error": "too late"}, status=503)
         duplicate = key in self.stored
         if not duplicate:
-            self.stored[key] = Received(key, meta, audio, wav)
+            self.stored[key] = Received(key, meta, audio, wav, note, note_text)
             self.store_count[key] += 1
         if fault == "slow_after_store":
             await asyncio.sleep(self.slow_seconds)
@@ -139,8 +155,10 @@ class MessageEndpoint:
         """
         opened = {k: {"sha256": hashlib.sha256(v.wav).hexdigest(), "seconds": len(decode_message(v.wav)) / 16000}
                   for k, v in self.stored.items() if v.wav is not None}
+        notes = {k: {"sha256": hashlib.sha256(v.note).hexdigest(), "opened_chars": len(v.note_text or "")}
+                 for k, v in self.stored.items() if v.note is not None}
         return {"stored": {k: hashlib.sha256(v.audio).hexdigest() for k, v in self.stored.items()},
-                "opened": opened, "store_count": dict(self.store_count), "posts": dict(self.posts),
+                "opened": opened, "notes": notes, "store_count": dict(self.store_count), "posts": dict(self.posts),
                 "rejected": self.rejected}
 
     async def _received(self, _request: web.Request) -> web.Response:

@@ -34,7 +34,7 @@ from pydantic import SecretStr
 from kiosk.errors import KioskError
 from kiosk.events import AgentState, AgentStateChanged, ApiRefused, Event, LinkLost, SessionOpened
 from kiosk.link.livekit import SILENCE_PEAK
-from kiosk.ports import FrameSink, Pcm
+from kiosk.ports import FrameSink, Pcm, ToolHandler
 from kiosk.settings import SessionSettings
 from kiosk_dev.livekit_server import LiveKitServer
 from kiosk_dev.netns import PrivateNetwork, enter_private_network
@@ -122,11 +122,11 @@ class LocalStack:
         self.stop()
 
     # ------------------------------------------------------------------ control (blocking, small, local)
-    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+    def _admin(self, method: str, path: str, body: dict[str, Any] | None = None, timeout_seconds: float = 5.0) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(self.api_url + path, data=data, method=method,
                                          headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=5) as reply:
+        with urllib.request.urlopen(request, timeout=timeout_seconds) as reply:
             return json.loads(reply.read())
 
     def fail(self, mode: str, times: int | None = None, retry_after_seconds: float = 1.0) -> None:
@@ -153,9 +153,28 @@ class LocalStack:
 
         ``session_id`` is the API's session id, or the room's name (a token endpoint session's id).
         """
-        rooms = {s["session_id"]: s["room"] for s in self.sessions()}
-        report: dict[str, Any] = self.agent_reports()[rooms.get(session_id, session_id)]
+        report: dict[str, Any] = self.agent_reports()[self.room_of(session_id)]
         return report
+
+    def room_of(self, session_id: str) -> str:
+        """The room of a session (the API's session id, or a token endpoint session's room name)."""
+        rooms = {str(s["session_id"]): str(s["room"]) for s in self.sessions()}
+        return rooms.get(session_id, session_id)
+
+    def agent_call_tool(self, session_id: str, tool: str, payload: str = "") -> dict[str, Any]:
+        """Make the session's stand-in agent call a kiosk tool now; the call (``kiosk_dev.agent.ToolCall``)."""
+        # The agent waits up to 8 s for the kiosk's answer (its RPC timeout).
+        call: dict[str, Any] = self._admin("POST", f"/_stub/agents/{self.room_of(session_id)}/tool",
+                                           {"tool": tool, "payload": payload}, timeout_seconds=15.0)
+        return call
+
+    def agent_plan_tool(self, session_id: str, tool: str, payload: str = "") -> None:
+        """Make the session's stand-in agent call a kiosk tool in the middle of its next answer."""
+        self._admin("POST", f"/_stub/agents/{self.room_of(session_id)}/plan", {"tool": tool, "payload": payload})
+
+    def set_agent_options(self, **options: Any) -> None:
+        """Options for the stand-in agents dispatched from now on (e.g. ``manual_turns=False``); none: defaults."""
+        self._admin("POST", "/_stub/agent_options", options)
 
 
 # ---------------------------------------------------------------------------------------- kiosk-side helpers
@@ -247,20 +266,23 @@ async def feed(sink: FrameSink, audio: Signal, *, level: float = 1.0) -> int:
 class LinkHarness:
     """A kiosk-side room link on in-memory audio against a ``LocalStack`` (tests, benchmarks, experiments)."""
 
-    def __init__(self, stack: LocalStack, **session_overrides: Any) -> None:
+    def __init__(self, stack: LocalStack, *, settings: dict[str, Any] | None = None,
+                 tools: Callable[[LinkHarness], ToolHandler] | None = None, **session_overrides: Any) -> None:
+        """``settings``: more settings sections; ``tools``: makes the kiosk's tool handler (given this harness)."""
         from kiosk.link.livekit import LiveKitRoomLink
         from kiosk.metrics import Metrics, Status
         from kiosk.settings import Settings
 
         self.stack = stack
         self.settings = Settings(session=stack.session_settings(**session_overrides),
-                                 security={"allow_insecure_transport": True})  # the stack's private network
+                                 security={"allow_insecure_transport": True},  # the stack's private network
+                                 **(settings or {}))
         self.events = EventLog()
         self.playout = MemoryPlayout()
         self.metrics = Metrics()
         self.status = Status()
         self.link = LiveKitRoomLink(self.settings, self.events, self.playout, metrics=self.metrics,
-                                    status=self.status)
+                                    status=self.status, tools=tools(self) if tools is not None else None)
 
     async def open(self, within_seconds: float = 15.0) -> SessionOpened:
         """Open a session; fails (AssertionError naming the event) unless it opens."""
@@ -308,7 +330,30 @@ async def _serve(args: argparse.Namespace) -> None:
     async def agents(request: web.Request) -> web.Response:
         return web.json_response(pool.reports())
 
+    async def call_tool(request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            call = await pool.call_tool(request.match_info["room"], str(body["tool"]), str(body.get("payload", "")))
+        except KeyError:
+            return web.json_response({"error": "no agent in that room"}, status=404)
+        return web.json_response(call)
+
+    async def plan_tool(request: web.Request) -> web.Response:
+        body = await request.json()
+        try:
+            pool.plan_tool(request.match_info["room"], str(body["tool"]), str(body.get("payload", "")))
+        except KeyError:
+            return web.json_response({"error": "no agent in that room"}, status=404)
+        return web.json_response({"ok": True})
+
+    async def agent_options(request: web.Request) -> web.Response:
+        pool.overrides = dict(await request.json())
+        return web.json_response({"ok": True})
+
     stub.extra_routes.append(("GET", "/_stub/agents", agents))
+    stub.extra_routes.append(("POST", "/_stub/agents/{room}/tool", call_tool))
+    stub.extra_routes.append(("POST", "/_stub/agents/{room}/plan", plan_tool))
+    stub.extra_routes.append(("POST", "/_stub/agent_options", agent_options))
     await stub.start(args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -34,6 +34,8 @@ def with_cancel_button(panel: PanelSettings) -> PanelSettings:
     if panel.cancel_button is not None:
         return panel
     used = {panel.talk_button.pin, *(p for led in panel.leds for p in led.pins)}
+    if panel.staff_output is not None:
+        used.add(panel.staff_output.pin)
     free = next(p for p in reversed(VALID_BCM_PINS) if p not in used)
     return panel.model_copy(update={"cancel_button": ButtonSpec(pin=free)})
 
@@ -73,6 +75,10 @@ class VirtualPanel:
     def show(self, pattern: str) -> None:
         """Show an LED pattern (gpiozero animates the mock pins)."""
         self.gpio.show(pattern)
+
+    def call_staff(self) -> None:
+        """Pulse the staff-call output on its mock pin (the ``StaffSignal`` port)."""
+        self.gpio.call_staff()
 
     def close(self) -> None:
         """Let go of the buttons and release the pins."""

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     keygen.add_argument("key_file", type=Path, metavar="FILE", help="where to write the private key (never "
                         "overwritten); keep it on the operator's machine, never on a kiosk")
     keygen.set_defaults(handler=cmd_keygen)
-    decrypt = verbs.add_parser("decrypt", help="operator: open exported .wav.sealed files with the private key")
+    decrypt = verbs.add_parser("decrypt", help="operator: open exported .wav.sealed (and .note.sealed) files with "
+                               "the private key")
     decrypt.add_argument("--key", type=Path, required=True, metavar="FILE", help="the private key file (keygen)")
     decrypt.add_argument("--out", type=Path, default=None, metavar="DIR",
                          help="where to write the WAV files (default: next to each sealed file)")
@@ -122,7 +123,10 @@ def sealed_files(paths: list[Path]) -> list[Path]:
 
 
 def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> int:
-    """Open sealed messages with the operator's private key; write each as a WAV (0600). Exit 1 if any fails."""
+    """Open sealed messages with the operator's private key; exit 1 if any fails.
+
+    Each message is written as a WAV (0600), each agent's note (``.note.sealed``) as a text file (0600).
+    """
     from kiosk.fallback.sealing import read_private_key, unseal
     from kiosk.fallback.spool import decode_message, write_private_file
 
@@ -130,6 +134,23 @@ def cmd_decrypt(args: argparse.Namespace, settings: Settings) -> int:
     failed = 0
     for path in sealed_files(args.paths):
         name = path.name.removesuffix(".sealed")
+        if name.endswith(".note"):
+            target = (args.out or path.parent) / (name + ".txt")
+            try:
+                text = unseal(path.read_bytes(), key)
+                characters = len(text.decode("utf-8"))
+            except KioskError as error:
+                print(f"{path}: not opened: {error.message}")
+                failed += 1
+                continue
+            except (OSError, UnicodeDecodeError) as error:
+                print(f"{path}: not opened: {error}")
+                failed += 1
+                continue
+            target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_private_file(target, text)
+            print(f"{target}  note, {characters} characters")
+            continue
         target = (args.out or path.parent) / (name if name.endswith(".wav") else name + ".wav")
         try:
             wav = unseal(path.read_bytes(), key)

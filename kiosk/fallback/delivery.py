@@ -2,8 +2,9 @@
 
 Protocol (also in docs/offline.md): one ``POST`` to ``delivery.url`` per message, ``multipart/form-data``
 with two parts, ``metadata`` (``application/json``) and ``audio`` (``application/octet-stream``: the sealed
-file as stored, the WAV sealed to the operator's public key; the kiosk sends what it cannot read), and the
-headers ``Authorization: Bearer <delivery credential>`` (delivery's own systemd credential
+file as stored, the WAV sealed to the operator's public key; the kiosk sends what it cannot read), a third,
+``note`` (``application/octet-stream``, the agent's sealed summary), for a message the agent's ``take_message``
+tool took, and the headers ``Authorization: Bearer <delivery credential>`` (delivery's own systemd credential
 ``delivery-credential``, not the session API's) and ``Idempotency-Key: <message id>``.
 Any 2xx is the acknowledgement: only then is the message deleted. Everything else (a 5xx, a 4xx, a
 timeout, a dropped connection) keeps it, and it is sent again later with the same key, after a backoff
@@ -25,7 +26,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from kiosk.errors import ConfigError, KioskError
 from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError, message_metadata
@@ -55,9 +56,9 @@ class UploadResult:
     retry_after_seconds: float | None = None
 
 
-def metadata(message: Message, sealed: bytes) -> dict[str, str | float | int]:
+def metadata(message: Message, sealed: bytes, note: bytes | None = None) -> dict[str, str | float | int]:
     """The ``metadata`` part of an upload: the message's metadata (nothing from its content) and the attempt."""
-    return {**message_metadata(message, sealed), "attempt": message.attempts}
+    return {**message_metadata(message, sealed, note), "attempt": message.attempts}
 
 
 class Uploader:
@@ -72,15 +73,17 @@ class Uploader:
         self._timeout_seconds = timeout_seconds
         self._session: aiohttp.ClientSession | None = None
 
-    async def upload(self, message: Message, sealed: bytes) -> UploadResult:
-        """POST one message; never raises for network or HTTP failures (they are results)."""
+    async def upload(self, message: Message, sealed: bytes, note: bytes | None = None) -> UploadResult:
+        """POST one message (with its sealed ``note``, if any); never raises for network or HTTP failures."""
         import aiohttp
 
         if self._session is None:
             self._session = client_session(self._timeout_seconds)
         form = aiohttp.FormData()
-        form.add_field("metadata", json.dumps(metadata(message, sealed)), content_type="application/json")
+        form.add_field("metadata", json.dumps(metadata(message, sealed, note)), content_type="application/json")
         form.add_field("audio", sealed, filename=f"{message.id}.wav.sealed", content_type="application/octet-stream")
+        if note is not None:
+            form.add_field("note", note, filename=f"{message.id}.note.sealed", content_type="application/octet-stream")
         headers = {"Idempotency-Key": message.id, "User-Agent": USER_AGENT}
         if self._credential:
             headers["Authorization"] = f"Bearer {self._credential}"
@@ -107,7 +110,12 @@ class Uploader:
             self._session = None
 
 
-Upload = Callable[[Message, bytes], Awaitable[UploadResult]]
+class Upload(Protocol):
+    """Sends one message: ``Uploader.upload`` (tests pass their own)."""
+
+    def __call__(self, message: Message, sealed: bytes, note: bytes | None = None) -> Awaitable[UploadResult]:
+        """POST ``message`` (its sealed file, and its sealed note if it has one)."""
+        ...
 
 
 async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
@@ -125,6 +133,7 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
             return results
         try:
             sealed = await asyncio.to_thread(spool.read, message)
+            note = await asyncio.to_thread(spool.read_note, message)
         except SpoolError as error:
             # A file that fails its checksum is never sent: it goes to quarantine/ for staff to look at.
             _LOGGER.error("not sending message %s: %s", message.id, error.message)
@@ -132,7 +141,7 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
             skip.add(message.id)
             continue
         try:
-            result = await upload(message, sealed)
+            result = await upload(message, sealed, note)
         except BaseException:
             # Cancelled (shutdown) mid-upload: back to stored, sent again later with the same key.
             await asyncio.shield(asyncio.to_thread(spool.release, message.id, "cancelled"))

@@ -8,6 +8,9 @@ Layout under the spool directory::
                                       public key (``kiosk.fallback.sealing``); the name carries the checksum
                                       of the sealed bytes
     audio/.<id>.tmp                   a message being written (never confirmed; removed on open)
+    notes/<id>.sealed                 the agent's one-line summary of a message taken by its take_message tool
+                                      (UTF-8 text, sealed to the same key; personal data like the voice), written
+                                      before the message it belongs to and removed with it
     quarantine/                       files that failed verification (kept for staff, deleted after
                                       ``quarantine_max_age_seconds``)
     .lock                             flock held by the one process that writes (the service, or
@@ -64,6 +67,7 @@ from kiosk.fallback import sealing
 
 if TYPE_CHECKING:
     from kiosk.metrics import Metrics, Status
+    from kiosk.personal import PersonalText
     from kiosk.ports import Recording
     from kiosk.settings import SpoolSettings
 
@@ -73,6 +77,7 @@ MessageId = NewType("MessageId", str)
 
 INDEX_NAME = "index.sqlite3"
 AUDIO_DIR = "audio"
+NOTES_DIR = "notes"
 QUARANTINE_DIR = "quarantine"
 LOCK_NAME = ".lock"
 TMP_SUFFIX = ".tmp"
@@ -149,6 +154,7 @@ class ReconcileReport:
     delivered_finished: int = 0
     quarantined: int = 0
     rows_without_file: int = 0
+    notes_removed: int = 0  # notes whose message is gone (never confirmed, delivered or dropped)
     legacy_sealed: int = 0  # plain files from an earlier version, sealed and their plain copy deleted
     copies_removed: int = 0  # a second copy of a message left by an interrupted sealing
     index_rebuilt: bool = False
@@ -206,6 +212,13 @@ def _parse_file_name(name: str) -> _FileName | None:
     return _FileName(int(created), MessageId(message_id), sha, suffix == SEALED_SUFFIX)
 
 
+def _is_uuid(text: str) -> bool:
+    try:
+        return str(uuid.UUID(text)) == text
+    except ValueError:
+        return False
+
+
 def decode_message(data: bytes) -> Pcm:
     """A spool WAV's samples; raise ``SpoolError`` unless it is 16 kHz mono 16-bit and complete."""
     try:
@@ -248,17 +261,23 @@ def write_private_file(path: Path, data: bytes) -> None:
         os.close(fd)
 
 
-def message_metadata(message: Message, sealed: bytes) -> dict[str, str | float | int]:
+def message_metadata(message: Message, sealed: bytes, note: bytes | None = None) -> dict[str, str | float | int]:
     """What the endpoint and the operator get beside a sealed message: nothing derived from its content.
 
     ``sha256`` and ``size_bytes`` are those of the sealed file; ``recipient_public_key`` (read from the file's
-    header) says which of the operator's keys opens it.
+    header) says which of the operator's keys opens it. With the agent's sealed ``note``, ``note_sha256`` is the
+    checksum of the sealed note (its text is as closed to the kiosk as the audio).
     """
-    return {"id": message.id, "recorded_at": message.recorded_at,
-            "duration_seconds": round(message.duration_seconds, 3), "sha256": message.sha256,
-            "size_bytes": message.size_bytes, "format": FORMAT,
-            "recipient_public_key": sealing.encode_key(sealing.recipient_of(sealed)),
-            "content_type": "audio/wav", "sample_rate_hz": RATE_HZ, "channels": 1}
+    meta: dict[str, str | float | int] = {
+        "id": message.id, "recorded_at": message.recorded_at,
+        "duration_seconds": round(message.duration_seconds, 3), "sha256": message.sha256,
+        "size_bytes": message.size_bytes, "format": FORMAT,
+        "recipient_public_key": sealing.encode_key(sealing.recipient_of(sealed)),
+        "content_type": "audio/wav", "sample_rate_hz": RATE_HZ, "channels": 1}
+    if note is not None:
+        meta["note_sha256"] = hashlib.sha256(note).hexdigest()
+        meta["note_content_type"] = "text/plain; charset=utf-8"
+    return meta
 
 
 class Spool:
@@ -278,6 +297,7 @@ class Spool:
                  disk_free: Callable[[Path], int] = _disk_free_bytes) -> None:
         self.directory = Path(directory)
         self.audio_directory = self.directory / AUDIO_DIR
+        self.notes_directory = self.directory / NOTES_DIR
         self.quarantine_directory = self.directory / QUARANTINE_DIR
         self.recipient_public_key = recipient_public_key
         self.max_age_seconds = max_age_seconds
@@ -314,6 +334,7 @@ class Spool:
             # Private to the service user (systemd's StateDirectoryMode=0700 and UMask=0077 say the same).
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             self.audio_directory.mkdir(mode=0o700, exist_ok=True)
+            self.notes_directory.mkdir(mode=0o700, exist_ok=True)
         except OSError as error:
             raise SpoolError("spool_unwritable", f"cannot create the spool directory {self.directory} "
                              f"({error.strerror}): create it writable for the kiosk user, or set "
@@ -469,6 +490,7 @@ class Spool:
                     with self._transaction() as tx:
                         tx.execute("DELETE FROM messages WHERE id = ?", (message.id,))
                     self._quarantine(path, problem)
+                    self._quarantine_note(message.id, path.name)
                     report.quarantined += 1
                     changed = True
                     continue
@@ -511,7 +533,27 @@ class Spool:
             report.orphans_indexed += 1
         if changed:
             _fsync_directory(self.audio_directory)
+        self._reconcile_notes(report)
         return report
+
+    def _reconcile_notes(self, report: ReconcileReport) -> None:
+        """Notes belong to a message row: a temporary note, or one whose message is gone, is removed."""
+        removed = False
+        for path in sorted(self.notes_directory.iterdir()):
+            message_id = path.name.removesuffix(SEALED_SUFFIX)
+            if path.name.endswith(SEALED_SUFFIX) and _is_uuid(message_id) and self._has_row(message_id):
+                continue
+            if not (path.name.endswith(TMP_SUFFIX) or (path.name.endswith(SEALED_SUFFIX) and _is_uuid(message_id))):
+                self._quarantine(path, "its name is not <uuid>.sealed")
+                report.quarantined += 1
+                continue
+            # Written before its message and never confirmed, or its message was delivered or dropped while a
+            # cut interrupted the clean-up: personal data nobody will read, so it goes.
+            path.unlink()
+            removed = True
+            report.notes_removed += 1
+        if removed:
+            _fsync_directory(self.notes_directory)
 
     def _has_row(self, message_id: str) -> bool:
         return self._require_db().execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is not None
@@ -577,9 +619,13 @@ class Spool:
             path.unlink()
         _fsync_directory(path.parent)
 
-    def _write_durably(self, tmp_name: str, name: str, data: bytes) -> None:
-        """``data`` under ``audio/name``, durable: temporary file, fsync, rename, fsync of the directory."""
-        tmp = self.audio_directory / tmp_name
+    def _write_durably(self, tmp_name: str, name: str, data: bytes, directory: Path | None = None) -> None:
+        """``data`` under ``audio/name`` (or ``directory/name``), durable.
+
+        A temporary file, fsync, rename, fsync of the directory.
+        """
+        directory = directory if directory is not None else self.audio_directory
+        tmp = directory / tmp_name
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             try:
@@ -587,12 +633,45 @@ class Spool:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, self.audio_directory / name)
+            os.replace(tmp, directory / name)
         except BaseException:
             with contextlib.suppress(OSError):
                 tmp.unlink()
             raise
-        _fsync_directory(self.audio_directory)
+        _fsync_directory(directory)
+
+    # ------------------------------------------------------------------------------------- notes
+    def note_path(self, message_id: str) -> Path:
+        """Where the sealed note of ``message_id`` is (whether or not it has one)."""
+        return self.notes_directory / f"{message_id}{SEALED_SUFFIX}"
+
+    def read_note(self, message: Message) -> bytes | None:
+        """The message's sealed note (None without one); the kiosk cannot open it, only the operator's key can."""
+        try:
+            return self.note_path(message.id).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise SpoolError("spool_unreadable", f"cannot read the note of message {message.id} ({error.strerror}): "
+                             "run as the service user (sudo -u kiosk kiosk messages ...)") from None
+
+    def _remove_note(self, message_id: str) -> None:
+        path = self.note_path(message_id)
+        if path.exists():
+            self._delete_file(path)
+
+    def _quarantine_note(self, message_id: str, audio_name: str) -> None:
+        """The note goes to quarantine/ with its message (named after the message's file)."""
+        path = self.note_path(message_id)
+        if not path.exists():
+            return
+        self.quarantine_directory.mkdir(mode=0o700, exist_ok=True)
+        target = self.quarantine_directory / f"{audio_name}.note{SEALED_SUFFIX}"
+        os.replace(path, target)
+        now = self._wall_clock()
+        os.utime(target, (now, now))
+        _fsync_directory(self.quarantine_directory)
+        _fsync_directory(self.notes_directory)
 
     def _quarantine(self, path: Path, problem: str) -> None:
         # Not deleted at once: it may be the only copy of something a visitor said; staff have
@@ -606,12 +685,14 @@ class Spool:
         _LOGGER.error("spool file %s failed verification (%s); moved to %s", path.name, problem, target)
 
     # ------------------------------------------------------------------------------------- store
-    def store(self, pcm: Pcm) -> MessageId:
+    def store(self, pcm: Pcm, note: PersonalText | None = None) -> MessageId:
         """Seal a message to the recipient key, store it durably and return its id (also its idempotency key).
 
+        ``note`` (the agent's summary, ``take_message``) is sealed to the same key and written first, to
+        ``notes/<id>.sealed``: a cut before the message's row leaves only a note that the next open removes.
         Returns only after the sealed file and its index row are on stable storage: the confirmation cue
         may play. Raises ``SpoolError`` (``no_recipient_key``, ``spool_full``, ``spool_write_failed``)
-        otherwise; nothing of the message reaches the card unsealed.
+        otherwise; nothing of the message (or its note) reaches the card unsealed.
         """
         if len(pcm) == 0:
             raise SpoolError("message_empty", "the recording is empty, so there is nothing to store")
@@ -628,29 +709,36 @@ class Spool:
             message_id = MessageId(str(uuid.uuid4()))
             name = _file_name(created_ms, message_id, sha256)
             try:
+                if note is not None:
+                    self.notes_directory.mkdir(mode=0o700, exist_ok=True)
+                    sealed_note = sealing.seal(note.text.encode("utf-8"), self.recipient_public_key)
+                    self._write_durably(f".{message_id}{TMP_SUFFIX}", f"{message_id}{SEALED_SUFFIX}", sealed_note,
+                                        self.notes_directory)
                 self._write_durably(f".{message_id}{TMP_SUFFIX}", name, data)
                 with self._transaction() as tx:
                     tx.execute(f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'stored', 0, '')",
                                (message_id, name, created_ms / 1000.0, len(pcm) / RATE_HZ, len(data), sha256))
             except (OSError, sqlite3.Error) as error:
+                with contextlib.suppress(OSError):
+                    self._remove_note(message_id)  # the message was not stored: neither is its note
                 raise SpoolError("spool_write_failed", f"could not store a message in {self.directory} "
                                  f"({error}): check the card (`kiosk doctor`, dmesg) and free space") from None
             return message_id
 
-    async def store_recording(self, recording: Recording) -> str:
+    async def store_recording(self, recording: Recording, note: PersonalText | None = None) -> str:
         """The ``MessageStore`` port: store durably off the loop, then call the ``on_stored`` listeners.
 
         The controller plays the confirmation only after this returns (``RecordingStored``).
         """
-        message_id = await self.store_async(recording.pcm)
+        message_id = await self.store_async(recording.pcm, note)
         for listener in self.on_stored:
             listener(message_id)
         return message_id
 
-    async def store_async(self, pcm: Pcm) -> MessageId:
+    async def store_async(self, pcm: Pcm, note: PersonalText | None = None) -> MessageId:
         """``store`` off the event loop (fsync may take a while on an SD card)."""
         # Thread boundary: the blocking fsyncs run in the default executor; the loop keeps serving audio.
-        return await asyncio.to_thread(self.store, pcm)
+        return await asyncio.to_thread(self.store, pcm, note)
 
     # --------------------------------------------------------------------------------- retention
     def _make_room(self, needed_bytes: int) -> None:
@@ -737,6 +825,7 @@ class Spool:
         with self._transaction() as tx:
             tx.execute("DELETE FROM messages WHERE id = ?", (message.id,))
         self._delete_file(self.audio_directory / message.file)
+        self._remove_note(message.id)
         self.dropped_total += 1
 
     # ---------------------------------------------------------------------------------- delivery
@@ -771,6 +860,7 @@ class Spool:
                     return
                 tx.execute("UPDATE messages SET state = 'delivered' WHERE id = ?", (message_id,))
             self._delete_file(self.audio_directory / row[0])
+            self._remove_note(message_id)
             with self._transaction() as tx:
                 tx.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
@@ -784,6 +874,7 @@ class Spool:
             with self._transaction() as tx:
                 tx.execute("DELETE FROM messages WHERE id = ?", (message_id,))
             path = self.audio_directory / row[0]
+            self._quarantine_note(message_id, str(row[0]))
             if path.exists():
                 self._quarantine(path, problem)
             else:
@@ -838,8 +929,9 @@ class Spool:
     def export(self, message: Message, directory: Path) -> list[Path]:
         """Copy a verified message into ``directory``, readable by its owner only (0600); return the paths.
 
-        Written: ``<time>_<id>.wav.sealed`` (the sealed file as stored) and ``<time>_<id>.json`` (its metadata,
-        the same as delivery sends). The operator opens the sealed file on their own machine with
+        Written: ``<time>_<id>.wav.sealed`` (the sealed file as stored), ``<time>_<id>.note.sealed`` (the agent's
+        sealed summary, for a message taken by ``take_message``) and ``<time>_<id>.json`` (its metadata, the same
+        as delivery sends). The operator opens the sealed files on their own machine with
         ``kiosk messages decrypt --key FILE``. A plain file from an earlier version (no recipient key was
         ever configured) is copied as ``<time>_<id>.wav``, also 0600.
         """
@@ -852,9 +944,14 @@ class Spool:
             return [target]
         target = directory / f"{stamp}_{message.id}.wav{SEALED_SUFFIX}"
         meta = directory / f"{stamp}_{message.id}.json"
+        note = self.read_note(message)
         write_private_file(target, data)
-        write_private_file(meta, (json.dumps(message_metadata(message, data), indent=2) + "\n").encode())
-        return [target, meta]
+        written = [target]
+        if note is not None:
+            written.append(directory / f"{stamp}_{message.id}.note{SEALED_SUFFIX}")
+            write_private_file(written[-1], note)
+        write_private_file(meta, (json.dumps(message_metadata(message, data, note), indent=2) + "\n").encode())
+        return [*written, meta]
 
     def quarantined_files(self) -> int:
         """How many files wait in quarantine/ for staff (deleted after ``quarantine_max_age_seconds``)."""

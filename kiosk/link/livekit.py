@@ -17,6 +17,12 @@
   memory only (``captions``, for the development demo's report), never logged or served;
 - ``interrupt_agent()`` calls the RPC method the agent registers (``livekit.interrupt_rpc_method``,
   ``kiosk.interrupt``) and drops the agent audio still in flight;
+- manual turns: ``begin_turn()`` / ``end_turn(commit)`` call the agent's ``start_turn`` / ``end_turn`` /
+  ``cancel_turn`` (the RPC methods LiveKit voice agents with ``turn_detection="manual"`` register); an agent
+  without them keeps its own turn detection (said once in the log, and not asked again in that session);
+- tools: with a ``ToolHandler``, the methods ``kiosk.<tool>`` (``kiosk.tools.TOOL_METHODS``) are registered in
+  each room and every invocation goes to the handler with ``trusted`` from ``trusts(caller)``; a refusal goes
+  back as an ``RpcError`` (code, a sentence the agent can speak, JSON data naming the error);
 - SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
   during a reconnect does not end it. A reconnect that has not succeeded after
   ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; the controller then
@@ -30,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
@@ -48,12 +55,14 @@ from kiosk.events import (
     LinkUp,
     SessionClosed,
     SessionOpened,
+    Tool,
 )
 from kiosk.link.replies import describe_error
 from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
 from kiosk.metrics import Exchange, Metrics, Status, credit_burn_per_talk_minute, default_metrics
-from kiosk.ports import EventSink, Pcm, PlayoutSink
+from kiosk.ports import EventSink, Pcm, PlayoutSink, ToolHandler
 from kiosk.settings import Settings
+from kiosk.tools import TOOL_METHODS, ToolRefused
 from kiosk.transport import redact_url
 
 _LOGGER = logging.getLogger(__name__)
@@ -77,6 +86,10 @@ MAX_CAPTION_CHARS = 4096
 # Caption segments remembered per exchange (their lengths, for Status); the oldest is forgotten first.
 MAX_SEGMENTS = 64
 CAPTIONS_KEPT = 100
+# The RPC methods a LiveKit voice agent with manual turn detection registers (push-to-talk).
+START_TURN_METHOD = "start_turn"
+END_TURN_METHOD = "end_turn"
+CANCEL_TURN_METHOD = "cancel_turn"
 
 
 class _Participant(Protocol):
@@ -123,8 +136,13 @@ class LiveKitRoomLink:
         metrics: Metrics | None = None,
         status: Status | None = None,
         clock: Callable[[], float] | None = None,
+        tools: ToolHandler | None = None,
     ) -> None:
         self._settings = settings
+        self._tools = tools
+        # Manual turns: None until the session's agent answered a turn RPC; False once it said it has none.
+        self._agent_takes_turns: bool | None = None
+        self._said_no_manual_turns = False
         self._lk = settings.livekit
         self._post = events
         self._playout = playout
@@ -246,6 +264,9 @@ class LiveKitRoomLink:
             self._post(LinkLost(f"cannot connect to {redact_url(grant.livekit_url)}: {describe_error(error)}"))
             return
         self._mark("connected")
+        self._agent_takes_turns = None
+        if self._tools is not None:
+            self._register_tools(room)
         try:
             # Before the microphone is published: nobody but the agent may subscribe to it.
             self._restrict_subscribers(room)
@@ -320,6 +341,56 @@ class LiveKitRoomLink:
         except rtc.RpcError as error:
             _LOGGER.warning("interrupt RPC %s failed (%s): the agent may not register it",
                             self._lk.interrupt_rpc_method, error.message)
+
+    async def begin_turn(self) -> None:
+        """Manual turns: the visitor's turn starts (``start_turn``); an agent without it keeps its own detection."""
+        await self._turn_rpc(START_TURN_METHOD)
+
+    async def end_turn(self, commit: bool) -> None:
+        """Manual turns: the turn ends and is answered (``end_turn``), or dropped without speech (``cancel_turn``)."""
+        await self._turn_rpc(END_TURN_METHOD if commit else CANCEL_TURN_METHOD)
+
+    async def _turn_rpc(self, method: str) -> None:
+        room, agent = self._room, self._agent_identity
+        if room is None or agent is None or not self.trusts(agent) or self._agent_takes_turns is False:
+            # No session, no trusted agent, or an agent that detects turns itself: nothing to tell.
+            return
+        self._mark(method)
+        try:
+            await room.local_participant.perform_rpc(
+                destination_identity=agent, method=method, payload="",
+                response_timeout=self._lk.turn_rpc_timeout_seconds,
+                max_round_trip_latency=self._lk.turn_rpc_timeout_seconds)
+        except rtc.RpcError as error:
+            if error.code == rtc.RpcError.ErrorCode.UNSUPPORTED_METHOD:
+                # Harmless: the agent ends turns by its own voice detection. Not asked again this session.
+                self._agent_takes_turns = False
+                self.metrics.turn_rpcs.labels(method=method, outcome="unsupported").inc()
+                level = logging.DEBUG if self._said_no_manual_turns else logging.WARNING
+                self._said_no_manual_turns = True
+                _LOGGER.log(level, "the agent has no %s RPC method: it detects the end of the visitor's turn itself "
+                            "(livekit.turns = \"agent\" says so without asking)", method)
+                return
+            self.metrics.turn_rpcs.labels(method=method, outcome="failed").inc()
+            _LOGGER.warning("turn RPC %s failed (%s %s); the agent may end the turn by itself", method, error.code,
+                            describe_error(error))
+            return
+        self._agent_takes_turns = True
+        self.metrics.turn_rpcs.labels(method=method, outcome="ok").inc()
+
+    # ------------------------------------------------------------------ tools
+    def _register_tools(self, room: rtc.Room) -> None:
+        """Answer the tools' RPC methods in this room (the allowlist of methods: ``TOOL_METHODS``)."""
+        for method, tool in TOOL_METHODS.items():
+            room.local_participant.register_rpc_method(method, functools.partial(self._on_tool_call, tool))
+
+    async def _on_tool_call(self, tool: Tool, data: rtc.RpcInvocationData) -> str:
+        assert self._tools is not None
+        try:
+            return await self._tools.call(tool, data.payload, trusted=self.trusts(data.caller_identity),
+                                          session_id=self.session_id, response_timeout_seconds=data.response_timeout)
+        except ToolRefused as refused:
+            raise rtc.RpcError(refused.rpc_code, refused.say, refused.data()) from None
 
     def set_publishing(self, on: bool) -> None:
         """Unmute or mute the published microphone track."""

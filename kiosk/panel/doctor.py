@@ -19,7 +19,7 @@ from typing import Any
 
 from kiosk.checks import Check, Verdict
 from kiosk.errors import DeviceError
-from kiosk.settings import LedSpec, PanelSettings, Settings
+from kiosk.settings import LedSpec, PanelSettings, Settings, StaffOutputSpec
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -116,6 +116,10 @@ def check_gpio(
         finally:
             device.close()
 
+    staff = panel.staff_output
+    if staff is not None:
+        results.append(_check_staff_output(staff, factory, interactive, ask, say))
+
     buttons = [("talk button", panel.talk_button, "talk_button")]
     if panel.cancel_button is not None:
         buttons.append(("cancel button", panel.cancel_button, "cancel_button"))
@@ -147,6 +151,35 @@ def check_gpio(
         finally:
             button.close()
     return results
+
+
+def _check_staff_output(staff: StaffOutputSpec, factory: Any, interactive: bool, ask: Callable[[str], str],
+                        say: Callable[[str], None]) -> Check:
+    """Claim the staff-call output; with someone at the kiosk, pulse it once and ask whether it rang."""
+    from gpiozero import DigitalOutputDevice
+    from gpiozero.exc import GPIOZeroError
+
+    name = f"staff-call output (GPIO {staff.pin})"
+    try:
+        device = DigitalOutputDevice(staff.pin, active_high=staff.active_high, initial_value=False,
+                                     pin_factory=factory)
+    except GPIOZeroError as error:
+        return _result(name, False, f"cannot claim the pin: {error}; check panel.staff_output.pin")
+    try:
+        if not interactive:
+            # Nobody is there to hear it: a bell or beacon is not set off unasked.
+            return _result(name, True, "pin claimed, left off (no one asked to watch)")
+        say(f"Watch and listen: the {name} switches on for {staff.pulse_seconds:g} s (bell, beacon or relay click).")
+        device.on()
+        time.sleep(staff.pulse_seconds)
+        device.off()
+        ok = ask("Did the bell, beacon or relay go on and off again? [y/n] ").strip().lower().startswith("y")
+        return _result(name, ok, "seen switching on and off" if ok else (
+            "not seen: check the wiring (hw/README.md, staff-call output), the relay module's supply, and "
+            "panel.staff_output.active_high (false for an active-low relay module)"))
+    finally:
+        device.off()
+        device.close()
 
 
 def check_panel(settings: Settings) -> list[Check]:

@@ -3,6 +3,10 @@
 gpiozero calls button callbacks on its own threads; they only hand a pre-built event to the asyncio
 loop with ``loop.call_soon_threadsafe``. LED patterns use gpiozero's own ``blink()`` and ``pulse()``,
 which run in gpiozero's background threads, so the loop never animates LEDs itself.
+
+The optional staff-call output (``panel.staff_output``: a relay module, bell or beacon, hw/README.md) is a
+gpiozero ``DigitalOutputDevice``; ``call_staff()`` switches it on for ``pulse_seconds`` with a one-shot
+``blink`` in gpiozero's background thread (the ``StaffSignal`` port), so the loop never waits for it.
 """
 
 from __future__ import annotations
@@ -83,7 +87,7 @@ class GpioPanel:
         loop: asyncio.AbstractEventLoop,
         pin_factory: Any = None,
     ) -> None:
-        from gpiozero import LED, PWMLED, RGBLED
+        from gpiozero import LED, PWMLED, RGBLED, DigitalOutputDevice
         from gpiozero import Button as GpioButton
         from gpiozero.exc import GPIOZeroError
 
@@ -92,6 +96,7 @@ class GpioPanel:
         self.buttons: dict[Button, Any] = {}
         self.leds: list[LedDevice] = []
         self.pattern: Pattern | None = None
+        self.staff_output: Any = None  # gpiozero DigitalOutputDevice, when panel.staff_output is set
         specs: list[tuple[Button, ButtonSpec]] = [(Button.TALK, panel.talk_button)]
         if panel.cancel_button is not None:
             specs.append((Button.CANCEL, panel.cancel_button))
@@ -113,6 +118,11 @@ class GpioPanel:
                 else:
                     dev = LED(led.pins[0], active_high=led.active_high, pin_factory=self.factory)
                 self.leds.append(LedDevice(led, dev))
+            staff = panel.staff_output
+            if staff is not None:
+                # Off at start (initial_value=False) whatever the wiring's active level.
+                self.staff_output = DigitalOutputDevice(staff.pin, active_high=staff.active_high, initial_value=False,
+                                                        pin_factory=self.factory)
         except GPIOZeroError as error:
             self.close()
             raise DeviceError(f"GPIO panel cannot start: {error}; check panel.* pins against hw/README.md "
@@ -124,6 +134,22 @@ class GpioPanel:
         self.pattern = chosen
         for led in self.leds:
             _apply(led, chosen)
+
+    def call_staff(self) -> None:
+        """Switch the staff-call output on for ``pulse_seconds`` (gpiozero's thread switches it off again).
+
+        ``DeviceError`` when no output is configured or gpiozero refuses; the tool turns that into ``failed``.
+        """
+        from gpiozero.exc import GPIOZeroError
+
+        spec = self.settings.staff_output
+        if self.staff_output is None or spec is None:
+            raise DeviceError("no staff-call output: set panel.staff_output (hw/README.md)", code="gpio_staff_output")
+        try:
+            self.staff_output.blink(on_time=spec.pulse_seconds, off_time=0.0, n=1, background=True)
+        except GPIOZeroError as error:
+            raise DeviceError(f"the staff-call output on GPIO {spec.pin} failed: {error}", code="gpio_staff_output") \
+                from error
 
     def readback(self) -> list[tuple[float, ...]]:
         """Every LED's current value(s), read back from the pins."""
@@ -140,6 +166,10 @@ class GpioPanel:
             led.device.close()
         for device in self.buttons.values():
             device.close()
+        if self.staff_output is not None:
+            self.staff_output.off()  # never leave a relay or beacon switched on
+            self.staff_output.close()
+            self.staff_output = None
         self.leds.clear()
         self.buttons.clear()
 

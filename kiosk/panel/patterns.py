@@ -55,6 +55,7 @@ CYAN: Colour = (0.0, 0.8, 1.0)
 AMBER: Colour = (1.0, 0.4, 0.0)
 MAGENTA: Colour = (1.0, 0.0, 1.0)
 RED: Colour = (1.0, 0.0, 0.0)
+VIOLET: Colour = (0.6, 0.0, 1.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +96,8 @@ _ALL = (
     Pattern("listening", GREEN, Solid(1.0), "the microphone is live: speak now"),
     Pattern("thinking", YELLOW, Pulse(0.5, 0.5), "the agent is working on an answer"),
     Pattern("speaking", CYAN, Pulse(0.3, 0.3), "the agent is speaking (press to interrupt)"),
+    Pattern("tool", YELLOW, Blink(0.1, 0.1), "the agent is using one of the kiosk's tools: the answer goes on"),
+    Pattern("staff_called", VIOLET, Pulse(1.0, 1.0), "a member of staff has been called (call_staff)"),
     Pattern("offline", AMBER, Blink(1.0, 1.0), "no network or service: press to hear why and leave a message"),
     Pattern("maintenance", AMBER, Pulse(1.5, 1.5), "the service is in maintenance: press to leave a message"),
     Pattern("credits_exhausted", MAGENTA, Blink(1.0, 1.0), "the account has no credits: press to leave a message"),

@@ -40,6 +40,7 @@ from kiosk.events import (
     RouteChanged,
     SessionClosed,
     SessionOpened,
+    VoiceStarted,
 )
 from kiosk.link.backoff import Backoff
 from kiosk.settings import Settings
@@ -220,6 +221,7 @@ async def open_app(stack: LocalStack, pulse_devices: PulseServer, tmp_path: Path
         loop = asyncio.get_running_loop()
         panel = VirtualPanel(cfg.panel, cfg.interaction, kiosk.bus.post, loop=loop)
         kiosk.panel = panel
+        kiosk.staff = panel  # call_staff pulses the virtual panel's mock pin
         app = App(kiosk, panel, room, pulse_devices, stack)
         kiosk.listeners.append(app.listener)
         kiosk.engine.listeners.append(app.frame)
@@ -568,3 +570,85 @@ async def test_the_operators_cue_replaces_the_shipped_one(open_app: OpenApp, sta
     played = await app.wait_cue_finished(Cue.OFFLINE, 20, pressed)
     # The operator's 0.3 s tone, not the shipped spoken message (over a second).
     assert app.voiced_seconds(pressed, played.at) <= 1.0, app.voiced_seconds(pressed, played.at)
+
+
+# ---------------------------------------------------------------------------------------------- the agent's tools
+async def _open_a_session(app: App) -> str:
+    """A short press opens a push-to-talk session (nothing said); the session's id once it is open."""
+    from kiosk.events import SessionOpened as Opened
+
+    pressed = await app.tap()
+    await app.wait_event(Opened, 15, pressed)
+    await app.wait_phase(Phase.LISTENING, 10, pressed)
+    return app.kiosk.link.session_id
+
+
+async def _ask_until_heard(app: App, text: str) -> float:
+    """``App.ask``, but the visitor lets go only once the kiosk's VAD has heard them (on a loaded machine the
+    capture path can lag by a second, and a release before any voice is a turn without speech: cancel_turn)."""
+    pressed = app.now
+    app.panel.press()
+    await asyncio.sleep(0.4)
+    words = speech(text)
+    app.room.say(words, name=text)
+    await asyncio.sleep(len(words) / 16000 + 0.5)
+    await app.wait_event(VoiceStarted, 10, pressed)
+    app.panel.release()
+    return app.now
+
+
+async def test_the_agent_uses_tools_mid_answer_and_takes_a_message(open_app: OpenApp, tmp_path: Path) -> None:
+    """kiosk_status in the middle of an answer keeps the session (LEDs: tool); take_message then hands the
+    visitor to the recorder once the agent has finished, and the message is stored with the agent's note, both
+    sealed to the operator's key."""
+    from kiosk.effects import StartRecording
+    from kiosk.events import MessageRequested, ToolFinished, ToolStarted
+    from kiosk.fallback.sealing import read_private_key, unseal
+
+    note = "Wants the sales team to call back about the order"
+    # Not about the status hold or the no-speech timer: a capture path lagging by seconds on a loaded machine must
+    # not turn a long question into a status request, nor end the message before its first word is heard.
+    app = await open_app(interaction={"status_hold_seconds": 30.0, "no_speech_timeout_seconds": 30.0})
+    session_id = await _open_a_session(app)
+    # The session's agent calls kiosk_status in the middle of its answer to the question.
+    await asyncio.to_thread(app.stack.agent_plan_tool, session_id, "kiosk_status")
+    released = await _ask_until_heard(app, QUESTION)
+    tool_done = await app.wait_event(ToolFinished, 30, released)
+    done = await app.wait_event(AgentStateChanged, 40, tool_done.at, lambda e: e.state is AgentState.LISTENING)
+    answered = await app.wait_phase(Phase.LISTENING, 15, done.at) if app.state.phase is not Phase.LISTENING \
+        else done
+    assert ShowPattern("tool") in app.effects(ShowPattern, released)
+    assert not any(e.new.phase is Phase.IDLE for e in app.entries if e.at >= released), "the session ended"
+    report = app.stack.agent_report(session_id)
+    assert [(c["tool"], c["ok"], c["mid_answer"]) for c in report["tool_calls"]] == [("kiosk_status", True, True)]
+    first = next(e for e in app.entries if e.at >= released and isinstance(e.event, ToolStarted))
+    timeline = [(round(e.at - released, 2), type(e.event).__name__, e.new.phase.value) for e in app.entries
+                if e.at >= released]
+    # The first half of the answer was heard before the tool.
+    assert app.voiced_seconds(released, first.at) > 0.5, (timeline, app.voiced_seconds(released))
+
+    await asyncio.to_thread(app.stack.agent_plan_tool, session_id, "take_message", json.dumps({"summary": note}))
+    released = await _ask_until_heard(app, SECOND_QUESTION)
+    assert app.kiosk.link.session_id == session_id  # the same conversation
+    requested = (await app.wait_event(MessageRequested, 40, released)).event
+    assert isinstance(requested, MessageRequested) and note not in repr(requested)
+    handed = await app.wait_phase(Phase.RECORDING_MESSAGE, 40, released)
+    assert handed.old.phase in (Phase.SPEAKING, Phase.LISTENING) and app.state.online
+    assert app.voiced_seconds(released, handed.at) > 2.0  # the agent's answer and its "after the tone" played
+    tone = await app.wait_cue_finished(Cue.RECORDING_TONE, 10, handed.at)
+    assert app.effects(StartRecording, handed.at)
+    await asyncio.sleep(0.3)
+    words = speech(MESSAGE)
+    app.room.say(words, name="message")
+    stored = (await app.wait_event(RecordingStored, 30, tone.at)).event
+    assert isinstance(stored, RecordingStored)
+    await app.wait_cue_finished(Cue.MESSAGE_STORED, 15, tone.at)
+    await app.wait_phase(Phase.IDLE, 10, tone.at)
+    message = app.kiosk.spool.get(stored.message_id)
+    sealed_note = app.kiosk.spool.read_note(message)
+    assert sealed_note is not None and note.encode() not in sealed_note
+    key = read_private_key(tmp_path / "operator.key")
+    assert unseal(sealed_note, key).decode() == note
+    # The visitor's words were recorded (how well VAD end-pointing cuts a message: the offline message test).
+    assert message.duration_seconds >= 1.0, message.as_dict()
+    assert answered.at < handed.at

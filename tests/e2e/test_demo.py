@@ -26,6 +26,8 @@ def test_scripted_demo_answers_every_question_through_the_real_devices(tmp_path:
     for exchange in report["exchanges"]:
         # The visitor's speech went through the capture chain and the agent's answer came out of the speaker.
         assert exchange["voice_started"] and exchange["answer_played"]
+        # Manual turns: the agent answers only after the button comes up, never while it is held.
+        assert exchange["answer_started_after_release_s"] > 0, exchange
     states = [entry["state"] for entry in report["timeline"]]
     for state in ("idle", "connecting", "listening", "thinking", "speaking"):
         assert state in states

@@ -355,3 +355,106 @@ async def test_the_consent_notice_plays_before_the_gate_opens(make_rig: MakeRig)
     assert calls.index("cue:consent_notice") < calls.index("gate:on:no-preroll")  # the notice-time audio is not sent
     assert calls.index("cue:consent_notice") < calls.index("cue:session_start")
     assert rig.audio.gate and rig.room.calls[-1] == "publish:on" and rgb(rig) == GREEN
+
+
+# ------------------------------------------------------------------------------------ manual turns and tools
+async def test_push_to_talk_gives_the_agent_its_turns(make_rig: MakeRig) -> None:
+    """The scripted agent answers only at end_turn; a press without speech is a cancel_turn and no answer."""
+    rig = await make_rig(mode=InteractionMode.PUSH_TO_TALK, agent=True)
+    await rig.press()
+    await rig.release()  # nothing said
+    assert rig.room.calls == ["open", "publish:on", "publish:off"] and rig.room.turns == ["start_turn", "cancel_turn"]
+    await rig.advance(2.0)
+    assert rig.phase == "listening"  # no answer came
+    await rig.press()
+    await rig.post(VoiceStarted(), VoiceStopped())
+    await rig.advance(3.0)  # a long pause with the button held: the turn stays open, nobody answers
+    assert rig.phase == "listening" and rig.room.turns[-1] == "start_turn"
+    await rig.release()
+    assert rig.room.turns[-1] == "end_turn" and rig.phase == "thinking"
+    await rig.advance(1.0)
+    assert rig.phase == "speaking"
+
+
+async def test_turns_agent_setting_sends_no_turns(make_rig: MakeRig) -> None:
+    from kiosk.settings import TurnDetection
+    from kiosk.state import Policy
+
+    policy = Policy(turns=TurnDetection.AGENT)
+    rig = await make_rig(policy=policy, agent=True)
+    await rig.press()
+    await rig.post(VoiceStarted(), VoiceStopped())
+    await rig.release()
+    await rig.advance(1.0)
+    assert rig.phase == "speaking" and rig.room.turns == []
+
+
+async def test_a_running_tool_holds_the_session_and_shows_on_the_leds(make_rig: MakeRig) -> None:
+    from kiosk.events import Tool, ToolFinished, ToolStarted
+
+    rig = await make_rig()
+    await rig.press()
+    await rig.post(VoiceStarted(), VoiceStopped())
+    await rig.release()
+    assert rig.phase == "thinking"
+    await rig.post(ToolStarted(Tool.CALL_STAFF))
+    assert rig.panel.pattern is not None and rig.panel.pattern.name == "tool"
+    await rig.advance(30.0, step_seconds=1.0)  # past idle_end: the silence is the tool working
+    assert rig.phase == "thinking" and "close" not in rig.room.calls
+    await rig.post(ToolFinished(Tool.CALL_STAFF))
+    assert rig.panel.pattern is not None and rig.panel.pattern.name == "thinking"
+    await rig.advance(19.5, step_seconds=0.5)
+    assert rig.phase == "thinking"
+    await rig.advance(1.0)  # the agent then said nothing: idle_end, counted from the tool's end
+    assert rig.phase == "idle" and rig.room.calls[-1] == "close"
+
+
+async def test_take_message_records_after_the_answer_with_the_note(make_rig: MakeRig) -> None:
+    from kiosk.events import MessageRequested
+    from kiosk.personal import PersonalText
+
+    rig = await make_rig(agent=True)
+    await rig.press()
+    await rig.post(VoiceStarted(), VoiceStopped())
+    await rig.release()
+    await rig.advance(1.0)  # the scripted agent speaks for 3 s
+    assert rig.phase == "speaking"
+    await rig.post(MessageRequested(PersonalText("Call back about the order")))
+    assert rig.phase == "speaking"  # the agent finishes first
+    await rig.advance(3.0)
+    assert rig.phase == "recording_message" and rig.room.calls[-1] == "close"
+    assert rig.audio.cues[-1] == "recording_tone" and rgb(rig) == RED
+    await rig.post(VoiceStarted())
+    await rig.advance(2.0)
+    await rig.post(VoiceStopped())
+    assert rig.audio.cues[-1] == "message_stored" and rig.phase == "idle"
+    note = rig.store.notes[0]
+    assert note is not None and note.text == "Call back about the order"
+    assert rig.store.messages[0].duration_seconds == pytest.approx(2.0)
+
+
+async def test_end_conversation_after_the_goodbye(make_rig: MakeRig) -> None:
+    from kiosk.events import EndRequested
+
+    rig = await make_rig(agent=True)
+    await rig.press()
+    await rig.post(VoiceStarted(), VoiceStopped())
+    await rig.release()
+    await rig.advance(1.0)
+    await rig.post(EndRequested())
+    await rig.advance(2.75)
+    assert rig.phase == "speaking"
+    await rig.advance(0.5)
+    assert rig.phase == "idle" and rig.room.calls[-1] == "close" and rig.audio.cues[-1] == "session_end"
+
+
+async def test_staff_called_shows_violet_for_a_while(make_rig: MakeRig) -> None:
+    from kiosk.events import StaffCalled
+
+    rig = await make_rig()
+    await rig.post(StaffCalled())
+    assert rig.panel.pattern is not None and rig.panel.pattern.name == "staff_called"
+    await rig.advance(29.0, step_seconds=1.0)
+    assert rig.panel.pattern.name == "staff_called"
+    await rig.advance(1.5)
+    assert rig.panel.pattern.name == "idle"

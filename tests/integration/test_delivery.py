@@ -143,6 +143,28 @@ async def test_fixtures_deliver_end_to_end(spool: Spool, message_endpoint: Runni
     assert hashlib.sha256(wav).hexdigest() not in json.dumps(meta)  # nothing derived from the content
 
 
+async def test_the_agents_note_travels_sealed_with_its_message(spool: Spool, message_endpoint: RunningEndpoint,
+                                                                 operator_keys: OperatorKeys) -> None:
+    from kiosk.personal import PersonalText
+
+    note = "Wants the sales team to call back about order 4471"
+    with_note = await spool.store_async(speech_like(81, 0.8), PersonalText(note))
+    without = await spool.store_async(speech_like(82, 0.8))
+    uploader = Uploader(message_endpoint.url, TOKEN, timeout_seconds=2)
+    results = await deliver_pass(spool, uploader.upload)
+    await uploader.aclose()
+    assert [r.status for r in results] == [201, 201] and spool.messages() == []
+    assert list((spool.directory / "notes").iterdir()) == []  # delivered: the note is gone with its message
+    received = message_endpoint.stored[with_note]
+    assert received.note is not None and received.note.startswith(MAGIC) and note.encode() not in received.note
+    assert received.note_text == note  # opened by the operator's key at the endpoint
+    assert received.metadata["note_sha256"] == hashlib.sha256(received.note).hexdigest()
+    plain = message_endpoint.stored[without]
+    assert plain.note is None and "note_sha256" not in plain.metadata
+    assert message_endpoint.summary()["notes"] == {with_note: {"sha256": received.metadata["note_sha256"],
+                                                               "opened_chars": len(note)}}
+
+
 async def test_the_endpoint_refuses_plain_audio(message_endpoint: RunningEndpoint) -> None:
     """A kiosk that sent a plain WAV (as before messages were sealed) is refused, so the tests above would fail."""
     import aiohttp

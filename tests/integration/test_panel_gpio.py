@@ -269,3 +269,45 @@ async def test_open_panel_follows_settings(monkeypatch: pytest.MonkeyPatch) -> N
     panel = open_panel(PanelSettings(pin_factory="mock"), InteractionSettings(), print, loop=loop)
     assert panel is not None and panel.readback() == [(0.0, 0.0, 0.0)]
     panel.close()
+
+
+# ------------------------------------------------------------------------------------ staff-call output
+async def test_the_staff_output_pulses_and_is_off_at_start_and_close(mock_pin_factory: Any) -> None:
+    from kiosk.settings import StaffOutputSpec
+
+    events: list[Event] = []
+    settings = PanelSettings(staff_output=StaffOutputSpec(pin=26, pulse_seconds=0.15))
+    panel = _panel(mock_pin_factory, events, settings)
+    pin = mock_pin_factory.pin(26)
+    assert not pin.state
+    panel.call_staff()
+    await _until(lambda: bool(pin.state))
+    await _until(lambda: not pin.state, 1.0)  # switched off by gpiozero's thread after pulse_seconds
+    panel.call_staff()
+    await _until(lambda: bool(pin.state))
+    panel.close()  # closing mid-pulse never leaves a bell or beacon on
+    assert not pin.state and events == []
+
+
+async def test_without_a_staff_output_call_staff_says_what_to_set(mock_pin_factory: Any) -> None:
+    panel = _panel(mock_pin_factory, [])
+    with pytest.raises(DeviceError, match="panel.staff_output"):
+        panel.call_staff()
+    panel.close()
+
+
+def test_doctor_claims_the_staff_output_and_pulses_it_only_with_someone_there(mock_pin_factory: Any) -> None:
+    from kiosk.panel.doctor import check_gpio
+    from kiosk.settings import StaffOutputSpec
+
+    settings = PanelSettings(staff_output=StaffOutputSpec(pin=26, pulse_seconds=0.05))
+    results = check_gpio(settings, interactive=False, pin_factory=mock_pin_factory, blink_seconds=0.01)
+    staff = next(r for r in results if r.name.startswith("staff-call output"))
+    assert staff.status == "ok" and "left off" in staff.summary
+    assert [s.state for s in mock_pin_factory.pin(26).states].count(True) == 0  # nobody there: no bell
+    answers = iter(["y", "y"])
+    results = check_gpio(settings, interactive=True, pin_factory=mock_pin_factory, ask=lambda q: next(answers, "n"),
+                         say=lambda text: None, button_timeout_seconds=0.05, blink_seconds=0.01)
+    staff = next(r for r in results if r.name.startswith("staff-call output"))
+    assert staff.status == "ok" and staff.summary == "seen switching on and off"
+    assert [s.state for s in mock_pin_factory.pin(26).states].count(True) == 1

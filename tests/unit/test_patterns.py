@@ -14,6 +14,8 @@ def test_every_state_has_a_pattern_and_they_differ() -> None:
     keys = {pattern_key(KioskState(phase=p)) for p in Phase}
     keys |= {pattern_key(KioskState(phase=Phase.OFFLINE, online=False, offline_reason=r)) for r in OfflineReason}
     keys |= {pattern_key(KioskState(phase=Phase.LISTENING, consent_playing=True))}
+    keys |= {pattern_key(KioskState(phase=Phase.THINKING, tool_running=True))}
+    keys |= {pattern_key(KioskState(phase=Phase.IDLE, staff_called=True))}
     assert keys == set(PATTERNS)
     looks = {(p.colour, p.brightness) for p in PATTERNS.values()}
     assert len(looks) == len(PATTERNS), "two states look the same on an RGB LED"
@@ -58,3 +60,10 @@ def test_hw_readme_documents_every_pattern() -> None:
     assert "## Wiring" in text
     for name in PATTERNS:
         assert f"| `{name}` |" in text, f"hw/README.md has no row for the LED pattern {name}"
+
+
+def test_tool_and_staff_patterns_never_hide_the_live_microphone() -> None:
+    live = KioskState(phase=Phase.LISTENING, publishing=True, tool_running=True, staff_called=True)
+    assert pattern_key(live) == "listening"
+    assert pattern_key(KioskState(phase=Phase.SPEAKING, tool_running=True, staff_called=True)) == "tool"
+    assert pattern_key(KioskState(phase=Phase.RECORDING_MESSAGE, staff_called=True)) == "recording_message"

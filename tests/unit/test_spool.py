@@ -379,7 +379,7 @@ async def test_a_corrupt_message_is_quarantined_not_sent(tmp_path: Path) -> None
 
     sent: list[str] = []
 
-    async def upload(message: Message, sealed: bytes) -> UploadResult:
+    async def upload(message: Message, sealed: bytes, note: bytes | None = None) -> UploadResult:
         sent.append(message.id)
         return UploadResult(message.id, True, 201)
 
@@ -635,3 +635,105 @@ def test_any_file_found_on_the_card_is_indexed_or_quarantined(tmp_path: Path) ->
                     assert message.duration_seconds == (len(data) - sealing.OVERHEAD_BYTES - 44) / 2 / 16000
 
     opens()
+
+
+# ------------------------------------------------------------------------------------ the agent's notes
+NOTE_TEXT = "Wants the sales team to call back about order 4471"
+
+
+def _note() -> object:
+    from kiosk.personal import PersonalText
+
+    return PersonalText(NOTE_TEXT)
+
+
+def test_a_note_is_sealed_beside_its_message(tmp_path: Path) -> None:
+    """take_message's summary: sealed to the operator's key, never on the card in the clear."""
+    with open_spool(tmp_path) as spool:
+        message_id = spool.store(speech(30), _note())  # type: ignore[arg-type]
+        plain_id = spool.store(speech(31))
+        message, plain = spool.get(message_id), spool.get(plain_id)
+        sealed = spool.read_note(message)
+        assert sealed is not None and spool.read_note(plain) is None
+        assert sealing.unseal(sealed, PRIVATE).decode("utf-8") == NOTE_TEXT
+        assert spool.note_path(message_id).stat().st_mode & 0o777 == 0o600
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert NOTE_TEXT.encode() not in path.read_bytes(), path
+            assert b"order 4471" not in path.read_bytes(), path
+    with open_spool(tmp_path) as spool:
+        assert spool.reconciled.clean  # a note with its message is in order
+
+
+def test_a_note_goes_with_its_message(tmp_path: Path) -> None:
+    clock = WallClock()
+    with open_spool(tmp_path, wall_clock=clock, max_age_seconds=2 * DAY) as spool:
+        delivered = spool.store(speech(32), _note())  # type: ignore[arg-type]
+        clock.now += DAY
+        dropped = spool.store(speech(33), _note())  # type: ignore[arg-type]
+        quarantined = spool.store(speech(34), _note())  # type: ignore[arg-type]
+        claimed = spool.claim_next()
+        assert claimed is not None and claimed.id == delivered
+        spool.mark_delivered(delivered)
+        assert not spool.note_path(delivered).exists()
+        spool.quarantine_message(quarantined, "test")
+        assert not spool.note_path(quarantined).exists()
+        assert any(p.name.endswith(".note.sealed") for p in (tmp_path / QUARANTINE_DIR).iterdir())
+        clock.now += 2.5 * DAY
+        assert spool.enforce_retention() == [dropped]
+        assert not spool.note_path(dropped).exists()
+    assert list((tmp_path / "notes").iterdir()) == []
+
+
+def test_a_note_without_its_message_is_removed_on_open(tmp_path: Path) -> None:
+    """A cut after the note was written but before the message's row: the visitor heard no confirmation."""
+    with open_spool(tmp_path) as spool:
+        kept = spool.store(speech(35), _note())  # type: ignore[arg-type]
+    orphan = tmp_path / "notes" / f"{uuid.uuid4()}.sealed"
+    orphan.write_bytes(sealing.seal(b"never confirmed", PUBLIC))
+    (tmp_path / "notes" / f".{uuid.uuid4()}.tmp").write_bytes(b"half written")
+    (tmp_path / "notes" / "strange name").write_bytes(b"?")
+    with open_spool(tmp_path) as spool:
+        assert spool.reconciled.notes_removed == 2 and spool.reconciled.quarantined == 1
+        assert not orphan.exists() and spool.note_path(kept).exists()
+        assert [p.name for p in (tmp_path / "notes").iterdir()] == [f"{kept}.sealed"]
+
+
+def test_a_failed_store_leaves_no_note(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    with open_spool(tmp_path) as spool:
+        write = spool._write_durably
+
+        def card_full_for_audio(tmp_name: str, name: str, data: bytes, directory: Path | None = None) -> None:
+            if directory is None:  # the message itself, written after its note
+                raise OSError(errno.ENOSPC, "No space left on device")
+            write(tmp_name, name, data, directory)
+
+        monkeypatch.setattr(spool, "_write_durably", card_full_for_audio)
+        with pytest.raises(SpoolError, match="could not store"):
+            spool.store(speech(36), _note())  # type: ignore[arg-type]
+        assert list((tmp_path / "notes").iterdir()) == [] and spool.messages() == []
+
+
+def test_export_and_decrypt_open_the_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from kiosk.fallback.cli import cmd_decrypt
+
+    with open_spool(tmp_path / "spool") as spool:
+        message = spool.get(spool.store(speech(37), _note()))  # type: ignore[arg-type]
+        written = spool.export(message, tmp_path / "out")
+    names = sorted(p.name for p in written)
+    assert [n.split("_", 1)[1] for n in names] == [f"{message.id}.json", f"{message.id}.note.sealed",
+                                                   f"{message.id}.wav.sealed"]
+    meta = json.loads(next(p for p in written if p.suffix == ".json").read_text())
+    note_file = next(p for p in written if p.name.endswith(".note.sealed"))
+    assert meta["note_sha256"] == hashlib.sha256(note_file.read_bytes()).hexdigest()
+    key_file = tmp_path / "operator.key"
+    sealing.write_private_key(key_file, PRIVATE)
+    status = cmd_decrypt(argparse.Namespace(key=key_file, out=None, paths=[tmp_path / "out"]), None)  # type: ignore[arg-type]
+    assert status == 0
+    text_file = note_file.with_name(note_file.name.removesuffix(".sealed") + ".txt")
+    assert text_file.read_text() == NOTE_TEXT and text_file.stat().st_mode & 0o777 == 0o600
+    assert f"note, {len(NOTE_TEXT)} characters" in capsys.readouterr().out

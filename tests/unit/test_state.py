@@ -8,11 +8,13 @@ from dataclasses import replace
 import pytest
 
 from kiosk.effects import (
+    BeginTurn,
     CancelTimer,
     ClearPlayback,
     CloseSession,
     Cue,
     Effect,
+    EndTurn,
     InterruptAgent,
     OfflineReason,
     OpenSession,
@@ -37,6 +39,7 @@ from kiosk.events import (
     CueFinished,
     DeviceFound,
     DeviceLost,
+    EndRequested,
     ErrorOccurred,
     Event,
     HeadsetPlugged,
@@ -44,6 +47,7 @@ from kiosk.events import (
     LinkLost,
     LinkReconnecting,
     LinkUp,
+    MessageRequested,
     PlaybackFinished,
     PlaybackStarted,
     RecordingFailed,
@@ -53,16 +57,32 @@ from kiosk.events import (
     RouteChanged,
     SessionClosed,
     SessionOpened,
+    StaffCalled,
     Started,
     TimerExpired,
+    Tool,
+    ToolFinished,
+    ToolStarted,
     VoiceStarted,
     VoiceStopped,
 )
 from kiosk.panel.patterns import PATTERNS
-from kiosk.settings import InteractionMode
-from kiosk.state import SESSION_PHASES, KioskState, MessageStep, Phase, Policy, initial_state, pattern_key, step
+from kiosk.personal import PersonalText
+from kiosk.settings import InteractionMode, TurnDetection
+from kiosk.state import (
+    SESSION_PHASES,
+    Handover,
+    KioskState,
+    MessageStep,
+    Phase,
+    Policy,
+    initial_state,
+    pattern_key,
+    step,
+)
 
 MODES = list(InteractionMode)
+NOTE = PersonalText("Wants a call back about the order")
 
 EVENTS: list[Event] = [
     Started(),
@@ -80,20 +100,38 @@ EVENTS: list[Event] = [
     *(TimerExpired(t) for t in Timer),
     RecordingStored("m1"), RecordingFailed("disk"),
     ErrorOccurred("boom", "it broke"),
+    # The machine treats every tool alike (test_every_tool_steps_alike): one stands for all.
+    ToolStarted(Tool.CALL_STAFF), ToolFinished(Tool.CALL_STAFF, "ok"),
+    MessageRequested(NOTE), EndRequested(), StaffCalled(),
 ]
 # Every event class in kiosk.events must be in the table.
 EVENT_CLASSES = {type(e) for e in EVENTS}
 
 
 def _canonical(state: KioskState) -> KioskState:
-    """Fold fields that only change what is said or shown (not what happens next) to keep the search small."""
+    """Fold fields that only change what is said or shown (not what happens next) to keep the search small.
+
+    Also folded, and put back where they matter: ``staff_called`` (only what is shown: checked by
+    test_the_staff_pattern_changes_nothing_else), ``agent_busy`` without a pending handover (it matters for
+    nothing else: test_agent_busy_matters_only_for_a_handover) and ``tool_running`` (it only holds transitions
+    back, so a state with a tool running is a reachable state plus the flag: ``_variants`` checks every
+    session state with it).
+    """
     return replace(
         state,
         last_error=None if state.last_error is None else "e",
         route=Route.NONE if state.route is Route.NONE else Route.ARRAY,
         offline_reason=OfflineReason.OFFLINE if state.offline_reason is OfflineReason.OFFLINE
         else OfflineReason.MAINTENANCE,
+        staff_called=False,
+        agent_busy=state.agent_busy and state.handover is not Handover.NONE,
+        tool_running=False,
     )
+
+
+def _variants(state: KioskState) -> list[KioskState]:
+    """``state``, and in a session also with a tool running (the flag ``_canonical`` folds)."""
+    return [state, replace(state, tool_running=True)] if state.phase in SESSION_PHASES else [state]
 
 
 def _reachable(policy: Policy, limit: int = 20000) -> list[KioskState]:
@@ -112,11 +150,27 @@ def _reachable(policy: Policy, limit: int = 20000) -> list[KioskState]:
     return list(seen)
 
 
+_SEARCHED: dict[Policy, list[KioskState]] = {}
+
+
+def _searched(policy: Policy) -> list[KioskState]:
+    """``_reachable(policy)``, searched once per test run (the fixtures below share it)."""
+    if policy not in _SEARCHED:
+        _SEARCHED[policy] = _reachable(policy)
+    return _SEARCHED[policy]
+
+
 @pytest.fixture(scope="module", params=[(m, c) for m in MODES for c in (False, True)],
                 ids=lambda p: p[0].value + ("+consent" if p[1] else ""))
 def reachable(request: pytest.FixtureRequest) -> list[KioskState]:
     mode, consent = request.param
-    return _reachable(Policy(mode=mode, consent_notice=consent))
+    return _searched(Policy(mode=mode, consent_notice=consent))
+
+
+@pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
+def reachable_per_mode(request: pytest.FixtureRequest) -> list[KioskState]:
+    """The reachable states of each mode without the AI notice (for checks the notice has no part in)."""
+    return _searched(Policy(mode=request.param))
 
 
 def test_every_event_class_is_tabled() -> None:
@@ -140,16 +194,24 @@ def _count(effects: tuple[Effect, ...], kind: type[Effect]) -> int:
     return sum(isinstance(e, kind) for e in effects)
 
 
+_SILENCE_TIMERS = (Timer.NO_SPEECH, Timer.IDLE_END)
+_FAILURES = (DeviceLost, ErrorOccurred, LinkLost, ApiRefused)
+
+
 @pytest.mark.slow
 def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskState]) -> None:
     checked = 0
-    for state in reachable:
+    for state in (variant for base in reachable for variant in _variants(base)):
         for event in EVENTS:
             t = step(state, event)
             new, fx = t.state, t.effects
             checked += 1
             if checked % 97 == 0:
                 assert step(state, event) == t, _w(state, event, t)  # pure: same input, same output
+                # The agent's note is personal: no repr (what the controller logs) ever shows it.
+                assert NOTE.text not in repr(new) + repr(fx) + repr(event), _w(state, event, t)
+            _check_turns(state, event, new, fx)
+            _check_tools(state, event, new, fx)
             # The microphone streams only inside a session, and the gate effects match the flag.
             assert not new.publishing or new.phase in (Phase.LISTENING, Phase.SPEAKING), _w(state, event, t)
             # The AI notice plays before anything streams: never the gate while it plays, and a session
@@ -207,6 +269,103 @@ def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskSt
             if _count(fx, SpeakStatus):
                 assert isinstance(event, ButtonHeld), _w(state, event, t)
     assert checked > 1000
+
+
+def _check_turns(state: KioskState, event: Event, new: KioskState, fx: tuple[Effect, ...]) -> None:
+    """Manual turns follow the gate: begun just before it opens, ended just after it closes, never otherwise."""
+    manual = state.policy.manual_turns
+    assert new.turn_open == (new.publishing and manual), _w(state, event, fx)
+    begins = [i for i, e in enumerate(fx) if isinstance(e, BeginTurn)]
+    ends = [(i, e) for i, e in enumerate(fx) if isinstance(e, EndTurn)]
+    if not manual:
+        assert not begins and not ends, _w(state, event, fx)
+        return
+    left = state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES
+    assert len(begins) == int(new.turn_open and not state.turn_open), _w(state, event, fx)
+    # Leaving the session ends the turn with it: no end_turn RPC into a room being left.
+    assert len(ends) == int(state.turn_open and not new.turn_open and not left), _w(state, event, fx)
+    if begins:
+        assert begins[0] < fx.index(next(e for e in fx if isinstance(e, StartPublishing))), _w(state, event, fx)
+    for i, end in ends:
+        assert i > fx.index(StopPublishing()), _w(state, event, fx)
+        assert end.commit == new.heard_voice, _w(state, event, fx)  # answered only if the visitor spoke
+
+
+def _check_tools(state: KioskState, event: Event, new: KioskState, fx: tuple[Effect, ...]) -> None:
+    """A running tool holds the session open; handovers happen only when asked and when the agent is done."""
+    if state.tool_running and isinstance(event, TimerExpired) and event.name in _SILENCE_TIMERS:
+        assert new.phase is state.phase and CloseSession() not in fx, _w(state, event, fx)
+    if (isinstance(event, ToolFinished) and state.phase in (Phase.LISTENING, Phase.THINKING)
+            and not state.publishing and not state.consent_playing):
+        # The silence timers waited for the tool: the wait for the next exchange starts again.
+        assert StartTimer(Timer.IDLE_END, state.policy.idle_end_seconds) in fx, _w(state, event, fx)
+    assert not new.tool_running or state.tool_running or isinstance(event, ToolStarted), _w(state, event, fx)
+    if state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES:
+        assert not new.tool_running and new.handover is Handover.NONE and not new.agent_busy, _w(state, event, fx)
+    # Only a session whose agent asked for it (take_message) hands the visitor to the message recorder.
+    if state.phase in SESSION_PHASES and new.phase is Phase.RECORDING_MESSAGE:
+        assert state.handover is Handover.MESSAGE and state.policy.messages, _w(state, event, fx)
+        assert CloseSession() in fx and PlayCue(Cue.RECORDING_TONE) in fx, _w(state, event, fx)
+        assert new.message is MessageStep.TONE and new.message_note == state.message_note, _w(state, event, fx)
+    # A handover waits for the agent to finish (its state, the speaker) and never cuts off a talking visitor.
+    handed_over = (state.handover is not Handover.NONE and state.phase in SESSION_PHASES
+                   and new.phase not in SESSION_PHASES and not isinstance(event, _FAILURES)
+                   and not isinstance(event, (ButtonPressed, ButtonHeld, TimerExpired, RouteChanged, SessionClosed)))
+    if handed_over:
+        assert not (new.agent_busy or new.playing or state.publishing), _w(state, event, fx)
+    if isinstance(event, TimerExpired) and event.name is Timer.HANDOVER and new.phase is not state.phase:
+        assert state.handover is not Handover.NONE and not state.playing and not state.publishing
+    # The note lives only between the request and the recording it goes with.
+    if new.message_note is not None:
+        assert new.handover is Handover.MESSAGE or (
+            new.phase is Phase.RECORDING_MESSAGE and new.message in (MessageStep.TONE, MessageStep.RECORDING)), \
+            _w(state, event, fx)
+    for effect in fx:
+        if isinstance(effect, StopRecording):
+            assert effect.note == (state.message_note if effect.keep else None), _w(state, event, fx)
+    if isinstance(event, MessageRequested) and not state.policy.messages:
+        assert new.handover is state.handover and fx == (), _w(state, event, fx)
+    # The tool and staff patterns never hide a live microphone.
+    if pattern_key(new) in ("tool", "staff_called"):
+        assert not new.publishing and (new.tool_running or new.staff_called), _w(state, event, fx)
+
+
+@pytest.mark.slow
+def test_the_staff_pattern_changes_nothing_else(reachable_per_mode: list[KioskState]) -> None:
+    """staff_called (folded in the search) changes only the pattern shown, never what happens."""
+    for state in reachable_per_mode:
+        flagged = replace(state, staff_called=True)
+        for event in EVENTS:
+            if isinstance(event, StaffCalled) or event == TimerExpired(Timer.STAFF_CALLED):
+                continue
+            plain, shown = step(state, event), step(flagged, event)
+            assert replace(shown.state, staff_called=False) == plain.state, _w(flagged, event, shown)
+            assert [e for e in shown.effects if not isinstance(e, ShowPattern)] == [
+                e for e in plain.effects if not isinstance(e, ShowPattern)], _w(flagged, event, shown)
+
+
+@pytest.mark.slow
+def test_agent_busy_matters_only_for_a_handover(reachable_per_mode: list[KioskState]) -> None:
+    """agent_busy (folded without a handover in the search) changes nothing while no handover is pending."""
+    for state in reachable_per_mode:
+        if state.handover is not Handover.NONE or state.phase not in SESSION_PHASES:
+            continue
+        busy = replace(state, agent_busy=True)
+        for event in EVENTS:
+            if isinstance(event, (MessageRequested, EndRequested)):
+                continue  # a handover becomes pending: from here on the flag counts (the search covers it)
+            plain, other = step(state, event), step(busy, event)
+            assert replace(other.state, agent_busy=plain.state.agent_busy) == plain.state, _w(busy, event, other)
+            assert other.effects == plain.effects, _w(busy, event, other)
+
+
+def test_every_tool_steps_alike(reachable_per_mode: list[KioskState]) -> None:
+    """The machine does not tell tools apart (the search uses one for all)."""
+    for state in reachable_per_mode[::7]:
+        for variant in _variants(state):
+            started = {step(variant, ToolStarted(tool)) for tool in Tool}
+            finished = {step(variant, ToolFinished(tool, outcome)) for tool in Tool for outcome in ("ok", "timeout")}
+            assert len(started) == 1 and len(finished) == 1, variant
 
 
 @pytest.mark.parametrize("phase", list(Phase))
@@ -298,9 +457,11 @@ def test_push_to_talk_streams_only_while_held() -> None:
     s, fx = run(idle(), ButtonPressed())
     assert s.phase is Phase.CONNECTING and OpenSession() in fx and StartPublishing() not in fx
     s, fx = run(s, SessionOpened("s"))
-    assert s.phase is Phase.LISTENING and fx[:2] == [PlayCue(Cue.SESSION_START), StartPublishing()]
+    # Push-to-talk takes manual turns by default: the agent's turn opens just before the microphone goes live.
+    assert s.phase is Phase.LISTENING and fx[:3] == [PlayCue(Cue.SESSION_START), BeginTurn(), StartPublishing()]
     s, fx = run(s, VoiceStarted(), VoiceStopped(), ButtonReleased())
     assert s.phase is Phase.THINKING and StopPublishing() in fx and not s.publishing
+    assert fx[fx.index(StopPublishing()) + 1] == EndTurn(commit=True)
     s, fx = run(s, AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
     assert s.phase is Phase.SPEAKING
     s, fx = run(s, PlaybackFinished())
@@ -322,7 +483,7 @@ def test_push_to_talk_voice_never_interrupts_even_on_verified_route() -> None:
     s, fx = run(s, VoiceStarted())
     assert s.phase is Phase.SPEAKING and fx == []
     s, fx = run(s, ButtonPressed())
-    assert s.phase is Phase.LISTENING and fx[:3] == [ClearPlayback(), InterruptAgent(), StartPublishing()]
+    assert s.phase is Phase.LISTENING and fx[:4] == [ClearPlayback(), InterruptAgent(), BeginTurn(), StartPublishing()]
 
 
 @pytest.mark.parametrize("mode", [InteractionMode.TAP_TO_TALK, InteractionMode.OPEN_MIC])
@@ -481,6 +642,142 @@ def test_error_clears_after_its_timer_to_offline_when_link_is_down() -> None:
     assert s.phase is Phase.OFFLINE
 
 
+# ------------------------------------------------------------------------------------ manual turns
+def test_push_to_talk_gives_the_agent_its_turns() -> None:
+    """The gate is the turn: start_turn as the microphone goes live, end_turn after speech, cancel_turn without."""
+    s, fx = run(idle(), ButtonPressed(), SessionOpened("s"))
+    assert fx.index(BeginTurn()) < fx.index(StartPublishing()) and s.turn_open
+    s, fx = run(s, ButtonReleased())  # nothing said: the turn is dropped, no answer is asked for
+    assert fx[:2] == [StopPublishing(), EndTurn(commit=False)] and not s.turn_open and s.phase is Phase.LISTENING
+    s, fx = run(s, ButtonPressed(), VoiceStarted())
+    assert BeginTurn() in fx and s.turn_open
+    s, fx = run(s, VoiceStopped())  # a pause while the button is held: the turn stays open
+    assert fx == [] and s.turn_open
+    s, fx = run(s, ButtonReleased())
+    assert fx[:2] == [StopPublishing(), EndTurn(commit=True)] and s.phase is Phase.THINKING
+
+
+def test_leaving_the_session_while_talking_sends_no_end_turn() -> None:
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"), VoiceStarted())
+    s, fx = run(s, ButtonPressed(Button.CANCEL))
+    assert CloseSession() in fx and not any(isinstance(e, EndTurn) for e in fx) and not s.turn_open
+
+
+@pytest.mark.parametrize("mode", [InteractionMode.TAP_TO_TALK, InteractionMode.OPEN_MIC])
+def test_hands_free_keeps_the_agents_own_turns_unless_told(mode: InteractionMode) -> None:
+    s, fx = run(idle(mode), ButtonPressed(), ButtonReleased(), SessionOpened("s"), VoiceStarted(), VoiceStopped())
+    assert not any(isinstance(e, BeginTurn | EndTurn) for e in fx)
+    s, fx = run(idle(mode, turns=TurnDetection.MANUAL), ButtonPressed(), ButtonReleased(), SessionOpened("s"),
+                VoiceStarted())
+    assert fx.index(BeginTurn()) < fx.index(StartPublishing())
+    s, fx = run(s, VoiceStopped())
+    assert EndTurn(commit=True) in fx and s.phase is Phase.THINKING
+
+
+def test_turns_agent_never_sends_turns() -> None:
+    s, fx = run(idle(turns=TurnDetection.AGENT), ButtonPressed(), SessionOpened("s"), VoiceStarted(),
+                ButtonReleased())
+    assert s.phase is Phase.THINKING and not any(isinstance(e, BeginTurn | EndTurn) for e in fx)
+
+
+# ------------------------------------------------------------------------------------ tools
+def _speaking(**policy: object) -> KioskState:
+    s, _ = run(idle(**policy), ButtonPressed(), SessionOpened("s"), VoiceStarted(), ButtonReleased(),
+               AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
+    assert s.phase is Phase.SPEAKING and s.agent_busy
+    return s
+
+
+def test_a_running_tool_holds_the_session_open() -> None:
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"), VoiceStarted(), ButtonReleased())
+    s, fx = run(s, ToolStarted(Tool.CALL_STAFF))
+    assert s.tool_running and fx == [ShowPattern("tool")]
+    s, fx = run(s, TimerExpired(Timer.IDLE_END))  # silence while the tool runs is not the end
+    assert s.phase is Phase.THINKING and fx == []
+    s, fx = run(s, ToolFinished(Tool.CALL_STAFF))
+    assert StartTimer(Timer.IDLE_END, 20.0) in fx and ShowPattern("thinking") in fx and not s.tool_running
+    s, fx = run(s, TimerExpired(Timer.IDLE_END))  # an agent that then says nothing still ends the session
+    assert s.phase is Phase.IDLE and CloseSession() in fx
+
+
+def test_a_tool_between_two_parts_of_an_answer_shows_and_keeps_the_session() -> None:
+    s, _ = run(_speaking(), ToolStarted(Tool.KIOSK_STATUS))
+    assert pattern_key(s) == "tool"
+    s, fx = run(s, PlaybackFinished(), AgentStateChanged(AgentState.THINKING))  # the answer pauses for the tool
+    assert s.phase is Phase.LISTENING and pattern_key(s) == "tool"
+    s, fx = run(s, TimerExpired(Timer.IDLE_END))
+    assert s.phase is Phase.LISTENING and fx == []
+    s, fx = run(s, ToolFinished(Tool.KIOSK_STATUS), AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
+    assert s.phase is Phase.SPEAKING and pattern_key(s) == "speaking"
+
+
+def test_hands_free_no_speech_waits_for_a_tool() -> None:
+    s, _ = run(idle(InteractionMode.TAP_TO_TALK), ButtonPressed(), ButtonReleased(), SessionOpened("s"),
+               ToolStarted(Tool.KIOSK_STATUS))
+    s, fx = run(s, TimerExpired(Timer.NO_SPEECH))
+    assert s.phase is Phase.LISTENING and fx == []
+
+
+def test_take_message_hands_over_once_the_agent_has_finished() -> None:
+    s, fx = run(_speaking(), MessageRequested(NOTE))
+    assert s.handover is Handover.MESSAGE and StartTimer(Timer.HANDOVER, 10.0) in fx
+    s, fx = run(s, AgentStateChanged(AgentState.LISTENING))  # its last words are still coming out
+    assert s.phase is Phase.SPEAKING and fx == []
+    s, fx = run(s, PlaybackFinished())
+    assert s.phase is Phase.RECORDING_MESSAGE and s.online and s.message is MessageStep.TONE
+    assert CloseSession() in fx and fx[-2:] == [PlayCue(Cue.RECORDING_TONE), ShowPattern("recording_message")]
+    s, fx = run(s, CueFinished(Cue.RECORDING_TONE), VoiceStarted(), VoiceStopped())
+    assert StartRecording() in fx and StopRecording(keep=True, note=NOTE) in fx and s.message_note is None
+    s, fx = run(s, RecordingStored("m"))
+    assert PlayCue(Cue.MESSAGE_STORED) in fx and s.phase is Phase.IDLE  # online: back to idle
+
+
+def test_take_message_waits_through_a_pause_in_the_answer() -> None:
+    """The agent pauses (the speaker runs dry) but is still busy: the handover waits for its listening state."""
+    s, _ = run(_speaking(), MessageRequested(NOTE), PlaybackFinished())
+    assert s.phase is Phase.LISTENING and s.handover is Handover.MESSAGE
+    s, _ = run(s, AgentStateChanged(AgentState.SPEAKING), PlaybackStarted())
+    assert s.phase is Phase.SPEAKING
+    s, _ = run(s, PlaybackFinished(), AgentStateChanged(AgentState.LISTENING))
+    assert s.phase is Phase.RECORDING_MESSAGE
+
+
+def test_the_handover_timer_hands_over_an_agent_that_stays_busy() -> None:
+    s, _ = run(_speaking(), MessageRequested(NOTE), PlaybackFinished())
+    s, fx = run(s, TimerExpired(Timer.HANDOVER))
+    assert s.phase is Phase.RECORDING_MESSAGE and CloseSession() in fx
+
+
+def test_a_press_cancels_the_handover() -> None:
+    s, _ = run(_speaking(), EndRequested())
+    s, fx = run(s, ButtonPressed())
+    assert s.handover is Handover.NONE and CancelTimer(Timer.HANDOVER) in fx and s.phase is Phase.LISTENING
+    s, fx = run(s, VoiceStarted(), ButtonReleased(), AgentStateChanged(AgentState.LISTENING))
+    assert s.phase is Phase.THINKING  # the conversation goes on
+
+
+def test_end_conversation_ends_the_session_after_the_goodbye() -> None:
+    s, _ = run(_speaking(), EndRequested())
+    s, fx = run(s, PlaybackFinished(), AgentStateChanged(AgentState.LISTENING))
+    assert s.phase is Phase.IDLE and CloseSession() in fx and PlayCue(Cue.SESSION_END) in fx
+
+
+def test_take_message_is_ignored_without_an_operator_key() -> None:
+    s, fx = run(_speaking(messages=False), MessageRequested(NOTE))
+    assert fx == [] and s.handover is Handover.NONE and s.message_note is None
+
+
+def test_staff_called_shows_for_a_while_without_hiding_the_live_microphone() -> None:
+    s, fx = run(idle(), StaffCalled())
+    assert StartTimer(Timer.STAFF_CALLED, 30.0) in fx and ShowPattern("staff_called") in fx
+    s, fx = run(s, ButtonPressed(), SessionOpened("s"))
+    assert pattern_key(s) == "listening"  # the microphone is live: that shows
+    s, fx = run(s, ButtonReleased())
+    assert pattern_key(s) == "staff_called"
+    s, fx = run(s, TimerExpired(Timer.STAFF_CALLED))
+    assert fx == [ShowPattern("listening")]
+
+
 # ------------------------------------------------------------------------------------ docs table
 def _representatives(mode: InteractionMode) -> list[tuple[str, KioskState]]:
     base = idle(mode)
@@ -495,9 +792,12 @@ def _representatives(mode: InteractionMode) -> list[tuple[str, KioskState]]:
     error, _ = run(base, ErrorOccurred("e"))
     verified = [("speaking (verified echo path)", replace(speaking, echo_path_verified=True))
                 ] if mode is not InteractionMode.PUSH_TO_TALK else []
+    tool, _ = run(thinking, ToolStarted(Tool.KIOSK_STATUS))
+    handover, _ = run(speaking, MessageRequested(NOTE), AgentStateChanged(AgentState.LISTENING))
     return [
         ("starting", initial_state(Policy(mode=mode))), ("idle", base), ("connecting", run(base, ButtonPressed())[0]),
-        ("listening (talking)", listening), ("thinking", thinking), ("speaking", speaking), *verified,
+        ("listening (talking)", listening), ("thinking", thinking), ("thinking (tool running)", tool),
+        ("speaking", speaking), *verified, ("speaking (take_message asked, last words playing)", handover),
         ("offline", offline),
         ("offline (message offered)", offered), ("recording_message (recording)", recording),
         ("recording_message (saving)", saving), ("error", error),
@@ -511,6 +811,9 @@ TABLE_EVENTS: list[Event] = [
     PlaybackFinished(), CueFinished(Cue.LEAVE_MESSAGE), CueFinished(Cue.RECORDING_TONE), LinkUp(),
     LinkLost(), DeviceLost(), DeviceFound(), RouteChanged(Route.HEADSET, False), RouteChanged(Route.NONE, False),
     *(TimerExpired(t) for t in Timer), RecordingStored("m"), RecordingFailed("x"), ErrorOccurred("e"),
+    # EndRequested behaves as MessageRequested up to the handover, and StaffCalled the same in every state (it
+    # starts the staff_called timer): docs/behaviour.md says so in words.
+    ToolStarted(Tool.KIOSK_STATUS), ToolFinished(Tool.KIOSK_STATUS), MessageRequested(NOTE),
 ]
 
 
@@ -530,8 +833,12 @@ def _fmt_effect(effect: Effect) -> str:
             return f"start {name.value} ({seconds:g} s)"
         case CancelTimer(name=name):
             return f"cancel {name.value}"
-        case StopRecording(keep=keep):
-            return "StopRecording(keep)" if keep else "StopRecording(discard)"
+        case StopRecording(keep=keep, note=note):
+            if not keep:
+                return "StopRecording(discard)"
+            return "StopRecording(keep, note)" if note else "StopRecording(keep)"
+        case EndTurn(commit=commit):
+            return "EndTurn(commit)" if commit else "EndTurn(cancel)"
         case SpeakStatus():
             return "SpeakStatus"
     return type(effect).__name__
