@@ -6,7 +6,8 @@ mode), ``gpio`` (``kiosk.panel.doctor``: buttons and LEDs), ``network`` (``kiosk
 API, catalog, a session and a LiveKit connect), ``disk`` (``kiosk.fallback.doctor``: the spool's space,
 persistence and writability), ``watchdog`` (``kiosk.health``: the unit's and the hardware watchdog) and
 ``security`` (``kiosk.security``: what docs/security.md promises, each area reporting its own part).
-This module only runs the areas asked for and prints the report.
+This module only runs the areas asked for and prints the report; after an audio area with sound it keeps the
+loopback sweep's figures in ``metrics.doctor_record`` for the running kiosk's metrics (``keep_sweep``).
 
 Exit status: 0 when no check failed (warnings and skipped checks allowed; with ``--strict`` warnings
 count as failures), 1 when a check failed, 2 for a broken configuration (as every command).

@@ -203,9 +203,10 @@ def _duration(seconds: float) -> str:
     return f"{round(seconds)}s"
 
 
-def test_file(header: str, groups: list[dict[str, Any]]) -> str:
+def test_file(header: str, groups: list[dict[str, Any]], evaluation_seconds: float) -> str:
     """A promtool test file (YAML) with a comment header; ``rule_files`` points at the rules beside it."""
-    body = {"rule_files": ["../kiosk-alerts.yml"], "evaluation_interval": "5s", "tests": groups}
+    body = {"rule_files": ["../kiosk-alerts.yml"], "evaluation_interval": _duration(evaluation_seconds),
+            "tests": groups}
     comment = "".join(f"# {line}".rstrip() + "\n" for line in header.strip().splitlines())
     return comment + str(yaml.safe_dump(body, sort_keys=False, width=1000, allow_unicode=False))
 
@@ -295,7 +296,7 @@ def recorded_file(series: Sequence[Series], interval_seconds: float, timeline: S
     lines += [f"  {offset:7.1f} s  {what}" for offset, what in timeline]
     group = _group("recorded demo run: questions, link down, credits exhausted, kiosk stopped", interval_seconds,
                    series, recorded_tests(series, interval_seconds, rules))
-    return test_file("\n".join(lines), [group])
+    return test_file("\n".join(lines), [group], interval_seconds)
 
 
 def parse_recorded(text: str) -> tuple[list[Series], float]:
@@ -374,6 +375,10 @@ def synthetic_groups(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     groups.append(_group("unreachable: a pushed kiosk goes silent", 60, [up_a, _s("up", B, "1+0x30")], checks(
         "KioskUnreachable", [("14m", []), ("16m", fire("KioskUnreachable", up_a)),
                              ("30m", fire("KioskUnreachable", up_a))])))
+    # A series that went stale (the agent or Prometheus marked it so): the same 5 minutes before it fires.
+    up_a = _s("up", A, "1+0x10 stale")
+    groups.append(_group("unreachable: a kiosk's series goes stale", 60, [up_a, _s("up", B, "1+0x30")], checks(
+        "KioskUnreachable", [("11m", []), ("15m", []), ("16m", fire("KioskUnreachable", up_a))])))
     # Offline for a reason other than credits: maintenance for A (fires after 5 minutes); credits for B (its own).
     off_a = _s("kiosk_offline_reason", A, "0 1+0x10", reason="maintenance")
     off_b = _s("kiosk_offline_reason", B, "0 1+0x10", reason="credits_exhausted")
@@ -417,7 +422,7 @@ def synthetic_file(rules: list[dict[str, Any]] | None = None) -> str:
     rules = rules if rules is not None else load_rules()
     header = ("Synthetic series (kiosk dev fleet synthetic) for what a short demo run cannot show; regenerate with\n"
               "`.venv/bin/kiosk dev fleet synthetic`. Do not edit. recorded-demo.yml holds the recorded ones.")
-    return test_file(header, synthetic_groups(rules))
+    return test_file(header, synthetic_groups(rules), 60)
 
 
 # ---------------------------------------------------------------------------------------- Prometheus
