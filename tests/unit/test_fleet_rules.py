@@ -180,7 +180,8 @@ def test_to_grid_marks_missing_scrapes_stale() -> None:
                "values": [[100.01, "1"], [104.99, "1"]]}]
     grid = fleet.to_grid(matrix, 100.0, 5.0)
     by_name = {s.labels["__name__"]: s.values for s in grid}
-    assert by_name == {"up": [1.0, 1.0, 0.0], "kiosk_online": [1.0, 1.0]}
+    # The kiosk stopped answering (up 0): its series end stale, as Prometheus marks them.
+    assert by_name == {"up": [1.0, 1.0, 0.0], "kiosk_online": [1.0, 1.0, fleet.STALE]}
     matrix[1]["values"].append([115.0, "1"])
     grid = fleet.to_grid(matrix, 100.0, 5.0)
     assert next(s for s in grid if s.labels["__name__"] == "kiosk_online").values == [1.0, 1.0, fleet.STALE, 1.0]
