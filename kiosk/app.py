@@ -21,11 +21,15 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from kiosk.audio.doctor import read_sweep_record
 from kiosk.audio.engine import AudioEngine
 from kiosk.audio.route import RouteManager
+from kiosk.bargein import BargeInJudge
 from kiosk.bus import EventBus
 from kiosk.clock import LoopClock
 from kiosk.controller import Controller
@@ -44,6 +48,7 @@ from kiosk.ports import Panel, Pcm, StaffSignal
 from kiosk.settings import Settings
 from kiosk.state import KioskState, Phase, Policy, Transition
 from kiosk.tools import KioskSnapshot, ToolRunner
+from kiosk.update.status import read_status
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +56,8 @@ _LOGGER = logging.getLogger(__name__)
 PUBLISH_INTERVAL_SECONDS = 5.0
 # The watchdog's view of "alive": capture frames and controller heartbeats within this window.
 MAX_STALL_SECONDS = 3.0
+# How often the capture chain's echo-rejection count is sampled for the barge-in judge (kiosk.bargein).
+BARGE_IN_SAMPLE_SECONDS = 0.25
 
 
 class _Frames:
@@ -68,12 +75,15 @@ class Kiosk:
     """Every part of the kiosk, wired; ``await start()``, then ``await aclose()``."""
 
     def __init__(self, settings: Settings, *, panel: Panel | None = None,
-                 probe_backoff: Backoff | None = None) -> None:
+                 probe_backoff: Backoff | None = None, system_root: Path = Path("/")) -> None:
         """``panel`` replaces the GPIO panel (the demo's virtual panel); it must post into ``self.bus``.
 
         ``probe_backoff`` paces the offline probe (default: 2 s doubling to 60 s, full jitter); tests pass a
-        shorter one so a restored link is noticed within their time bound.
+        shorter one so a restored link is noticed within their time bound. ``system_root`` is where the update
+        state is read for the metrics (``kiosk.update.status``; tests and the demo pass a scratch root).
         """
+        self.system_root = system_root
+        self.barge_ins = BargeInJudge()
         self.probe_backoff = probe_backoff or Backoff(base_seconds=2.0, max_seconds=60.0)
         self.settings = settings
         self.metrics = Metrics()
@@ -129,6 +139,7 @@ class Kiosk:
         if self.deliverer is not None:
             self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
         self._tasks.append(asyncio.create_task(self._publish(), name="publish-metrics"))
+        self._tasks.append(asyncio.create_task(self._watch_barge_ins(), name="barge-ins"))
         # Retention at start and on a timer, not only when a message is stored.
         self._tasks.append(asyncio.create_task(
             run_retention(self.spool, settings.spool.retention_check_seconds), name="retention"))
@@ -212,6 +223,11 @@ class Kiosk:
     def _observe(self, old: KioskState, event: Event, transition: Transition) -> None:
         """Keep the status endpoint current, run the offline probe while offline, wake delivery online."""
         new = transition.state
+        now = asyncio.get_running_loop().time()
+        self.barge_ins.note_echo_rejected(self.engine.chain.counters.echo_rejected_frames, now)
+        self.barge_ins.observe(old, event, transition.effects, now)
+        self.metrics.set_offline(None if new.online else new.offline_reason.value)
+        self.metrics.voice_barge_in.set(1.0 if new.voice_barge_in else 0.0)
         self.status.state = new.phase.value
         self.status.route = new.route.value
         if isinstance(event, ApiRefused):
@@ -247,7 +263,63 @@ class Kiosk:
                 self.metrics.count_to(self.metrics.device_losses, engine.device_losses)
                 self.metrics.count_to(self.metrics.route_switches, self.route.switches)
                 publish_stats(self.spool, self.metrics, self.status)
+            with contextlib.suppress(Exception):  # the same: a figure missing is better than a kiosk down
+                self._publish_fleet()
             await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)
+
+    def _publish_fleet(self) -> None:
+        """The fleet's figures (docs/fleet.md, "Watching"): identity, barge-ins, credits, the files' figures."""
+        m, settings = self.metrics, self.settings
+        update = read_status(self.system_root)
+        m.set_info(kiosk_id(settings), settings.metrics.site, update.image_version, update.slot)
+        files = m.files
+        known_boot = update.slot is not None and update.committed_slot is not None
+        files.set("kiosk_update_trial", float(update.trial) if known_boot else None)
+        files.set("kiosk_update_pending", float(update.pending_slot is not None) if known_boot else None)
+        files.set("kiosk_update_last_rolled_back",
+                  None if update.last_rolled_back is None else float(update.last_rolled_back))
+        finished = (update.last_trial or {}).get("finished_unix")
+        files.set("kiosk_update_last_trial_timestamp_seconds",
+                  float(finished) if isinstance(finished, int | float) and not isinstance(finished, bool) else None)
+        sweep = read_sweep_record(settings.metrics.doctor_record)
+        for name, value in (
+                ("kiosk_doctor_last_sweep_timestamp_seconds", None if sweep is None else sweep.finished_unix),
+                ("kiosk_doctor_last_sweep_measured", None if sweep is None else float(sweep.measured)),
+                ("kiosk_doctor_last_aec_ok", None if sweep is None else float(sweep.aec_ok)),
+                ("kiosk_doctor_last_erle_db", None if sweep is None else sweep.erle_db),
+                ("kiosk_doctor_last_echo_delay_ms", None if sweep is None else sweep.delay_ms),
+                ("kiosk_doctor_last_noise_floor_dbfs", None if sweep is None else sweep.noise_floor_dbfs),
+                ("kiosk_doctor_last_capture_ratio", None if sweep is None else sweep.capture_rate)):
+            files.set(name, value)
+        m.publish_credits(settings.metrics)
+        counts = self.barge_ins.counts
+        m.count_to(m.barge_ins.labels(trigger="voice"), counts.voice)
+        m.count_to(m.barge_ins.labels(trigger="press"), counts.press)
+        m.count_to(m.barge_ins_likely_false, counts.likely_false)
+        m.count_to(m.barge_ins_likely_missed, counts.likely_missed)
+
+    async def _watch_barge_ins(self) -> None:
+        """Sample the chain's echo rejections and close the barge-in judge's windows (kiosk.bargein)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            self.barge_ins.note_echo_rejected(self.engine.chain.counters.echo_rejected_frames, now)
+            self.barge_ins.poll(now)
+            await asyncio.sleep(BARGE_IN_SAMPLE_SECONDS)
+
+
+def kiosk_id(settings: Settings) -> str:
+    """``metrics.kiosk_id``, else this machine's short host name (``unknown`` when that is not a plain name)."""
+    from kiosk.settings import MetricsSettings
+
+    if settings.metrics.kiosk_id:
+        return settings.metrics.kiosk_id
+    name = socket.gethostname().split(".")[0]
+    try:
+        MetricsSettings(kiosk_id=name)
+    except ValueError:
+        return "unknown"
+    return name
 
 
 async def run_until_stopped(settings: Settings) -> int:

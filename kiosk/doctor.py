@@ -6,7 +6,8 @@ mode), ``gpio`` (``kiosk.panel.doctor``: buttons and LEDs), ``network`` (``kiosk
 API, catalog, a session and a LiveKit connect), ``disk`` (``kiosk.fallback.doctor``: the spool's space,
 persistence and writability), ``watchdog`` (``kiosk.health``: the unit's and the hardware watchdog) and
 ``security`` (``kiosk.security``: what docs/security.md promises, each area reporting its own part).
-This module only runs the areas asked for and prints the report.
+This module only runs the areas asked for and prints the report; after an audio area with sound it keeps the
+loopback sweep's figures in ``metrics.doctor_record`` for the running kiosk's metrics (``keep_sweep``).
 
 Exit status: 0 when no check failed (warnings and skipped checks allowed; with ``--strict`` warnings
 count as failures), 1 when a check failed, 2 for a broken configuration (as every command).
@@ -16,12 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from kiosk.checks import Check, Report
 from kiosk.settings import Settings
+
+_LOGGER = logging.getLogger(__name__)
 
 AREAS = ("audio", "gpio", "network", "disk", "watchdog", "security")
 
@@ -61,9 +67,33 @@ def run_doctor(settings: Settings, areas: Sequence[str], *, sound: bool = True, 
     return report
 
 
+def keep_sweep(report: Report, settings: Settings, now_unix: float | None = None) -> Path | None:
+    """Leave the audio area's loopback sweep in ``metrics.doctor_record`` for the running kiosk's metrics.
+
+    Returns the path written, or None when no sweep was tried or the file could not be written (logged with the
+    fix: the kiosk user owns /var/lib/kiosk). Never fails the doctor.
+    """
+    from kiosk.audio.doctor import sweep_record, write_sweep_record
+
+    record = sweep_record(report.checks, report.recommendation, time.time() if now_unix is None else now_unix)
+    if record is None:
+        return None
+    path = settings.metrics.doctor_record
+    try:
+        write_sweep_record(path, record)
+    except OSError as error:
+        _LOGGER.warning("the sweep's figures were not kept for the metrics (%s: %s); run the doctor as the kiosk "
+                        "user (sudo -u kiosk kiosk doctor audio) or set metrics.doctor_record",
+                        path, error.strerror or error)
+        return None
+    return path
+
+
 def _cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     areas = AREAS if not args.areas or "all" in args.areas else tuple(args.areas)
     report = run_doctor(settings, areas, sound=not args.no_sound, open_session=not args.no_session)
+    if "audio" in areas:
+        keep_sweep(report, settings)
     if args.json:
         print(json.dumps(report.to_json(args.strict), indent=2))
     else:

@@ -9,11 +9,13 @@ and keep the ``Status`` object current for ``GET /status``. ``MetricsServer`` se
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from kiosk.settings import MetricsSettings
@@ -26,17 +28,67 @@ _CONNECT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0)
 _SESSION_BUCKETS = (5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
+def estimated_credits(streamed_in_seconds: float, agent_out_seconds: float, settings: MetricsSettings) -> float:
+    """Estimated credits for audio seconds streamed in and received: the seconds times the per-token rates."""
+    return (
+        streamed_in_seconds * settings.input_audio_tokens_per_second * settings.input_credits_per_million_tokens
+        + agent_out_seconds * settings.output_audio_tokens_per_second * settings.output_credits_per_million_tokens
+    ) / 1e6
+
+
 def credit_burn_per_talk_minute(
     streamed_in_seconds: float, agent_out_seconds: float, talk_seconds: float, settings: MetricsSettings
 ) -> float:
     """Estimated credits per minute of talk: audio seconds in and out times the per-token rates."""
     if talk_seconds <= 0:
         return 0.0
-    credits = (
-        streamed_in_seconds * settings.input_audio_tokens_per_second * settings.input_credits_per_million_tokens
-        + agent_out_seconds * settings.output_audio_tokens_per_second * settings.output_credits_per_million_tokens
-    ) / 1e6
-    return credits / (talk_seconds / 60.0)
+    return estimated_credits(streamed_in_seconds, agent_out_seconds, settings) / (talk_seconds / 60.0)
+
+
+# Gauges read from files, with their help text: the doctor's last loopback sweep (``kiosk.audio.doctor``'s
+# record) and the A/B update state (``kiosk.update.status``). A figure that is not known is not exported.
+FILE_FIGURES: dict[str, str] = {
+    "kiosk_doctor_last_sweep_timestamp_seconds": "When kiosk doctor last ran its loopback sweep (Unix time)",
+    "kiosk_doctor_last_sweep_measured": "1 when that sweep ran (0: the devices did not open or it failed)",
+    "kiosk_doctor_last_aec_ok": "1 when that sweep verified the echo path for voice barge-in (hands_free)",
+    "kiosk_doctor_last_erle_db": "The echo canceller's ERLE on that sweep",
+    "kiosk_doctor_last_echo_delay_ms": "The echo's delay behind the reference on that sweep",
+    "kiosk_doctor_last_noise_floor_dbfs": "The noise floor at the microphone on that sweep",
+    "kiosk_doctor_last_capture_ratio": "Audio captured per second of wall-clock time on that sweep (1: real time)",
+    "kiosk_update_trial": "1 while this boot is an update's trial (the slot is not committed yet)",
+    "kiosk_update_pending": "1 while an installed update waits for its trial boot",
+    "kiosk_update_last_rolled_back": "1 when the last update trial ended in anything but a commit",
+    "kiosk_update_last_trial_timestamp_seconds": "When the last update trial was decided (Unix time)",
+}
+
+
+class FileFigures:
+    """A prometheus-client collector of the ``FILE_FIGURES`` gauges; ``set(name, value)`` (None: not known)."""
+
+    def __init__(self) -> None:
+        self._values: dict[str, float] = {}
+
+    def set(self, name: str, value: float | None) -> None:
+        """Set one figure (``name`` must be in ``FILE_FIGURES``); None drops it from the exposition."""
+        if name not in FILE_FIGURES:
+            raise KeyError(name)
+        if value is None:
+            self._values.pop(name, None)
+        else:
+            self._values[name] = float(value)
+
+    def get(self, name: str) -> float | None:
+        """The figure, or None when not known."""
+        return self._values.get(name)
+
+    def describe(self) -> list[GaugeMetricFamily]:
+        """Nothing at registration (the families come and go with the files)."""
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        """The known figures."""
+        for name, value in sorted(self._values.items()):
+            yield GaugeMetricFamily(name, FILE_FIGURES[name], value=value)
 
 
 class Metrics:
@@ -114,6 +166,65 @@ class Metrics:
         self.spool_retention_warning = Gauge(
             "kiosk_spool_retention_warning", "1 when the spool nears its age or disk limits", registry=r
         )
+        self._init_fleet(r)
+
+    # ---- fleet figures (docs/fleet.md, "Watching"; kiosk.app publishes them). Kept in their own block.
+    def _init_fleet(self, r: CollectorRegistry) -> None:
+        """Identity, liveness, barge-ins, credits, the oldest message, the doctor's last sweep, updates."""
+        from kiosk.effects import OfflineReason
+        from kiosk.events import RefusalReason
+
+        self.info = Gauge("kiosk_info", "Always 1: what the kiosk says it is (metrics.kiosk_id and metrics.site), "
+                          "its image version and booted slot", ["kiosk_id", "site", "version", "slot"], registry=r)
+        self.online = Gauge("kiosk_online", "1 while the kiosk can hold a conversation, 0 while offline",
+                            registry=r)
+        self.offline_reason = Gauge("kiosk_offline_reason", "1 for the reason the kiosk is offline (all 0 online)",
+                                    ["reason"], registry=r)
+        self.voice_barge_in = Gauge(
+            "kiosk_voice_barge_in", "1 while the visitor's voice may interrupt the agent (hands-free, "
+            "interaction.barge_in, the echo-cancelled array)", registry=r)
+        self.barge_ins = Counter("kiosk_barge_ins", "Agent answers interrupted, by trigger (voice or press)",
+                                 ["trigger"], registry=r)
+        self.barge_ins_likely_false = Counter(
+            "kiosk_barge_ins_likely_false", "Voice barge-ins followed by too little visitor speech (kiosk.bargein)",
+            registry=r)
+        self.barge_ins_likely_missed = Counter(
+            "kiosk_barge_ins_likely_missed", "Press barge-ins right after visitor voice that did not interrupt "
+            "(kiosk.bargein)", registry=r)
+        self.estimated_credits = Counter(
+            "kiosk_estimated_credits", "Credits the audio streamed and received cost (estimate, metrics.* prices)",
+            registry=r)
+        self.spool_oldest_message_age_seconds = Gauge(
+            "kiosk_spool_oldest_message_age_seconds", "Age of the oldest visitor message not yet delivered (0: none)",
+            registry=r)
+        # Known label values start at 0, so a rule's increase() sees the first event (a series that appears
+        # with 1 has no earlier sample to count from).
+        for reason in RefusalReason:
+            self.api_refusals.labels(reason=reason.value)
+        self._offline_reasons = tuple(offline.value for offline in OfflineReason)
+        for offline in self._offline_reasons:
+            self.offline_reason.labels(reason=offline)
+        for trigger in ("voice", "press"):
+            self.barge_ins.labels(trigger=trigger)
+        # Figures read from files (the doctor's last sweep, the update state): exported only when known.
+        self.files = FileFigures()
+        r.register(self.files)
+
+    def set_info(self, kiosk_id: str, site: str, version: str | None, slot: str | None) -> None:
+        """``kiosk_info`` = 1 with these labels (and no other series: an update changes version and slot)."""
+        self.info.clear()
+        self.info.labels(kiosk_id=kiosk_id, site=site, version=version or "unknown", slot=slot or "unknown").set(1)
+
+    def publish_credits(self, settings: MetricsSettings) -> None:
+        """Raise ``kiosk_estimated_credits_total`` to what the audio streamed and received so far cost."""
+        self.count_to(self.estimated_credits, estimated_credits(
+            _counter_value(self.streamed_audio_seconds), _counter_value(self.agent_audio_seconds), settings))
+
+    def set_offline(self, reason: str | None) -> None:
+        """Online (``reason`` None) or offline for ``reason`` (an ``OfflineReason`` value)."""
+        self.online.set(0.0 if reason is not None else 1.0)
+        for name in self._offline_reasons:
+            self.offline_reason.labels(reason=name).set(1.0 if name == reason else 0.0)
 
     def count_to(self, counter: Counter, total: float) -> None:
         """Raise ``counter`` to ``total``, a running count kept elsewhere (e.g. the audio engine's)."""

@@ -55,6 +55,8 @@ KNOWN_HEADSET_USB_IDS = (
     "047f:c056",  # Poly (Plantronics) Blackwire C3220
 )
 _USB_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
+# kiosk_id and site: a host-name-like word (they become label values on every dashboard).
+_METRICS_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 # The longest anyone may keep a visitor's recorded voice on the kiosk (spool.max_age_days and
 # spool.quarantine_max_age_days): a quarter of a year. docs/security.md says why.
 MAX_AGE_DAYS = 90
@@ -444,6 +446,25 @@ class MetricsSettings(_Section):
     spool_warn_fraction: float = Field(
         0.8, gt=0, le=1, description="warn when the spool reaches this fraction of its retention limits"
     )
+    # Fleet identity and figures (docs/fleet.md, "Watching"). The scrape or push configuration sets the same
+    # identity as target labels; these only say what the kiosk thinks it is (``kiosk_info``).
+    kiosk_id: str | None = Field(
+        None, description="this kiosk's name in the fleet's metrics (kiosk_info); default: the host name. "
+        "Letters, digits, '.', '_', '-'; never a person's name")
+    site: str = Field("", description="the building or venue this kiosk stands in (kiosk_info), e.g. 'b1'")
+    doctor_record: Path = Field(
+        Path("/var/lib/kiosk/doctor-audio.json"),
+        description="where `kiosk doctor audio` keeps its last loopback sweep's figures for the metrics")
+
+    @field_validator("kiosk_id", "site")
+    @classmethod
+    def _label_value(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None or value == "" and info.field_name == "site":
+            return value
+        if not _METRICS_LABEL.fullmatch(value):
+            raise ValueError(f"{value!r} is not a plain name: use 1-63 letters, digits, '.', '_' or '-' "
+                             "(starting with a letter or digit), e.g. 'b1-reception'")
+        return value
 
     @field_validator("expose_beyond_loopback")
     @classmethod

@@ -44,6 +44,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     stack.add_argument("--api-port", type=int, default=8080, help="port of the stand-in session API")
     stack.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND ARGS... to run inside the network")
     stack.set_defaults(handler=_cmd_stack)
+    from kiosk_dev import fleet
+
+    fleet.register(dev_sub)
 
 
 def _cmd_stack(args: argparse.Namespace, settings: Settings) -> int:

@@ -23,7 +23,8 @@ import logging
 import statistics
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -216,15 +217,23 @@ def session_report(kiosk: Any, recorder: _Recorder, exchanges: list[dict[str, An
     }
 
 
-async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
-                   questions: Sequence[str] = QUESTIONS) -> dict[str, Any]:
-    """Run the stack, the virtual room and the kiosk; returns the session report."""
-    from kiosk.app import Kiosk
+@dataclass
+class DemoEnvironment:
+    """What the demo runs the kiosk in: the local stack, the virtual room (None with real devices), the settings."""
+
+    stack: Any  # kiosk_dev.stack.LocalStack
+    pulse: Any  # kiosk_dev.pulse's private server, None with real devices
+    room: Any  # kiosk_dev.virtual_room.VirtualRoom, None with real devices
+    settings: Settings
+    directory: Path  # the temporary directory holding the spool and the demo's operator key
+
+
+@contextlib.contextmanager
+def demo_environment(settings: Settings, *, real_devices: bool) -> Iterator[DemoEnvironment]:
+    """Start the stack and the virtual room; the settings point at them (``kiosk_dev.fleet`` records in it too)."""
     from kiosk_dev.stack import LocalStack
-    from kiosk_dev.terminal import VirtualPanel
     from kiosk_dev.virtual_room import VirtualRoom
 
-    loop = asyncio.get_running_loop()
     with contextlib.ExitStack() as stack:
         local = stack.enter_context(LocalStack())
         pulse = None
@@ -239,8 +248,21 @@ async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
             stack.callback(room.stop)
         # The spool and the demo's operator key (the private half, which a real kiosk never holds) in one
         # temporary directory.
-        spool_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiosk-demo-"))) / "spool"
-        cfg = demo_settings(settings, api=local.session_settings(), spool_dir=spool_dir, real_devices=real_devices)
+        directory = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiosk-demo-")))
+        cfg = demo_settings(settings, api=local.session_settings(), spool_dir=directory / "spool",
+                            real_devices=real_devices)
+        yield DemoEnvironment(local, pulse, room, cfg, directory)
+
+
+async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
+                   questions: Sequence[str] = QUESTIONS) -> dict[str, Any]:
+    """Run the stack, the virtual room and the kiosk; returns the session report."""
+    from kiosk.app import Kiosk
+    from kiosk_dev.terminal import VirtualPanel
+
+    loop = asyncio.get_running_loop()
+    with demo_environment(settings, real_devices=real_devices) as env:
+        cfg, room = env.settings, env.room
         kiosk = Kiosk(cfg)
         panel = VirtualPanel(cfg.panel, cfg.interaction, kiosk.bus.post, loop=loop)
         kiosk.panel = panel

@@ -17,8 +17,13 @@ docs/appliance.md explains the thresholds.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
+import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -404,3 +409,108 @@ def loopback_checks(figures: LoopbackFigures, max_delay_ms: float) -> list[Check
                             "move the microphone away from the speaker, lower the volume" if weak else None,
                             {"erle_db": figures.erle_db, "aec_backend": figures.aec_backend}))
     return checks
+
+
+# ------------------------------------------------------------------------------ the last sweep, for the metrics
+SWEEP_RECORD_VERSION = 1
+MAX_SWEEP_RECORD_BYTES = 16 * 1024
+SWEEP_RECORD_MODE = 0o644  # figures only, no audio: the service reads what an operator's run wrote
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    """What the last loopback sweep found, as ``kiosk doctor audio`` leaves it for the running kiosk's metrics.
+
+    ``aec_ok``: the sweep verified the echo path for voice barge-in (the doctor recommended ``hands_free``).
+    The figures are None when the sweep did not measure them (not heard, not run).
+    """
+
+    finished_unix: float
+    measured: bool  # the loopback ran (False: the devices did not open, or the measurement failed)
+    aec_ok: bool
+    recommended_mode: str
+    erle_db: float | None = None
+    delay_ms: float | None = None
+    noise_floor_dbfs: float | None = None
+    capture_rate: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data (``version`` first)."""
+        return {"version": SWEEP_RECORD_VERSION, **asdict(self)}
+
+
+def _number(figures: Figures, key: str) -> float | None:
+    value = figures.get(key)
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def sweep_record(checks: list[Check], recommendation: Recommendation | None,
+                 finished_unix: float) -> SweepRecord | None:
+    """The record of the audio area's checks, or None when no sweep was tried (``--no-sound``, or not audio)."""
+    loopback = next((c for c in checks if c.area == "audio" and c.name == "loopback"), None)
+    if loopback is not None and loopback.status is Verdict.SKIP and "--no-sound" in loopback.summary:
+        return None
+    echo = next((c for c in checks if c.area == "audio" and c.name == "echo path"), None)
+    mode = recommendation.mode if recommendation is not None else "push_to_talk"
+    if echo is None:
+        if loopback is None:
+            return None
+        return SweepRecord(finished_unix, measured=False, aec_ok=False, recommended_mode=mode)
+    figures = echo.figures
+    return SweepRecord(finished_unix, measured=True, aec_ok=mode == "hands_free", recommended_mode=mode,
+                       erle_db=_number(figures, "erle_db"), delay_ms=_number(figures, "delay_ms"),
+                       noise_floor_dbfs=_number(figures, "noise_floor_dbfs"),
+                       capture_rate=_number(figures, "capture_rate"))
+
+
+def write_sweep_record(path: Path, record: SweepRecord) -> None:
+    """Replace ``path`` with ``record`` (a temporary file renamed over it; 0644). Raises ``OSError``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.new")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, SWEEP_RECORD_MODE)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(json.dumps(record.to_json(), indent=2) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, SWEEP_RECORD_MODE)  # the umask may have taken bits away
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _finite(value: object, name: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} is not a finite number")
+    return float(value)
+
+
+def read_sweep_record(path: Path) -> SweepRecord | None:
+    """The last sweep's record; None when there is none, or it is not one ``write_sweep_record`` wrote."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(MAX_SWEEP_RECORD_BYTES + 1)
+    except OSError:
+        return None
+    if len(data) > MAX_SWEEP_RECORD_BYTES:
+        return None
+    try:
+        raw = json.loads(data)
+        if not isinstance(raw, dict) or raw.get("version") != SWEEP_RECORD_VERSION:
+            return None
+        flags = [raw.get(key) for key in ("measured", "aec_ok")]
+        mode = raw.get("recommended_mode")
+        finished = _finite(raw.get("finished_unix"), "finished_unix")
+        if finished is None or not all(isinstance(f, bool) for f in flags) or not isinstance(mode, str):
+            return None
+        return SweepRecord(finished, measured=bool(flags[0]), aec_ok=bool(flags[1]), recommended_mode=mode[:32],
+                           erle_db=_finite(raw.get("erle_db"), "erle_db"),
+                           delay_ms=_finite(raw.get("delay_ms"), "delay_ms"),
+                           noise_floor_dbfs=_finite(raw.get("noise_floor_dbfs"), "noise_floor_dbfs"),
+                           capture_rate=_finite(raw.get("capture_rate"), "capture_rate"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None

@@ -1032,6 +1032,7 @@ def publish_stats(spool: Spool, metrics: Metrics, status: Status, warn_fraction:
     metrics.spool_messages.set(stats.stored + stats.delivering)
     metrics.spool_bytes.set(stats.total_bytes)
     metrics.spool_retention_warning.set(1.0 if warning else 0.0)
+    metrics.spool_oldest_message_age_seconds.set(stats.oldest_age_seconds)
     if warning and warning != status.spool_warning:
         _LOGGER.warning("spool %s: %s", spool.directory, warning)
     status.spool_messages = stats.stored + stats.delivering
