@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.signal import fftconvolve, lfilter
 
-from kiosk_dev.speech import corpus, normalise
+from kiosk_dev.speech import SENTENCES, corpus, espeak, normalise
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -178,15 +178,26 @@ def music_like(samples: int, seed: int = 0) -> Signal:
     return (out / np.std(out)).astype(np.float32)
 
 
-def _speech_track(samples: int, seed: int, offset: int = 0) -> Signal:
-    """Utterances from the corpus back to back with short pauses, to fill ``samples``."""
+def speech_track(samples: int, seed: int, offset: int = 0, *, voice: str | None = None,
+                 speed_wpm: int = 160) -> Signal:
+    """Utterances back to back with short pauses, to fill ``samples``.
+
+    From the corpus (several voices) by default; with ``voice``, the corpus's sentences in that espeak-ng voice at
+    ``speed_wpm`` (to check that a result does not hang on one synthesiser's exact speech).
+    """
     rng = np.random.default_rng(seed)
-    items = corpus()
+    items = corpus() if voice is None else []
+
+    def utterance(k: int) -> Signal:
+        if voice is None:
+            return items[k % len(items)].audio
+        return espeak(SENTENCES[k % len(SENTENCES)], voice, speed_wpm)
+
     out = np.zeros(samples, dtype=np.float32)
     pos = int(rng.integers(0, RATE_HZ // 2))
     k = offset
     while pos < samples:
-        utt = normalise(items[k % len(items)].audio, -20.0)
+        utt = normalise(utterance(k), -20.0)
         n = min(len(utt), samples - pos)
         out[pos:pos + n] = utt[:n]
         pos += n + int(rng.integers(RATE_HZ // 10, RATE_HZ // 2))
@@ -198,7 +209,7 @@ def distant_talker(samples: int, seed: int = 0, distance_m: float = 3.0) -> Sign
     """A voice a few metres away in a reverberant hall (unit variance): it must not count as the visitor."""
     rir = room_impulse_response(seed + 1000, rt60_seconds=0.8, distance_m=distance_m, room_m=(12.0, 9.0, 4.0),
                                 length_samples=16000)
-    voice = _speech_track(samples, seed, offset=3 + seed)
+    voice = speech_track(samples, seed, offset=3 + seed)
     wet = np.asarray(fftconvolve(voice, rir), dtype=np.float64)[:samples]
     return (wet / max(float(np.std(wet)), 1e-9)).astype(np.float32)
 
@@ -249,7 +260,7 @@ def make_scenario(seed: int = 0, *, seconds: float = 20.0, delay_ms: float = 40.
     ``self_noise_dbfs``.
     """
     samples = int(seconds * RATE_HZ)
-    far = normalise(_speech_track(samples, seed), -20.0) if far_active else np.zeros(samples, np.float32)
+    far = normalise(speech_track(samples, seed), -20.0) if far_active else np.zeros(samples, np.float32)
     path = room_impulse_response(seed) if rir is None else rir
     echo = render_echo(far, path, delay_ms, drift_ppm)
     if far_active:

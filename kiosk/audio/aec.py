@@ -198,6 +198,9 @@ class HybridBackend:
     HANGOVER_FRAMES = 100
     ONSET_FRAMES = 2  # consecutive double-talk frames before switching to a speex filter under ...
     SPEEX_TRUSTED_DB = 20.0  # ... this echo-only ERLE (above it, one frame switches)
+    # After the reference was realigned both filters leak until they re-adapt, which looks exactly like double
+    # talk and would latch the (still misadapted) speex output for a whole hangover: no switch for this long.
+    REALIGN_SETTLE_FRAMES = 50
 
     def __init__(self, filter_ms: int = 128, noise_suppression: bool = True) -> None:
         self._filter_ms = filter_ms
@@ -219,6 +222,7 @@ class HybridBackend:
         self._hold = 0
         self._talk_run = 0
         self._speex_on = False  # AEC3's output first
+        self._settle = 0  # frames left in which a realignment, not a visitor, explains a leak
         self._power_buf = np.zeros(_FRAME, dtype=np.float64)
         self.double_talk_frames = 0
         self.name = f"hybrid (aec3{' + ns' if noise_suppression else ''} / speex {filter_ms} ms)"
@@ -246,7 +250,7 @@ class HybridBackend:
             # Speex must agree: a visitor raises its output well above its usual residual too, while a
             # momentary lapse of AEC3 alone (it happens while AEC3 re-adapts) does not.
             talk = (a_power > self._floor * _FRAME and ratio_db > threshold
-                    and speex_db < self._speex_erle_db - self.SPEEX_CONFIRM_DB)
+                    and speex_db < self._speex_erle_db - self.SPEEX_CONFIRM_DB and self._settle == 0)
             if not talk and self._hold == 0:
                 self._baseline_db += self.BASELINE_ALPHA * (ratio_db - self._baseline_db)
                 if ratio_db < self.ECHO_DOMINATED_DB:
@@ -256,6 +260,7 @@ class HybridBackend:
         # While speex is still weak, one frame of leakage is more likely a transient both filters have
         # not learnt yet than a visitor (who lasts longer), and a false switch would let its echo out.
         self._talk_run = self._talk_run + 1 if talk else 0
+        self._settle = max(self._settle - 1, 0)
         onset = 1 if self._speex_erle_db >= self.SPEEX_TRUSTED_DB else self.ONSET_FRAMES
         if talk and (self._hold > 0 or self._talk_run >= onset):
             self._hold = self.HANGOVER_FRAMES
@@ -287,6 +292,7 @@ class HybridBackend:
         self._mic_delay[:] = 0
         self._hold = 0
         self._talk_run = 0
+        self._settle = 0
         self._speex_on = False
         self._baseline_db = 0.0
         self._speex_erle_db = 0.0
@@ -300,6 +306,7 @@ class HybridBackend:
         self._aec3.set_delay_hint_ms(delay_ms)
         self._baseline_db = 0.0
         self._hold = 0  # what looked like double talk was most likely the misaligned echo
+        self._settle = self.REALIGN_SETTLE_FRAMES
 
 
 # --------------------------------------------------------------------------------- estimation
@@ -378,8 +385,9 @@ class _DelayModel:
     """Delay over time as a line (bulk delay + drift), refitted on each measurement; steps start anew."""
 
     def __init__(self, step_samples: float, fit_span_samples: int, fixed_samples: float | None,
-                 track_drift: bool) -> None:
+                 track_drift: bool, confirm_after_step_samples: int = 2 * RATE_HZ) -> None:
         self._step = step_samples
+        self._span_after_step = confirm_after_step_samples
         self._span = fit_span_samples
         self._fixed = fixed_samples
         self._track = track_drift
@@ -389,10 +397,15 @@ class _DelayModel:
         self.intercept = fixed_samples  # delay at time ref_time
         self.ref_time = 0.0
         self.steps = 0
+        self._jumped_at: float | None = None  # time of the last step
 
     @property
     def known(self) -> bool:
         return self.intercept is not None
+
+    def line(self) -> tuple[float, float, float] | None:
+        """(intercept, slope, ref_time) of the current segment, or None before the first measurement."""
+        return None if self.intercept is None else (self.intercept, self.slope, self.ref_time)
 
     @property
     def pending(self) -> bool:
@@ -422,11 +435,15 @@ class _DelayModel:
             pending = self._pending
             self._pending = (time, delay)
             agrees = pending is not None and abs(delay - (pending[1] + self.slope * (time - pending[0]))) < self._step
-            if confidence >= strong or agrees:
+            # Soon after a step, one strong measurement is not enough to step again: a window that still holds
+            # the old path, or speech that repeats itself, can peak at the old delay once.
+            settled = self._jumped_at is None or time - self._jumped_at > self._span_after_step
+            if (confidence >= strong and settled) or agrees:
                 self._pending = None
                 self._points = [(time, delay)] if not agrees or pending is None else [pending, (time, delay)]
                 self.intercept, self.ref_time = delay, time
                 self.steps += 1
+                self._jumped_at = time
                 return True
             return False
         self._pending = None
@@ -492,6 +509,11 @@ class AlignedEchoCanceller:
     QUICK_WINDOW_MS = 400
     QUICK_FRAMES = 150
     COLLAPSE_DB_RATIO = 10 ** (COLLAPSE_DB / 10)
+    # After a step the backend has spent the time until the re-alignment adapting to a reference that no
+    # longer lined up with the echo, and it needs a second or more to unlearn it (how long depends on the
+    # speech it hears). So the last RETRAIN_SECONDS of (microphone, reference) are fed to it again at once,
+    # the reference aligned as it should have been: the old delay before the step, the new one after.
+    RETRAIN_SECONDS = 1.0
 
     def __init__(self, backend: _Backend, *, delay_ms: float | None = None, max_delay_ms: float = 400.0,
                  drift_compensation: bool = True) -> None:
@@ -533,6 +555,8 @@ class AlignedEchoCanceller:
         self._fast_mic = 1e-9
         self._fast_out = 1e-9
         self._low_frames = 0
+        self._good_at = 0.0  # absolute index of the newest frame the backend still cancelled well
+        self.retrains = 0
         self._quick_frames = 0  # frames of quick re-estimation left after a collapse
         self.collapses = 0
         self._far.clear()
@@ -621,15 +645,41 @@ class AlignedEchoCanceller:
             return
         # The window's measurement describes its middle.
         mid = float(end - window // 2)
+        before = self._model.line() if self._anchored else None
         jumped = self._model.add(mid, est.delay_samples, est.confidence, self.STRONG_CONFIDENCE)
         if jumped or not self._anchored:
             self._quick_frames = 0
             self._anchor(now)
+            if jumped and before is not None:
+                self._retrain(now, before)
         else:
             self._steer(now)
             if self._model.pending:
                 # A possible step: confirm it soon rather than a whole interval later.
                 self._since_estimate = self._interval_frames - self.FIRST_INTERVAL_FRAMES
+
+    def _retrain(self, now: float, before: tuple[float, float, float]) -> None:
+        """Feed the backend the last ``RETRAIN_SECONDS`` again with the reference aligned as it should have been.
+
+        Frames up to the last one the backend still cancelled well get the old line's delay, later ones the
+        new model's. The outputs are discarded. Costs up to 100 backend calls once per step (the benchmark's
+        CPU figure includes it).
+        """
+        intercept, slope, ref_time = before
+        end = int(now)
+        start = max(self._near.start, end - int(self.RETRAIN_SECONDS * RATE_HZ))
+        start += (end - start) % _FRAME
+        for t in range(start, end, _FRAME):
+            delay = intercept + slope * (t - ref_time) if t < self._good_at else self._model.at(t)
+            at = round(t - max(delay - self._margin, 0.0))
+            near = self._near.view(t, t + _FRAME)
+            far = self._far.view(at, at + _FRAME)
+            if len(near) == _FRAME and len(far) == _FRAME:
+                self.backend.process(near, far)
+        # The replay ran through the misaligned stretch, which looks like double talk to a hybrid backend:
+        # tell it again that the reference moved, so it does not hold on to that.
+        self.backend.set_delay_hint_ms(self._margin / _SAMPLES_PER_MS)
+        self.retrains += 1
 
     def _target(self, now: float) -> float:
         """Where the reference should read for the frame starting at ``now``: the echo's delay less a margin."""
@@ -729,6 +779,7 @@ class AlignedEchoCanceller:
             self._low_frames += 1
         else:
             self._low_frames = 0
+            self._good_at = float(self._near.end)
         if self._low_frames >= self.COLLAPSE_FRAMES:
             # The echo the canceller removes collapsed: the path moved, or a visitor talks. Re-estimate at
             # once on a short window; a visitor leaves the delay where it is (the estimates agree with the

@@ -130,30 +130,39 @@ def test_delay_step_is_followed() -> None:
     assert _erle(mic, out, 9.0) >= 25.0  # the filter survives the realignment
 
 
-def _stepped_echo(seed: int, before_ms: float, after_ms: float) -> tuple[np.ndarray, np.ndarray]:
-    """Mic and far end of a 10 s scenario whose bulk delay jumps at 6 s."""
-    sc = _scenario(seed, 10.0, before_ms, 0.0)
+def _stepped_echo(seed: int, before_ms: float, after_ms: float, voice: str | None = None,
+                  speed_wpm: int = 160) -> tuple[np.ndarray, np.ndarray]:
+    """Mic and far end of a 10 s scenario whose bulk delay jumps at 6 s (the agent in ``voice``, or the corpus)."""
+    far = roomsim.normalise(roomsim.speech_track(10 * RATE, seed, voice=voice, speed_wpm=speed_wpm), -20.0)
     room = roomsim.StreamingRoom(roomsim.room_impulse_response(seed), delay_ms=before_ms)
     half = 6 * RATE
-    echo = room.process(sc.far[:half])
-    room.set_delay_ms(after_ms)
-    echo = np.concatenate([echo, room.process(sc.far[half:])])
-    scale = np.max(np.abs(sc.echo)) / np.max(np.abs(echo[:half]))
-    return (echo * scale).astype(np.float32), sc.far
+    echo = np.concatenate([room.process(far[:half]), (room.set_delay_ms(after_ms), room.process(far[half:]))[1]])
+    echo = roomsim.normalise(echo, -22.0) + roomsim.white_noise(len(echo), seed + 2) * np.float32(10 ** (-85 / 20))
+    return echo.astype(np.float32), far
 
 
-@pytest.mark.parametrize(("seed", "before_ms", "after_ms"), [(0, 40.0, 160.0), (1, 100.0, 60.0)])
-def test_a_delay_step_is_recovered_within_half_a_second(seed: int, before_ms: float, after_ms: float) -> None:
-    mic, far = _stepped_echo(seed, before_ms, after_ms)
+# The recovery must not hang on the exact speech the canceller hears: one synthesiser version's voice realigned at
+# once while the next version's (same text, same voice name) left 9 dB for a second. So: several voices and rates.
+_STEPS = [(0, 40.0, 160.0), (1, 100.0, 60.0), (2, 60.0, 200.0)]
+_VOICES = [(None, 160), ("en-us", 140), ("en-gb", 180), ("en-gb-scotland", 160), ("en-us+m7", 180)]
+
+
+@pytest.mark.parametrize(("voice", "speed_wpm"), _VOICES, ids=[f"{v or 'corpus'}-{w}" for v, w in _VOICES])
+@pytest.mark.parametrize(("seed", "before_ms", "after_ms"), _STEPS)
+def test_a_delay_step_is_recovered_within_half_a_second(seed: int, before_ms: float, after_ms: float,
+                                                        voice: str | None, speed_wpm: int) -> None:
+    mic, far = _stepped_echo(seed, before_ms, after_ms, voice, speed_wpm)
     canceller = aec.make_echo_canceller(AecSettings(backend=AecBackend.HYBRID))
     out = _run(canceller, mic, far)
     a, b = int(6.5 * RATE), int(7.0 * RATE)
     erle = float(10 * np.log10(np.sum(mic[a:b].astype(np.float64) ** 2) / np.sum(out[a:b] ** 2)))
-    # Measured: 75-80 dB from 0.5 s after the step with the collapse watch; without it (a re-estimate
-    # every 0.5 s on a 1 s window) the path was realigned only 0.55-0.85 s after the step, 0-21 dB here.
+    # Measured: 55-80 dB from 0.5 s after the step. Without the replay of the last second into the realigned
+    # backend, and the hybrid's settling after a realignment, 2-20 dB in a quarter of these cases (the backend
+    # unlearning the misaligned second, and the hybrid latching its misadapted speex path as double talk).
     assert erle >= 40.0
     assert isinstance(canceller, aec.AlignedEchoCanceller)
     assert canceller.collapses >= 1
+    assert canceller.retrains == 1
     assert canceller.stats().delay_ms == pytest.approx(_true_delay_ms(seed, after_ms), abs=1.0)
 
 
