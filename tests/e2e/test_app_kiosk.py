@@ -370,7 +370,7 @@ def endpoint_across_the_link(stack: LocalStack) -> Any:
     assert network is not None
     process = subprocess.Popen(network.server_command(
         [sys.executable, "-m", "kiosk_dev.message_endpoint", "--host", network.server_ip, "--port",
-         str(ENDPOINT_PORT), "--token", stack.credential]), stdout=subprocess.PIPE, text=True)
+         str(ENDPOINT_PORT), f"--token={stack.credential}"]), stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 20.0)
