@@ -106,8 +106,9 @@ class MessageEndpoint:
         return web.json_response({"ok": True})
 
     def summary(self) -> dict[str, object]:
-        """What arrived: SHA-256 of each stored message by key, stores and requests per key, rejections."""
+        """What arrived: SHA-256 and length of each stored message by key, stores and requests per key, rejections."""
         return {"stored": {k: hashlib.sha256(v.audio).hexdigest() for k, v in self.stored.items()},
+                "durations": {k: v.metadata.get("duration_seconds") for k, v in self.stored.items()},
                 "store_count": dict(self.store_count), "posts": dict(self.posts), "rejected": self.rejected}
 
     async def _received(self, _request: web.Request) -> web.Response:

@@ -72,8 +72,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
                              help="4 minutes with a short list of faults close together (the test suite's run)")
     bench_field.add_argument("--seed", type=int, default=1, help="seed for the faults, their timing and the visitors")
     bench_field.add_argument("--faults", default=None, metavar="KIND,...",
-                             help="the fault kinds to use (default: all; with --quick its list): "
-                                  + ", ".join(FAULTS))
+                             help="the fault kinds to use, or 'none' for a soak without faults (default: all; "
+                                  "with --quick its list): " + ", ".join(FAULTS))
     bench_field.add_argument("--load", type=int, default=None, metavar="N",
                              help="busy processes loading the machine (default: one per core; 0: none)")
     bench_field.add_argument("--keep", type=Path, default=None, metavar="DIR",
@@ -143,8 +143,10 @@ def _cmd_bench_field(args: argparse.Namespace, settings: Settings) -> int:
 
     from kiosk_dev.bench import field
 
-    faults = None
-    if args.faults is not None:
+    faults: tuple[str, ...] | None = None
+    if args.faults is not None and args.faults.strip() == "none":
+        faults = ()
+    elif args.faults is not None:
         faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
         unknown = [f for f in faults if f not in field.FAULTS]
         if unknown or not faults:

@@ -165,7 +165,8 @@ class Step:
 class KioskView:
     """What the bench knows of the kiosk: its steps from the trace, its phase, loop lag and counters."""
 
-    def __init__(self) -> None:
+    def __init__(self, copy_to: Path | None = None) -> None:
+        self._copy = copy_to.open("ab") if copy_to is not None else None  # every trace line, for a post-mortem
         self.steps: list[Step] = []
         self.phase: str | None = None  # None while no process is up
         self.phase_since = time.monotonic()
@@ -195,6 +196,9 @@ class KioskView:
             return
         data = self._buffers[fd] + chunk
         *lines, self._buffers[fd] = data.split(b"\n")
+        if self._copy is not None and lines:
+            self._copy.write(b"".join(line + b"\n" for line in lines))
+            self._copy.flush()
         for line in lines:
             with contextlib.suppress(ValueError):
                 self._record(json.loads(line), incarnation)
@@ -212,6 +216,12 @@ class KioskView:
             self.stats[incarnation] = item
         elif kind == "stopped":
             self._set_phase(None, t)
+
+    def close(self) -> None:
+        """Close the copy of the trace."""
+        if self._copy is not None:
+            self._copy.close()
+            self._copy = None
 
     def _set_phase(self, phase: str | None, t: float) -> None:
         if phase != self.phase:
@@ -250,6 +260,9 @@ class Exchange:
     completed: bool = False
     ended_by: str | None = None  # what ended the session during the exchange, if not the visitor
     refused: bool = False  # the kiosk answered with its offline fallback instead
+    voice_detected: bool = False  # the kiosk's voice detection reported the visitor during the hold
+    agent_heard: bool | None = None  # the stand-in agent heard an onset during the hold (from its report)
+    agent_answered: bool | None = None  # ... and began sending an answer within 15 s of the release
 
 
 @dataclass
@@ -531,9 +544,15 @@ class Visitor:
         rig = self._rig
         view = rig.view
         pressed = time.monotonic()
+        fresh = view.phase == "idle"
         if not await rig.panel.press(Button.TALK):
             return None
-        await asyncio.sleep(0.4)
+        # A new session: talk after the start tone (the kiosk's "go ahead"); what is said before it reaches the
+        # agent only as far back as the pre-roll. In an open session the microphone goes live at the press.
+        if fresh:
+            await view.wait(lambda: view.cue_finished("session_start", pressed) is not None
+                            or view.phase not in ("idle", "connecting", "listening"), 15.0)
+        await asyncio.sleep(0.3)
         seconds = rig.voice.say(audio)
         await asyncio.sleep(seconds + 0.3)
         await rig.panel.release(Button.TALK)
@@ -550,6 +569,7 @@ class Visitor:
                          and s.new not in SESSION_PHASES), None)
 
         await view.wait(lambda: answered() or ended() is not None or view.phase is None, 45.0)
+        exchange.voice_detected = view.find("VoiceStarted", pressed, lambda s: s.t <= exchange.released) is not None
         end = ended()
         exchange.completed = answered() and (end is None or end.t > (view.find("PlaybackFinished", pressed) or end).t)
         if end is not None and not exchange.completed:
@@ -858,11 +878,13 @@ FAULT_RUNS: dict[str, FaultRun] = {
 # The phases in which the kiosk serves a visitor: waiting for one, or in a conversation. Connecting counts once
 # it leads into a conversation (a refusal turns it into offline).
 USABLE_PHASES = frozenset({"idle", "listening", "thinking", "speaking"})
+# Serving a visitor on the way back to a usable phase: a connection that opens, a message being left.
+TRANSIT_PHASES = frozenset({"connecting", "recording_message"})
 
 
 def _usable_since(view: KioskView, since: float) -> float:
     """When the kiosk last entered a usable phase (from a phase that is not), but not before ``since``."""
-    inside = USABLE_PHASES | {"connecting"}
+    inside = USABLE_PHASES | TRANSIT_PHASES
     entered = next((s.t for s in reversed(view.steps) if s.new in inside and s.old not in inside), since)
     return max(entered, since)
 
@@ -874,7 +896,7 @@ async def _usable(view: KioskView, supervisor: Any, since: float, limit_seconds:
     must lead into a conversation.
     """
     deadline = since + limit_seconds
-    inside = USABLE_PHASES | {"connecting"}
+    inside = USABLE_PHASES | TRANSIT_PHASES
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -884,14 +906,15 @@ async def _usable(view: KioskView, supervisor: Any, since: float, limit_seconds:
         candidate = _usable_since(view, since)
         if await view.wait(lambda: view.phase not in inside, STABLE_SECONDS):
             continue
-        if view.phase == "connecting":
-            await view.wait(lambda: view.phase != "connecting", max(0.0, deadline - time.monotonic()))
+        if view.phase in TRANSIT_PHASES:
+            await view.wait(lambda: view.phase not in TRANSIT_PHASES, max(0.0, deadline - time.monotonic()))
             if view.phase not in USABLE_PHASES:
                 continue
         return candidate
 
 
-async def _inject(rig: Rig, config: FieldConfig, until: float, records: list[FaultRecord]) -> None:
+async def _inject(rig: Rig, config: FieldConfig, until: float, records: list[FaultRecord],
+                  visitor: Visitor) -> None:
     """One fault at a time, a seeded shuffle of the kinds, at seeded random gaps.
 
     Until ``until``, and at least ``config.min_rounds`` rounds of every kind.
@@ -923,7 +946,13 @@ async def _inject(rig: Rig, config: FieldConfig, until: float, records: list[Fau
         # before a kill during a recording) set ``started`` earlier.
         if not record.setup:
             record.started = record.injected
-        record.usable = await _usable(rig.view, rig.supervisor, record.cleared, config.recover_limit_seconds)
+        # Until the kiosk is usable again no new visitor comes (one already there finishes), so that the figure
+        # says when the next visitor can use it, not how long the last one talked.
+        visitor.paused = True
+        try:
+            record.usable = await _usable(rig.view, rig.supervisor, record.cleared, config.recover_limit_seconds)
+        finally:
+            visitor.paused = False
         _LOGGER.info("field: %s %s: usable %s s after it cleared", kind, record.params,
                      f"{record.clear_to_usable_seconds:.1f}" if record.usable is not None else "never")
 
@@ -1004,7 +1033,8 @@ async def _run(stack: Any, config: FieldConfig, run_dir: Path, exits: contextlib
     exits.callback(endpoint.stop)
     questions = [normalise(espeak(q, "en-us"), -26.0) for q in QUESTIONS]
     messages = [normalise(espeak(m, "en-us"), -26.0) for m in MESSAGES]
-    view = KioskView()
+    view = KioskView(run_dir / "trace.jsonl")
+    exits.callback(view.close)
     unit = ServiceUnit.from_file(UNIT_FILE, runtime_dir=run_dir / "run")
     pending: list[int] = []
 
@@ -1047,7 +1077,7 @@ async def _run(stack: Any, config: FieldConfig, run_dir: Path, exits: contextlib
         until = time.monotonic() + config.duration_seconds
         visiting = asyncio.create_task(visitor.run(float("inf")))
         if runnable.faults:
-            await _inject(rig, runnable, until, records)
+            await _inject(rig, runnable, until, records, visitor)
         else:
             await asyncio.sleep(max(0.0, until - time.monotonic()))
         visitor.stop()
@@ -1083,6 +1113,8 @@ async def _run(stack: Any, config: FieldConfig, run_dir: Path, exits: contextlib
     received: dict[str, Any] = {}
     with contextlib.suppress(OSError, ValueError):
         received = await asyncio.to_thread(endpoint.received)
+    with contextlib.suppress(OSError, ValueError):
+        _agent_figures(visitor.exchanges, await asyncio.to_thread(stack.agent_reports))
     ended = time.monotonic()
     result = FieldResult(
         config={**asdict(config), "run_dir": str(run_dir)}, unit=unit.describe(), started=started, ended=ended,
@@ -1095,6 +1127,15 @@ async def _run(stack: Any, config: FieldConfig, run_dir: Path, exits: contextlib
         end = record.usable if record.usable is not None else record.cleared + config.recover_limit_seconds
         record.heard, record.saw = heard_and_seen(view.steps, record.started, end)
     return result
+
+
+def _agent_figures(exchanges: Sequence[Exchange], reports: dict[str, Any]) -> None:
+    """What the stand-in agents heard and sent, per exchange (their times are this machine's monotonic clock)."""
+    onsets = sorted(t for report in reports.values() for t in report.get("onsets_at", []))
+    answers = sorted(t for report in reports.values() for t in report.get("answers_sent_at", []))
+    for exchange in exchanges:
+        exchange.agent_heard = any(exchange.asked <= t <= exchange.released + 1.0 for t in onsets)
+        exchange.agent_answered = any(exchange.asked <= t <= exchange.released + 15.0 for t in answers)
 
 
 def _restore(rig: Rig) -> None:
@@ -1247,6 +1288,7 @@ def message_figures(result: FieldResult) -> dict[str, Any]:
     at_endpoint = result.endpoint.get("stored", {}) if result.endpoint else {}
     counts = result.endpoint.get("store_count", {}) if result.endpoint else {}
     posts = result.endpoint.get("posts", {}) if result.endpoint else {}
+    durations = result.endpoint.get("durations", {}) if result.endpoint else {}
     return {
         "attempted": len(result.messages),
         "stored": len(stored),
@@ -1256,15 +1298,38 @@ def message_figures(result: FieldResult) -> dict[str, Any]:
         "re_sent": sum(max(0, n - 1) for n in posts.values()),
         "unconfirmed_at_endpoint": sorted(k for k in at_endpoint if k not in stored),
         "not_stored": Counter(a.failed for a in result.messages if not a.message_id),
+        # Confirmed to the visitor but (almost) empty: the recording ended before the words.
+        "shorter_than_1s": sorted(m for m in stored if (durations.get(m) or 0.0) < 1.0 and m in durations),
     }
 
 
+# A fault's consequences can come after the kiosk looked usable again (an agent that left is waited for
+# livekit.reconnect_grace_seconds, 15 s): a loss this long after is still put down to the latest fault.
+ATTRIBUTION_SECONDS = 30.0
+
+
+def _why_not(exchange: Exchange) -> str:
+    """Where an exchange that did not complete went wrong, as far as the kiosk and the agent tell."""
+    if exchange.ended_by and not exchange.ended_by.startswith("TimerExpired"):
+        return f"session ended: {exchange.ended_by}"
+    if exchange.agent_heard is False:
+        return "the agent heard nothing" + ("" if exchange.voice_detected else " (nor did the kiosk's voice detection)")
+    if exchange.agent_answered is False:
+        return "the agent heard the visitor but did not answer"
+    return "answered, but the kiosk did not play it to its end" + (f" ({exchange.ended_by})" if exchange.ended_by
+                                                                    else "")
+
+
 def _fault_of(result: FieldResult, t: float) -> str:
+    """The fault a moment belongs to: the latest that started before it, if it was still on or just over."""
+    latest = None
     for record in result.faults:
-        end = record.usable if record.usable is not None else record.cleared + result.config["recover_limit_seconds"]
-        if record.started <= t <= end:
-            return record.kind
-    return "no fault"
+        if record.started <= t:
+            latest = record
+    if latest is None:
+        return "no fault"
+    end = latest.usable if latest.usable is not None else latest.cleared + result.config["recover_limit_seconds"]
+    return latest.kind if t <= max(end, latest.cleared) + ATTRIBUTION_SECONDS else "no fault"
 
 
 def summarise(result: FieldResult) -> dict[str, Any]:
@@ -1292,7 +1357,9 @@ def summarise(result: FieldResult) -> dict[str, Any]:
         "duration_s": round(result.ended - result.started, 1),
         "exchanges": {"attempted": len(result.exchanges), "completed": sum(e.completed for e in result.exchanges),
                       "refused": sum(e.refused for e in result.exchanges),
-                      "cut_short": Counter(e.ended_by for e in result.exchanges if e.ended_by and not e.refused)},
+                      "cut_short": Counter(e.ended_by for e in result.exchanges if e.ended_by and not e.refused),
+                      "not_completed_why": Counter(_why_not(e) for e in result.exchanges
+                                                   if not e.completed and not e.refused)},
         "sessions": {"opened": sum(s.opened for s in result.sessions), "lost": len(lost),
                      "lost_by_cause": dict(lost_by_cause)},
         "faults": faults,
@@ -1329,11 +1396,13 @@ def sections(result: FieldResult, summary: dict[str, Any]) -> list[BenchSection]
               ["faults injected", len(result.faults)],
               ["exchanges attempted / completed", f"{exchanges['attempted']} / {exchanges['completed']}"],
               ["... refused with the offline fallback", exchanges["refused"]],
-              ["... cut short, by cause", "; ".join(f"{k}: {n}" for k, n in exchanges["cut_short"].items()) or "-"],
+              ["... not completed, why", "; ".join(f"{k}: {n}" for k, n in exchanges["not_completed_why"].items())
+               or "-"],
               ["sessions opened / lost", f"{summary['sessions']['opened']} / {summary['sessions']['lost']}"],
               ["messages attempted / stored / delivered", f"{messages['attempted']} / {messages['stored']} / "
                                                           f"{messages['delivered']}"],
               ["... not stored, why", "; ".join(f"{k}: {n}" for k, n in messages["not_stored"].items()) or "-"],
+              ["... stored and confirmed, but under 1 s long", len(messages["shorter_than_1s"])],
               ["messages lost / duplicated / re-sent (recognised)",
                f"{len(messages['lost'])} / {len(messages['duplicated'])} / {messages['re_sent']}"],
               ["kiosk restarts: planned (SIGKILL) / unplanned", f"{summary['restarts']['planned']} / "
