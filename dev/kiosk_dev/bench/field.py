@@ -939,6 +939,10 @@ async def _inject(rig: Rig, config: FieldConfig, until: float, records: list[Fau
         _LOGGER.info("field: fault %s", kind)
         try:
             await FAULT_RUNS[kind](rig, record)
+        except (OSError, subprocess.SubprocessError, ValueError, RuntimeError) as error:
+            # The rig could not inject it (a tool failed): say so in the report and go on with the run.
+            _LOGGER.error("field: fault %s could not be injected: %s", kind, error)
+            record.params = f"not injected: {error}"[:200]
         finally:
             if not record.injected:
                 record.injected = record.cleared = time.monotonic()
