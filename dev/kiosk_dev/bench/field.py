@@ -1453,6 +1453,10 @@ def sections(result: FieldResult, summary: dict[str, Any]) -> list[BenchSection]
               ["conversation minutes", resources["conversation_minutes"]]],
         notes=["Growth is the least-squares slope over the longest-running kiosk process, after its first "
                f"{WARMUP_SECONDS:.0f} s (a SIGKILL starts a new process)."])
+    over_time = BenchSection(title="Resources over time (kiosk process)",
+                             columns=["minute", "process", "resident memory (MiB)", "fds", "threads"],
+                             rows=[[round((s.t - result.started) / 60, 1), s.incarnation, round(s.rss_bytes / MIB, 1),
+                                    s.fds, s.threads] for s in _evenly(result.samples, 12)])
     stall_lost = sum(summary["faults"].get(k, {}).get("sessions_lost", 0) for k in STALL_FAULTS)
     link_lost = sum(summary["faults"].get(k, {}).get("sessions_lost", 0) for k in SHORT_LINK_FAULTS)
     c2u_max = max((r.clear_to_usable_seconds for r in result.faults if r.clear_to_usable_seconds is not None),
@@ -1469,7 +1473,14 @@ def sections(result: FieldResult, summary: dict[str, Any]) -> list[BenchSection]
         TargetCheck("event-loop lag p99 (ms)", lag["p99"] if lag["p99"] is not None else float("nan"), "<= 20",
                     lag["p99"] is not None and lag["p99"] <= 20.0),
     ]
-    return [overview, fault_table, lost, resource]
+    return [overview, fault_table, lost, resource, over_time]
+
+
+def _evenly(samples: Sequence[Sample], count: int) -> list[Sample]:
+    """At most ``count`` samples spread evenly over the run (the first and the last included)."""
+    if len(samples) <= count:
+        return list(samples)
+    return [samples[round(i * (len(samples) - 1) / (count - 1))] for i in range(count)]
 
 
 def _round(value: float | None) -> float | None:
@@ -1488,6 +1499,7 @@ def as_json(result: FieldResult, summary: dict[str, Any]) -> dict[str, Any]:
     return {"summary": summary, "faults": [asdict(r) for r in result.faults],
             "exchanges": [asdict(e) for e in result.exchanges], "messages": [asdict(m) for m in result.messages],
             "sessions": [asdict(s) for s in result.sessions], "incarnations": result.incarnations,
+            "samples": [asdict(s) for s in result.samples],
             "config": result.config, "unit": result.unit}
 
 
