@@ -924,7 +924,8 @@ async def _inject(rig: Rig, config: FieldConfig, until: float, records: list[Fau
     order: list[str] = []
     rounds = 0
     while True:
-        if time.monotonic() >= until and (rounds >= config.min_rounds and not order):
+        # Past the duration: stop at once, or (with min_rounds) once that many rounds are complete.
+        if time.monotonic() >= until and rounds >= config.min_rounds and (config.min_rounds == 0 or not order):
             break
         await asyncio.sleep(rng.uniform(*config.gap_seconds))
         if not order:
