@@ -209,10 +209,12 @@ async def _scripted(kiosk: Any, panel: Any, room: Any, recorder: _Recorder, ques
     exchanges: list[dict[str, Any]] = []
     for question in questions:
         await recorder.wait_until(lambda: kiosk.controller.phase is Phase.IDLE, IDLE_WAIT_SECONDS)
+        # Rendered before the press, off the loop: on a busy machine espeak-ng took seconds, the button stayed
+        # held that long and the hold became a status request.
+        speech = normalise(await asyncio.to_thread(espeak, question, "en-us"), -26.0)
         pressed = loop.time()
         panel.press()
         await asyncio.sleep(0.4)
-        speech = normalise(espeak(question, "en-us"), -26.0)
         if room is not None:
             room.say(speech, name=question)
         speech_seconds = len(speech) / 16000
