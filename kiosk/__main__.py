@@ -33,9 +33,11 @@ _COMMAND_MODULES = (
     "kiosk.app",  # run (the service's main job)
     "kiosk.audio.cli",  # audio process
     "kiosk.audio.devices",  # devices
+    "kiosk.audio.selftest",  # selftest voice
     "kiosk.link.cli",  # link check
     "kiosk.fallback.cli",  # messages list|export|deliver, cues check
     "kiosk.doctor",  # doctor
+    "kiosk.update.cli",  # update status|check
 )
 # Entry points of installed packages that add (development) commands.
 COMMAND_ENTRY_POINTS = "kiosk.commands"

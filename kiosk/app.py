@@ -31,7 +31,7 @@ from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.offline import Probe
-from kiosk.fallback.spool import Spool, publish_stats
+from kiosk.fallback.spool import Spool, publish_stats, run_retention
 from kiosk.health import HealthWatchdog, Notifier, progress_check
 from kiosk.link.backoff import Backoff
 from kiosk.link.livekit import LiveKitRoomLink
@@ -79,7 +79,7 @@ class Kiosk:
         self.bus = EventBus()
         self._frames = _Frames()
         self.engine = AudioEngine(settings, self.bus.post, self._frames)
-        self.session_api = SessionApi(settings.session)
+        self.session_api = SessionApi.from_settings(settings)
         self.link = LiveKitRoomLink(settings, self.bus.post, self.engine, session_api=self.session_api,
                                     metrics=self.metrics, status=self.status)
         self._frames.target = self.link
@@ -119,6 +119,12 @@ class Kiosk:
         if self.deliverer is not None:
             self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
         self._tasks.append(asyncio.create_task(self._publish(), name="publish-metrics"))
+        # Retention at start and on a timer, not only when a message is stored.
+        self._tasks.append(asyncio.create_task(
+            run_retention(self.spool, settings.spool.retention_check_seconds), name="retention"))
+        if settings.spool.recipient_public_key is None:
+            _LOGGER.warning("spool.recipient_public_key is unset: visitors are not offered to leave a message "
+                            "(kiosk doctor security)")
         self.watchdog = HealthWatchdog(self.notifier, [
             progress_check("capture", lambda: self.engine.frames_processed, max_stall_seconds=MAX_STALL_SECONDS,
                            now=loop.time),
@@ -215,6 +221,11 @@ class Kiosk:
                 if stats.delay_ms is not None:
                     self.metrics.aec_delay_ms.set(stats.delay_ms)
                 self.metrics.set_route(self.route.route.value)
+                engine = self.engine
+                self.metrics.count_to(self.metrics.audio_stalls, engine.stalls)
+                self.metrics.count_to(self.metrics.audio_recoveries, engine.recoveries)
+                self.metrics.count_to(self.metrics.device_losses, engine.device_losses)
+                self.metrics.count_to(self.metrics.route_switches, self.route.switches)
                 publish_stats(self.spool, self.metrics, self.status)
             await asyncio.sleep(PUBLISH_INTERVAL_SECONDS)
 

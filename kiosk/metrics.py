@@ -86,14 +86,28 @@ class Metrics:
         self.aec_delay_ms = Gauge("kiosk_aec_delay_ms", "Estimated bulk delay mic vs reference", registry=r)
         self.device_overruns = Counter("kiosk_device_overruns", "Capture overruns", ["device"], registry=r)
         self.device_underruns = Counter("kiosk_device_underruns", "Playback underruns", ["device"], registry=r)
+        self.audio_stalls = Counter("kiosk_audio_stalls", "Running streams that stopped delivering (restarted)",
+                                    registry=r)
+        self.audio_recoveries = Counter("kiosk_audio_recoveries", "Stalls recovered in place, the session kept",
+                                        registry=r)
+        self.device_losses = Counter("kiosk_device_losses", "Sound devices lost (gone, failed, or not recovered)",
+                                     registry=r)
         self.route = Gauge("kiosk_route", "1 for the audio route in use", ["route"], registry=r)
         self.route_switches = Counter("kiosk_route_switches", "Audio route switches", registry=r)
         # Offline spool (the fallback area updates these).
         self.spool_bytes = Gauge("kiosk_spool_bytes", "Bytes of stored visitor messages", registry=r)
         self.spool_messages = Gauge("kiosk_spool_messages", "Stored visitor messages", registry=r)
+        self._published: dict[int, float] = {}  # count_to: what each counter has been raised to
         self.spool_retention_warning = Gauge(
             "kiosk_spool_retention_warning", "1 when the spool nears its age or disk limits", registry=r
         )
+
+    def count_to(self, counter: Counter, total: float) -> None:
+        """Raise ``counter`` to ``total``, a running count kept elsewhere (e.g. the audio engine's)."""
+        done = self._published.get(id(counter), 0.0)
+        if total > done:
+            counter.inc(total - done)
+            self._published[id(counter)] = total
 
     def set_route(self, route: str, all_routes: tuple[str, ...] = ("array", "headset", "none")) -> None:
         """Mark ``route`` as the one in use (1) and every other as 0."""
@@ -107,10 +121,10 @@ class Metrics:
 
 @dataclass
 class Exchange:
-    """The last visitor/agent exchange, from the captions."""
+    """The last visitor/agent exchange, from the captions: its size only (the words are personal data)."""
 
-    visitor: str = ""
-    agent: str = ""
+    visitor_chars: int = 0
+    agent_chars: int = 0
 
 
 @dataclass

@@ -42,4 +42,9 @@ def behaviour_checks(settings: Settings) -> list[Check]:
 
 def check_security(settings: Settings) -> list[Check]:
     """Every area's security checks."""
-    return behaviour_checks(settings)
+    from kiosk import provision
+    from kiosk.fallback import doctor as fallback_doctor
+    from kiosk.link import doctor as link_doctor
+
+    return [*behaviour_checks(settings), *link_doctor.security_checks(settings),
+            *fallback_doctor.security_checks(settings), *provision.security_checks(settings)]

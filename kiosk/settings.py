@@ -2,8 +2,9 @@
 
 Every field has a one-line description; validation errors name the field and the fix, and a broken
 configuration makes ``kiosk`` exit with status 2 (see ``load_settings``). Secrets are ``SecretStr`` and
-come from systemd credentials (``LoadCredential=``, read from ``$CREDENTIALS_DIRECTORY``) or the
-environment, never from the TOML file on a shared image.
+come from systemd credentials (``LoadCredential=``, read from ``$CREDENTIALS_DIRECTORY``: ``device-credential``
+for the session API, ``delivery-credential`` for the message endpoint) or the environment, never from the TOML
+file: a secret in the file is refused with exit status 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,6 +35,8 @@ from pydantic_settings import (
 from kiosk.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = Path("/etc/kiosk/kiosk.toml")
+# Where provisioning puts the credentials that kiosk.service hands over with LoadCredential= (one file each).
+CREDENTIALS_DIRECTORY = Path("/etc/kiosk/credentials")
 CONFIG_PATH_ENV = "KIOSK_CONFIG"
 
 # The realtime voices the session API accepts.
@@ -42,6 +54,12 @@ KNOWN_HEADSET_USB_IDS = (
     "047f:c056",  # Poly (Plantronics) Blackwire C3220
 )
 _USB_ID = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{4}$")
+# The longest anyone may keep a visitor's recorded voice on the kiosk (spool.max_age_days and
+# spool.quarantine_max_age_days): a quarter of a year. docs/security.md says why.
+MAX_AGE_DAYS = 90
+# Secrets that come from systemd credentials (or the environment), never from the TOML file: (section, field,
+# credential name).
+SECRETS = (("session", "credential", "device-credential"), ("delivery", "credential", "delivery-credential"))
 
 
 class _Section(BaseModel):
@@ -65,8 +83,17 @@ class AudioSettings(_Section):
         None, description="rate to open the devices at; unset: 16000 if supported, else the device default"
     )
     capture_channels: int | None = Field(None, ge=1, le=32, description="channels to open; unset: the device's")
-    channel: int | Literal["mix"] = Field(
-        0, description="array channel to use (0-based) or 'mix' for a mixdown of all channels"
+    channel: int | Literal["mix", "beam"] = Field(
+        0, description="array channel to use (0-based), 'mix' for a mixdown of all channels, or 'beam' for the "
+        "fixed beamformer over the array's microphones (audio.array_*)"
+    )
+    array_channels: int = Field(4, ge=2, le=16, description="beam: microphones on the array's circle")
+    array_radius_mm: float = Field(32.0, gt=0, le=500, description="beam: radius of the array's circle")
+    array_first_channel: int = Field(
+        0, ge=0, le=31, description="beam: capture channel of the first microphone (the rest follow in order)"
+    )
+    beam_azimuth_deg: float = Field(
+        0.0, ge=-180, le=180, description="beam: look direction, counter-clockwise from the kiosk's front axis"
     )
     latency_ms: float = Field(20.0, gt=0, le=500, description="PortAudio suggested latency per direction")
     mic_ring_ms: int = Field(500, ge=50, le=5000, description="capture ring; the oldest audio drops when full")
@@ -92,14 +119,28 @@ class AudioSettings(_Section):
     @field_validator("channel", mode="before")
     @classmethod
     def _channel(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "mix":
+        if isinstance(value, str) and value not in ("mix", "beam"):
             try:
                 return int(value)
             except ValueError:
-                raise ValueError("must be a channel number (0, 1, ...) or 'mix'") from None
+                raise ValueError("must be a channel number (0, 1, ...), 'mix' or 'beam'") from None
         if isinstance(value, int) and value < 0:
-            raise ValueError("must be 0 or more (channels count from 0), or 'mix'")
+            raise ValueError("must be 0 or more (channels count from 0), 'mix' or 'beam'")
         return value
+
+    @model_validator(mode="after")
+    def _array(self) -> AudioSettings:
+        if self.channel != "beam":
+            return self
+        needed = self.array_first_channel + self.array_channels
+        if needed > 32:
+            raise ValueError(f"audio.array_first_channel ({self.array_first_channel}) + audio.array_channels "
+                             f"({self.array_channels}) reach past channel 31: lower one of them")
+        if self.capture_channels is not None and self.capture_channels < needed:
+            raise ValueError(f"audio.channel = 'beam' reads capture channels {self.array_first_channel} to "
+                             f"{needed - 1}, but audio.capture_channels is {self.capture_channels}: set it to "
+                             f"{needed} or more (or leave it unset)")
+        return self
 
 
 class AecBackend(StrEnum):
@@ -149,6 +190,10 @@ class VadSettings(_Section):
     )
     barge_in_margin_db: float = Field(
         6.0, ge=0, le=40, description="while the agent speaks, the output must exceed the expected echo by this"
+    )
+    barge_in_learn_talk: bool = Field(
+        True, description="learn the canceller's leak also from speech-like frames it barely attenuated (false: "
+        "keep them out, so a visitor quieter than the echo is not learned as leak; more false barge-ins)"
     )
 
 
@@ -271,7 +316,8 @@ class SessionSettings(_Section):
     api_url: str = Field("http://127.0.0.1:8080", description="base URL of the voice-session API")
     token_endpoint_url: str | None = Field(None, description="standard LiveKit token endpoint (token_endpoint)")
     credential: SecretStr | None = Field(
-        None, description="device credential; prefer the systemd credential 'device-credential'"
+        None, description="device credential: the systemd credential 'device-credential' (or "
+        "KIOSK_SESSION__CREDENTIAL); never from the config file"
     )
     profiles: list[SessionProfile] = Field(
         default_factory=lambda: [SessionProfile()], min_length=1, description="profiles, in order of preference"
@@ -304,22 +350,54 @@ class SessionSettings(_Section):
 
 # ---------------------------------------------------------------------------------------- offline
 class SpoolSettings(_Section):
-    """Visitor messages recorded while offline."""
+    """Visitor messages recorded while offline (sealed to the operator's key; docs/offline.md, docs/security.md)."""
 
     directory: Path = Field(Path("/var/lib/kiosk/spool"), description="durable storage for messages")
+    recipient_public_key: str | None = Field(
+        None, description="the operator's X25519 public key (base64 or hex; `kiosk messages keygen` makes a pair): "
+        "each message is sealed to it before it is written; unset: no messages are recorded")
     max_message_seconds: float = Field(60.0, gt=1, le=600, description="longest message")
-    max_age_days: float = Field(30.0, gt=0, description="messages older than this are dropped, oldest first")
+    max_age_days: float = Field(
+        30.0, gt=0, description=f"undelivered messages older than this are deleted (at most {MAX_AGE_DAYS})")
+    quarantine_max_age_days: float = Field(
+        30.0, gt=0, description=f"files set aside in quarantine/ are deleted after this long (at most {MAX_AGE_DAYS})")
+    retention_check_seconds: float = Field(
+        3600.0, ge=60, le=86400, description="how often the service enforces the retention limits (and at start)")
     min_free_mb: int = Field(200, ge=0, description="keep this much disk free; oldest messages go first")
     language: str = Field("en", description="language of the local spoken messages")
     cues_directory: Path = Field(
         Path("/etc/kiosk/cues"), description="operator's cues, <language>/<name>.wav; checked before the shipped ones"
     )
 
+    @field_validator("recipient_public_key")
+    @classmethod
+    def _recipient(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        from kiosk.fallback.sealing import check_public_key, encode_key, parse_key
+
+        try:
+            return encode_key(check_public_key(parse_key(value, "public key")))
+        except ValueError as error:
+            raise ValueError(f"{error}; set the operator's public key as printed by `kiosk messages keygen`") \
+                from None
+
+    @field_validator("max_age_days", "quarantine_max_age_days")
+    @classmethod
+    def _age_cap(cls, value: float) -> float:
+        if value > MAX_AGE_DAYS:
+            raise ValueError(f"{value:g} days is more than the cap of {MAX_AGE_DAYS} days: visitors' voice is not "
+                             f"kept longer than that (docs/security.md); choose {MAX_AGE_DAYS} or fewer")
+        return value
+
 
 class DeliverySettings(_Section):
     """Upload of stored messages once back online."""
 
     url: str | None = Field(None, description="HTTP endpoint messages are uploaded to; unset: keep them")
+    credential: SecretStr | None = Field(
+        None, description="delivery's own bearer credential: the systemd credential 'delivery-credential' (or "
+        "KIOSK_DELIVERY__CREDENTIAL); never from the config file")
     retry_max_seconds: float = Field(300.0, gt=0, description="longest wait between upload attempts")
     retry_base_seconds: float = Field(2.0, gt=0, le=300, description="first backoff ceiling (full jitter)")
     request_timeout_seconds: float = Field(30.0, gt=0, le=600, description="per upload request")
@@ -337,7 +415,10 @@ class MetricsSettings(_Section):
     """Prometheus metrics and the JSON status endpoint, on localhost."""
 
     enabled: bool = Field(True, description="serve /metrics and /status")
-    host: str = Field("127.0.0.1", description="listen address")
+    host: str = Field("127.0.0.1", description="listen address (loopback unless expose_beyond_loopback)")
+    expose_beyond_loopback: bool = Field(
+        False, validate_default=True, description="allow a host other than loopback: the venue's network can "
+        "then read the kiosk's state and usage (kiosk doctor security warns)")
     port: int = Field(9101, ge=0, le=65535, description="listen port (0: any free port)")
     input_audio_tokens_per_second: float = Field(10.0, ge=0, description="tokens billed per second streamed in")
     output_audio_tokens_per_second: float = Field(20.0, ge=0, description="tokens billed per second of answer")
@@ -346,6 +427,17 @@ class MetricsSettings(_Section):
     spool_warn_fraction: float = Field(
         0.8, gt=0, le=1, description="warn when the spool reaches this fraction of its retention limits"
     )
+
+    @field_validator("expose_beyond_loopback")
+    @classmethod
+    def _loopback(cls, value: bool, info: ValidationInfo) -> bool:
+        from kiosk.transport import is_loopback
+
+        host = info.data.get("host")
+        if info.data.get("enabled", True) and isinstance(host, str) and not is_loopback(host) and not value:
+            raise ValueError(f"metrics.host is {host!r}, not this machine: anyone on the venue's network could read "
+                             "/metrics and /status; set metrics.host = '127.0.0.1', or set this to true")
+        return value
 
 
 # ---------------------------------------------------------------------------------------- livekit
@@ -456,6 +548,24 @@ def _credential(name: str) -> SecretStr | None:
     return SecretStr(value) if value else None
 
 
+def _refuse_secrets_in_file(path: Path) -> None:
+    """``ConfigError`` if the TOML file sets a secret: it is often world-readable and copied between kiosks."""
+    import tomllib
+
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return  # reading and syntax errors are reported by the settings source, with the file's name
+    found = [(section, key, name) for section, key, name in SECRETS
+             if isinstance(data.get(section), dict) and key in data[section]]
+    if found:
+        lines = [f"  {section}.{key}: a secret is never read from the config file {path}; remove it from "
+                 f"[{section}] and provision it as the systemd credential '{name}' "
+                 f"(/etc/kiosk/credentials/{name}, see docs/security.md), or set KIOSK_{section.upper()}__"
+                 f"{key.upper()} for a command run by hand" for section, key, name in found]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines))
+
+
 def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
@@ -487,6 +597,8 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         toml_in_force = None
     else:
         toml_in_force = toml
+    if toml_in_force is not None:
+        _refuse_secrets_in_file(toml_in_force)
     _TOML_PATH = toml_in_force
     try:
         settings = Settings(**overrides)
@@ -496,8 +608,10 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"config file {toml} cannot be read: {error}; fix the TOML syntax") from None
     finally:
         _TOML_PATH = None
-    if settings.session.credential is None:
-        settings.session.credential = _credential("device-credential")
+    for section, key, name in SECRETS:
+        part = getattr(settings, section)
+        if getattr(part, key) is None:
+            setattr(part, key, _credential(name))
     return settings
 
 

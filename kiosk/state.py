@@ -108,6 +108,9 @@ class Policy:
     max_message_seconds: float = _DEFAULT_MAX_MESSAGE_SECONDS
     error_hold_seconds: float = 10.0
     consent_notice: bool = False  # play the AI notice before the microphone first streams in a session
+    # Offer "leave a message" while offline. Off when no operator key is configured (spool.recipient_public_key):
+    # a message could not be sealed, and a visitor's voice is never stored in the clear.
+    messages: bool = True
 
     @classmethod
     def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None, *,
@@ -122,6 +125,7 @@ class Policy:
             max_message_seconds=spool.max_message_seconds if spool is not None else _DEFAULT_MAX_MESSAGE_SECONDS,
             error_hold_seconds=interaction.error_hold_seconds,
             consent_notice=consent_notice,
+            messages=spool.recipient_public_key is not None if spool is not None else True,
         )
 
     @property
@@ -256,6 +260,13 @@ class _Builder:
             self.do(PlayCue(cue))
         self.rest()
 
+    def explain_offline(self) -> None:
+        """Say why the kiosk is offline, then offer a message (only when messages can be sealed and stored)."""
+        self.do(PlayCue(OFFLINE_CUES[self.state.offline_reason]))
+        if self.state.policy.messages:
+            self.do(PlayCue(Cue.LEAVE_MESSAGE))
+            self.set(message=MessageStep.OFFER_PLAYING)
+
     def go_offline(self, reason: OfflineReason, *, visitor_present: bool) -> None:
         """Record the reason; with a visitor present, end the session and say why (then offer a message)."""
         self.set(online=False, offline_reason=reason)
@@ -264,8 +275,7 @@ class _Builder:
             self.leave(keep_message=True)
             self.set(phase=Phase.OFFLINE, message=MessageStep.NONE, heard_voice=False)
             if visitor_present:
-                self.do(PlayCue(OFFLINE_CUES[reason]), PlayCue(Cue.LEAVE_MESSAGE))
-                self.set(message=MessageStep.OFFER_PLAYING)
+                self.explain_offline()
         elif phase is Phase.IDLE:
             # Nobody asked: show the pattern, say nothing until a visitor presses.
             self.set(phase=Phase.OFFLINE, message=MessageStep.NONE)
@@ -556,8 +566,7 @@ def _offline(b: _Builder, event: Event) -> None:
     s = b.s
     match event:
         case ButtonPressed(button=Button.TALK) if s.message is MessageStep.NONE:
-            b.do(PlayCue(OFFLINE_CUES[s.offline_reason]), PlayCue(Cue.LEAVE_MESSAGE))
-            b.set(message=MessageStep.OFFER_PLAYING)
+            b.explain_offline()
         case ButtonPressed(button=Button.TALK) if s.message is MessageStep.OFFERED:
             b.cancel(Timer.MESSAGE_OFFER)
             b.do(PlayCue(Cue.RECORDING_TONE))

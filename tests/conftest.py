@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["fixtures.pulse", "fixtures.panel", "fixtures.stack", "fixtures.fallback"]
+pytest_plugins = ["fixtures.pulse", "fixtures.panel", "fixtures.stack", "fixtures.fallback", "fixtures.tools"]

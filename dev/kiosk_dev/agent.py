@@ -75,7 +75,7 @@ class StandInAgent:
         self._answer = answer
         self._end_of_turn_frames = max(1, end_of_turn_ms // 30)
         self._min_speech_frames = max(1, min_speech_ms // 30)
-        self._vad = webrtcvad.Vad(vad_mode)
+        self._vad_mode = vad_mode
         self._linger_seconds = linger_seconds
         self._room = rtc.Room()
         self._source = rtc.AudioSource(OUT_RATE_HZ, 1, queue_size_ms=200)
@@ -173,6 +173,9 @@ class StandInAgent:
 
     async def _listen(self, track: rtc.Track, track_sid: str) -> None:
         stream = rtc.AudioStream(track, sample_rate=IN_RATE_HZ, num_channels=1, frame_size_ms=10)
+        # One detector per track: webrtcvad keeps state (hangover, noise estimate), and another participant's
+        # audio interleaved through a shared one would keep the visitor's turn from ever ending.
+        vad = webrtcvad.Vad(self._vad_mode)
         pending = np.zeros(0, dtype=np.int16)
         voiced_run = 0
         silent_run = 0
@@ -194,7 +197,7 @@ class StandInAgent:
                 pending = np.concatenate([pending, pcm])
                 while pending.size >= VAD_FRAME_SAMPLES:
                     chunk, pending = pending[:VAD_FRAME_SAMPLES], pending[VAD_FRAME_SAMPLES:]
-                    voiced = self._vad.is_speech(chunk.tobytes(), IN_RATE_HZ)
+                    voiced = vad.is_speech(chunk.tobytes(), IN_RATE_HZ)
                     if voiced:
                         voiced_run += 1
                         silent_run = 0

@@ -1,5 +1,7 @@
 """The development commands, added to ``kiosk`` through the ``kiosk.commands`` entry point.
 
+``kiosk bundle`` (``kiosk_dev.bundle``: the operator's signing key and signed provisioning bundles),
+``kiosk release`` (``kiosk_dev.release``: the update CA and signed A/B update bundles),
 ``kiosk demo`` (``kiosk_dev.demo``), ``kiosk panel`` (``kiosk_dev.panel``), ``kiosk bench ...``
 (``kiosk_dev.bench.cli``) and, here, ``kiosk dev stack``: the local stack (private network, LiveKit
 server, stand-in API and agent). With a command after ``--`` the command runs inside the kiosk-side
@@ -25,9 +27,11 @@ _LOGGER = logging.getLogger(__name__)
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add every development command."""
-    from kiosk_dev import demo, panel
+    from kiosk_dev import bundle, demo, panel, release
     from kiosk_dev.bench import cli as bench_cli
 
+    bundle.register(subparsers)
+    release.register(subparsers)
     demo.register(subparsers)
     panel.register(subparsers)
     bench_cli.register(subparsers)

@@ -177,8 +177,37 @@ def exchange_figures(recorder: _Recorder, *, pressed: float, released: float, un
     }
 
 
-def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bool) -> Settings:
-    """``base`` pointed at the local stack, the virtual devices, a temporary spool and a free metrics port."""
+def operator_key(path: Path) -> str:
+    """The demo's operator key pair: the private key in ``path`` (made once, 0600), the public key returned.
+
+    A kiosk only ever has the public key; the demo keeps the private one beside its temporary spool so the
+    stand-in endpoint (``--private-key``) and ``kiosk messages decrypt --key`` can show the round trip.
+    """
+    from kiosk.fallback.sealing import (
+        encode_key,
+        generate_keypair,
+        public_key_for,
+        read_private_key,
+        write_private_key,
+    )
+
+    if path.exists():
+        return encode_key(public_key_for(read_private_key(path)))
+    private, public = generate_keypair()
+    write_private_key(path, private)
+    return encode_key(public)
+
+
+def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bool,
+                  operator_key_file: Path | None = None) -> Settings:
+    """``base`` pointed at the local stack, the virtual devices, a temporary spool and a free metrics port.
+
+    Messages are sealed to a demo operator key whose private half is ``operator_key_file`` (default:
+    ``operator.key`` beside the spool directory); delivery uses the stand-in endpoint's credential.
+    """
+    from pydantic import SecretStr
+
+    from kiosk_dev.message_endpoint import DEFAULT_TOKEN
     from kiosk_dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE
 
     audio = base.audio if real_devices else base.audio.model_copy(update={
@@ -192,7 +221,10 @@ def demo_settings(base: Settings, *, api: Any, spool_dir: Path, real_devices: bo
         "audio": audio,
         "aec": aec,
         "session": api,
-        "spool": base.spool.model_copy(update={"directory": spool_dir}),
+        "spool": base.spool.model_copy(update={
+            "directory": spool_dir,
+            "recipient_public_key": operator_key(operator_key_file or spool_dir.parent / "operator.key")}),
+        "delivery": base.delivery.model_copy(update={"credential": SecretStr(DEFAULT_TOKEN)}),
         "metrics": base.metrics.model_copy(update={"port": 0}),
         # The stack's private network is plain http/ws between two namespaces of this machine.
         "security": base.security.model_copy(update={"allow_insecure_transport": True}),
@@ -288,7 +320,9 @@ async def run_demo(settings: Settings, *, scripted: bool, real_devices: bool,
             room = VirtualRoom(pulse, seed=1, delay_ms=20.0, drift_ppm=50.0, noise_kind="pink", noise_dbfs=-55.0)
             room.start()
             stack.callback(room.stop)
-        spool_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiosk-demo-")))
+        # The spool and the demo's operator key (the private half, which a real kiosk never holds) in one
+        # temporary directory.
+        spool_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kiosk-demo-"))) / "spool"
         cfg = demo_settings(settings, api=local.session_settings(), spool_dir=spool_dir, real_devices=real_devices)
         kiosk = Kiosk(cfg)
         panel = VirtualPanel(cfg.panel, cfg.interaction, kiosk.bus.post, loop=loop)

@@ -1,17 +1,18 @@
 """Start and stop the real livekit-server (pinned v1.13.5) with a config that works offline.
 
-The binary is ``livekit-server`` on PATH (an official release) or the pinned build that scripts/bootstrap
-caches as ``~/.cache/kiosk/bin/livekit-server-v1.13.5``. It runs inside the private network namespace
+The binary is the pinned build that scripts/bootstrap caches as ``~/.cache/kiosk/bin/livekit-server-v1.13.5``
+(built from the Go module after its checksum matched the pinned one), used only while it matches the SHA-256
+recorded beside it (``.sha256``); a ``livekit-server`` on PATH is not used. It runs inside the private network namespace
 (``kiosk_dev.netns``) and binds 127.0.0.1 plus the namespace's server address; health check ``GET /``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import os
 import secrets
-import shutil
 import subprocess
 import tempfile
 import time
@@ -38,16 +39,27 @@ class LiveKitServerError(KioskError):
         super().__init__("livekit_server", message)
 
 
-def find_binary() -> Path:
-    """``livekit-server`` on PATH, else the cached pinned build."""
-    on_path = shutil.which("livekit-server")
-    if on_path:
-        return Path(on_path)
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiosk" / "bin"
+def find_binary(cache: Path | None = None) -> Path:
+    """The cached pinned build, checked against the SHA-256 scripts/bootstrap recorded when it built it."""
+    if cache is None:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiosk" / "bin"
     cached = cache / f"livekit-server-{LIVEKIT_VERSION}"
-    if cached.is_file() and os.access(cached, os.X_OK):
-        return cached
-    raise LiveKitServerError(f"no livekit-server on PATH and no cached build at {cached}: run scripts/bootstrap")
+    record = cached.with_name(cached.name + ".sha256")
+    if not (cached.is_file() and os.access(cached, os.X_OK)):
+        raise LiveKitServerError(f"no livekit-server build at {cached}: run scripts/bootstrap")
+    try:
+        recorded = record.read_text().split()[0]
+    except (OSError, IndexError):
+        raise LiveKitServerError(f"{cached} has no recorded SHA-256 ({record.name}): run scripts/bootstrap, which "
+                                 "rebuilds it from the pinned module") from None
+    digest = hashlib.sha256()
+    with cached.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != recorded:
+        raise LiveKitServerError(f"{cached} does not match its recorded SHA-256 (changed since it was built): "
+                                 "run scripts/bootstrap to rebuild it")
+    return cached
 
 
 def config_yaml(api_key: str, api_secret: str, node_ip: str = SERVER_IP, interface: str = SERVER_IF,

@@ -1,9 +1,12 @@
 """A stand-in message endpoint (aiohttp) for the demo and the tests: the receiving side of delivery.
 
 It implements the protocol in docs/offline.md the way an operator's endpoint should: it checks the
-bearer token, verifies the audio against the checksum in the metadata, stores each ``Idempotency-Key``
-once and answers 2xx to a repeat (``201`` first time, ``200`` for a duplicate). ``faults`` scripts
-misbehaviour, one entry consumed per request:
+bearer token (delivery's own credential), verifies the sealed file against the checksum in the metadata,
+refuses anything that is not a sealed message (a kiosk must never send plain audio), stores each
+``Idempotency-Key`` once and answers 2xx to a repeat (``201`` first time, ``200`` for a duplicate). Given the
+operator's private key (``private_key``, ``--private-key FILE``) it also opens each message, refuses one that
+does not open to a 16 kHz mono WAV, and keeps the WAV, so tests can prove the audio arrived intact. ``faults``
+scripts misbehaviour, one entry consumed per request:
 
 - ``fail``: answer 500 without storing;
 - ``slow``: wait ``slow_seconds`` (past the kiosk's timeout) without storing;
@@ -15,8 +18,8 @@ misbehaviour, one entry consumed per request:
 what arrived (``summary()``), for tests whose endpoint runs in another process or namespace;
 ``POST /script {"faults": [...]}`` appends to the fault script at run time (the field bench).
 
-Run alone: ``python -m kiosk_dev.message_endpoint --host H --port P [--faults fail,ok,...]`` prints the
-upload URL and serves until killed.
+Run alone: ``python -m kiosk_dev.message_endpoint --host H --port P [--private-key FILE] [--faults fail,ok,...]``
+prints the upload URL and serves until killed.
 """
 
 from __future__ import annotations
@@ -31,28 +34,38 @@ import threading
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from aiohttp import BodyPartReader, web
+
+from kiosk.errors import KioskError
+from kiosk.fallback.sealing import MAGIC, unseal
+from kiosk.fallback.spool import decode_message
 
 _LOGGER = logging.getLogger(__name__)
 
 FAULTS = frozenset({"ok", "fail", "slow", "slow_after_store", "drop_after_store"})
 
+# The delivery credential the stand-in expects unless told otherwise (the demo's settings use it too).
+DEFAULT_TOKEN = "dev-delivery-credential"
+
 
 @dataclass(frozen=True)
 class Received:
-    """One stored message."""
+    """One stored message: the sealed file as sent and, with the operator's key, the WAV inside."""
 
     key: str
     metadata: dict[str, object]
     audio: bytes
+    wav: bytes | None = None
 
 
 @dataclass
 class MessageEndpoint:
     """The stand-in endpoint; ``start()`` returns its URL."""
 
-    token: str | None = "device-secret"
+    token: str | None = DEFAULT_TOKEN
+    private_key: bytes | None = None  # the operator's; None: store what arrives without opening it
     faults: deque[str] = field(default_factory=deque)
     slow_seconds: float = 3.0
     stored: dict[str, Received] = field(default_factory=dict)
@@ -74,17 +87,33 @@ class MessageEndpoint:
         self.posts[key] += 1
         meta: dict[str, object] = {}
         audio = b""
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "metadata":
-                meta = json.loads(await part.text())
-            elif part.name == "audio":
-                audio = await part.read()
+        try:
+            reader = await request.multipart()
+            while (part := await reader.next()) is not None:
+                if not isinstance(part, BodyPartReader):
+                    continue
+                if part.name == "metadata":
+                    loaded = json.loads(await part.text())
+                    meta = loaded if isinstance(loaded, dict) else {}
+                elif part.name == "audio":
+                    audio = bytes(await part.read())
+        except (ValueError, AssertionError, RuntimeError) as error:
+            self.rejected += 1
+            return web.json_response({"error": f"not a multipart upload: {error}"}, status=400)
         if not key or meta.get("id") != key or hashlib.sha256(audio).hexdigest() != meta.get("sha256"):
             self.rejected += 1
             return web.json_response({"error": "key, metadata and audio do not match"}, status=400)
+        if not audio.startswith(MAGIC):
+            self.rejected += 1
+            return web.json_response({"error": "not a sealed message: plain audio is never accepted"}, status=400)
+        wav = None
+        if self.private_key is not None:
+            try:
+                wav = unseal(audio, self.private_key)
+                decode_message(wav)
+            except KioskError as error:
+                self.rejected += 1
+                return web.json_response({"error": f"the message does not open: {error.message}"}, status=400)
         if fault == "fail":
             return web.json_response({"error": "scripted failure"}, status=500)
         if fault == "slow":
@@ -92,7 +121,7 @@ class MessageEndpoint:
             return web.json_response({"error": "too late"}, status=503)
         duplicate = key in self.stored
         if not duplicate:
-            self.stored[key] = Received(key, meta, audio)
+            self.stored[key] = Received(key, meta, audio, wav)
             self.store_count[key] += 1
         if fault == "slow_after_store":
             await asyncio.sleep(self.slow_seconds)
@@ -106,10 +135,16 @@ class MessageEndpoint:
         return web.json_response({"ok": True})
 
     def summary(self) -> dict[str, object]:
-        """What arrived: SHA-256 and length of each stored message by key, stores and requests per key, rejections."""
+        """What arrived, for tests whose endpoint runs elsewhere.
+
+        By key: the SHA-256 of each stored (sealed) message, stores and requests; rejections; and with the
+        operator's key, each opened WAV's SHA-256 and length in seconds.
+        """
+        opened = {k: {"sha256": hashlib.sha256(v.wav).hexdigest(), "seconds": len(decode_message(v.wav)) / 16000}
+                  for k, v in self.stored.items() if v.wav is not None}
         return {"stored": {k: hashlib.sha256(v.audio).hexdigest() for k, v in self.stored.items()},
-                "durations": {k: v.metadata.get("duration_seconds") for k, v in self.stored.items()},
-                "store_count": dict(self.store_count), "posts": dict(self.posts), "rejected": self.rejected}
+                "opened": opened, "store_count": dict(self.store_count), "posts": dict(self.posts),
+                "rejected": self.rejected}
 
     async def _received(self, _request: web.Request) -> web.Response:
         return web.json_response(self.summary())
@@ -179,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kiosk_dev.message_endpoint")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--token", default="device-secret")
+    parser.add_argument("--token", default=DEFAULT_TOKEN, help="the delivery credential to expect")
+    parser.add_argument("--private-key", type=Path, default=None, metavar="FILE",
+                        help="the operator's private key: open each message and refuse one that does not open")
     parser.add_argument("--faults", default="", help="comma-separated fault script (fail, slow, ...)")
     parser.add_argument("--slow-seconds", type=float, default=3.0)
     args = parser.parse_args(argv)
-    endpoint = MessageEndpoint(token=args.token or None, slow_seconds=args.slow_seconds)
+    from kiosk.fallback.sealing import read_private_key
+
+    key = read_private_key(args.private_key) if args.private_key is not None else None
+    endpoint = MessageEndpoint(token=args.token or None, private_key=key, slow_seconds=args.slow_seconds)
     endpoint.script(f for f in args.faults.split(",") if f)
 
     async def serve() -> None:

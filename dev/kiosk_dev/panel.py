@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
 
@@ -83,8 +84,10 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
     audio = SimulatedAudio(sink, clock, voice_follows_gate=not hands_free, cue_seconds=0.4)
     room = SimulatedRoom(sink, clock, agent=True)
     panel = VirtualPanel(settings.panel, settings.interaction, sink, loop=loop)
-    controller = Controller(policy=Policy.from_settings(settings.interaction, settings.spool,
-                                                        consent_notice=settings.session.consent_notice), audio=audio,
+    # The store is in memory here, so "leave a message" is offered whether or not an operator key is configured.
+    policy = replace(Policy.from_settings(settings.interaction, settings.spool,
+                                          consent_notice=settings.session.consent_notice), messages=True)
+    controller = Controller(policy=policy, audio=audio,
                             link=room, clock=clock, panel=panel, store=MemoryMessageStore(),
                             route=Route.ARRAY, echo_path_verified=echo_verified)
     holder.append(controller)

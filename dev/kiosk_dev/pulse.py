@@ -167,6 +167,16 @@ class PulseServer:
             process.kill()
             process.wait(timeout=5)
 
+    def freeze(self) -> None:
+        """Stop the daemon in its tracks (SIGSTOP): every stream stalls while it still counts as running."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Let a frozen daemon go on (SIGCONT)."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
     @property
     def pid(self) -> int | None:
         """The daemon's process id while it runs (the field bench stops it with SIGSTOP: a stalled sound server)."""

@@ -78,32 +78,47 @@ def room_impulse_response(seed: int = 0, *, rt60_seconds: float = 0.35, distance
     return np.frombuffer(data, dtype=np.float32).copy()
 
 
-def _kaiser_sinc(fractions: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """Interpolation weights, shape (len(fractions), _SINC_TAPS), for reads between samples."""
-    half = _SINC_TAPS // 2
+def _kaiser_sinc(fractions: npt.NDArray[np.float64], taps: int = _SINC_TAPS,
+                 beta: float = _SINC_BETA) -> npt.NDArray[np.float64]:
+    """Interpolation weights, shape (len(fractions), taps), for reads between samples."""
+    half = taps // 2
     offsets = np.arange(-half + 1, half + 1, dtype=np.float64)  # taps relative to floor(position)
     x = offsets[None, :] - fractions[:, None]
     # Evaluate the Kaiser window continuously: i0(beta*sqrt(1-(x/half)^2))/i0(beta).
     arg = np.clip(1.0 - (x / (half + 0.5)) ** 2, 0.0, 1.0)
-    w = np.i0(_SINC_BETA * np.sqrt(arg)) / np.i0(_SINC_BETA)
+    w = np.i0(beta * np.sqrt(arg)) / np.i0(beta)
     weights: npt.NDArray[np.float64] = np.sinc(x) * w
     return weights
+
+
+def fractional_read_channels(audio: npt.NDArray[Any], positions: npt.NDArray[np.float64], *,
+                             taps: int = _SINC_TAPS, beta: float = _SINC_BETA) -> npt.NDArray[np.float64]:
+    """Band-limited reads of every channel of ``audio`` (C, N) at fractional ``positions``, in float64 (C, P).
+
+    A windowed-sinc interpolator of ``taps`` taps (Kaiser window, ``beta``); zero outside the signal. The room
+    corpus (``kiosk_dev.rooms``) reads its four microphones' echo with 32 taps, beta 8.
+    """
+    half = taps // 2
+    channels = np.asarray(audio, dtype=np.float64)
+    padded = np.concatenate([np.zeros((len(channels), half + 1)), channels, np.zeros((len(channels), half + 1))],
+                            axis=1)
+    out = np.zeros((len(channels), len(positions)), dtype=np.float64)
+    offsets = np.arange(-half + 1, half + 1)
+    for start in range(0, len(positions), 8192):
+        pos = positions[start:start + 8192]
+        base = np.floor(pos)
+        weights = _kaiser_sinc(pos - base, taps, beta)
+        index = base.astype(np.int64)[:, None] + offsets[None, :] + half + 1
+        index = np.clip(index, 0, padded.shape[1] - 1)
+        for c in range(len(channels)):
+            out[c, start:start + len(pos)] = np.sum(padded[c][index] * weights, axis=1)
+    return out
 
 
 def fractional_read(audio: npt.NDArray[Any],
                     positions: npt.NDArray[np.float64]) -> Signal:
     """Band-limited reads of ``audio`` at fractional sample ``positions`` (zero outside the signal)."""
-    half = _SINC_TAPS // 2
-    padded = np.concatenate([np.zeros(half + 1), np.asarray(audio, dtype=np.float64), np.zeros(half + 1)])
-    out = np.zeros(len(positions), dtype=np.float32)
-    offsets = np.arange(-half + 1, half + 1)
-    for start in range(0, len(positions), 8192):
-        pos = positions[start:start + 8192]
-        base = np.floor(pos)
-        weights = _kaiser_sinc(pos - base)
-        index = base.astype(np.int64)[:, None] + offsets[None, :] + half + 1
-        index = np.clip(index, 0, len(padded) - 1)
-        out[start:start + len(pos)] = np.sum(padded[index] * weights, axis=1)
+    out: Signal = fractional_read_channels(np.asarray(audio)[None, :], positions)[0].astype(np.float32)
     return out
 
 
@@ -128,13 +143,19 @@ def white_noise(samples: int, seed: int = 0) -> Signal:
     return np.random.default_rng(seed).standard_normal(samples).astype(np.float32)
 
 
-def pink_noise(samples: int, seed: int = 0) -> Signal:
-    """1/f noise (Kellet's filter on white noise), unit variance."""
-    white = np.random.default_rng(seed).standard_normal(samples + 4000)
+def pink_noise_f64(samples: int, rng: np.random.Generator) -> npt.NDArray[np.float64]:
+    """1/f noise (Kellet's filter on white noise from ``rng``), unit variance, float64."""
+    white = rng.standard_normal(samples + 4000)
     b = [0.049922035, -0.095993537, 0.050612699, -0.004408786]
     a = [1.0, -2.494956002, 2.017265875, -0.522189400]
     pink = np.asarray(lfilter(b, a, white), dtype=np.float64)[4000:]
-    return (pink / np.std(pink)).astype(np.float32)
+    out: npt.NDArray[np.float64] = pink / np.std(pink)
+    return out
+
+
+def pink_noise(samples: int, seed: int = 0) -> Signal:
+    """1/f noise (Kellet's filter on white noise), unit variance."""
+    return pink_noise_f64(samples, np.random.default_rng(seed)).astype(np.float32)
 
 
 def music_like(samples: int, seed: int = 0) -> Signal:

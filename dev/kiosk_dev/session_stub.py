@@ -106,9 +106,14 @@ class SessionStub:
             token = token.with_room_config(config)
         return token.to_jwt()
 
+    @staticmethod
+    def agent_identity(room: str) -> str:
+        """The stand-in agent's participant identity in ``room``."""
+        return f"agent-{room}"
+
     def agent_token(self, room: str) -> str:
         """A token for the stand-in agent to join ``room`` (participant kind AGENT)."""
-        return self._token(f"agent-{room}", room, agent=True)
+        return self._token(self.agent_identity(room), room, agent=True)
 
     # ------------------------------------------------------------------ routes
     def _authorised(self, request: web.Request) -> bool:
@@ -171,8 +176,9 @@ class SessionStub:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         expires = datetime.now(UTC) + self.token_ttl
+        # The agent's identity (agent_token's): the kiosk trusts only that participant in the room.
         return {"session_id": session_id, "livekit_url": self.livekit_url, "token": token,
-                "expires_at": expires.isoformat()}
+                "expires_at": expires.isoformat(), "agent_identity": self.agent_identity(room)}
 
     async def _token_endpoint(self, request: web.Request) -> web.Response:
         self.requests += 1

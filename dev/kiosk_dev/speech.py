@@ -1,7 +1,8 @@
 """Test speech: sentences rendered by espeak-ng (several voices) and the recorded voices alsa-utils ships.
 
 Everything comes back as 16 kHz mono float32 in [-1, 1] (the internal rate), so the room simulator,
-the tests and the benchmarks share one corpus.
+the tests and the benchmarks share one corpus. The room corpus (``kiosk_dev.rooms.voices``) builds its
+multilingual material on the same primitives (``espeak`` with SSML, ``alsa_voices``, ``read_wav_mono``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import functools
 import shutil
 import subprocess
 import tempfile
-import wave
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from kiosk.audio.format import resample
+from kiosk.audio.format import WavError, read_wav, resample
 from kiosk.errors import KioskError
 
 RATE_HZ = 16000
@@ -43,23 +43,21 @@ Signal = npt.NDArray[np.float32]
 
 @dataclass(frozen=True)
 class Utterance:
-    """One test utterance at 16 kHz."""
+    """One test utterance at 16 kHz, with its language and where it came from."""
 
     name: str
     audio: Signal
+    language: str = "en"  # "en", "de", ...; "en+switch" for a code-switched sentence
+    source: str = "espeak"  # "espeak", "espeak-ssml", "real:alsa", "real:pyannote"
 
 
 def read_wav_mono(path: Path) -> tuple[Signal, int]:
-    """Read a PCM WAV as float32 mono (channels averaged) and its rate."""
-    with wave.open(str(path), "rb") as wav:
-        rate = wav.getframerate()
-        channels = wav.getnchannels()
-        width = wav.getsampwidth()
-        raw = wav.readframes(wav.getnframes())
-    if width != 2:
-        raise KioskError("wav_format", f"{path}: only 16-bit PCM is supported, got {8 * width}-bit")
-    data = np.frombuffer(raw, dtype="<i2").astype(np.float32) / 32768.0
-    return data.reshape(-1, channels).mean(axis=1).astype(np.float32), rate
+    """Read a WAV (``kiosk.audio.format.read_wav``) as float32 mono (channels averaged) and its rate."""
+    try:
+        wav = read_wav(path)
+    except WavError as error:
+        raise KioskError("wav_format", f"{path}: {error}") from None
+    return wav.samples.mean(axis=1).astype(np.float32), wav.rate_hz
 
 
 def to_rate(audio: Signal, rate_hz: int, target_hz: int = RATE_HZ) -> Signal:
@@ -68,15 +66,20 @@ def to_rate(audio: Signal, rate_hz: int, target_hz: int = RATE_HZ) -> Signal:
 
 
 @functools.lru_cache(maxsize=64)
-def espeak(text: str, voice: str = "en-us", speed_wpm: int = 160) -> Signal:
-    """Render ``text`` with espeak-ng and return it at 16 kHz (cached per process)."""
+def espeak(text: str, voice: str = "en-us", speed_wpm: int = 160, *, ssml: bool = False) -> Signal:
+    """Render ``text`` with espeak-ng and return it at 16 kHz (cached per process).
+
+    ``ssml``: ``text`` is the body of an SSML document (``<voice xml:lang="de">...</voice>`` switches language
+    inside one utterance).
+    """
     exe = shutil.which("espeak-ng")
     if exe is None:
         raise KioskError("espeak_missing", "espeak-ng is not installed: run scripts/bootstrap")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speech.wav"
-        subprocess.run([exe, "-v", voice, "-s", str(speed_wpm), "-w", str(out), text], check=True,
-                       capture_output=True, timeout=60)
+        body = f"<speak>{text}</speak>" if ssml else text
+        subprocess.run([exe, "-v", voice, "-s", str(speed_wpm), "-w", str(out), *(["-m"] if ssml else []), body],
+                       check=True, capture_output=True, timeout=60)
         audio, rate = read_wav_mono(out)
     return to_rate(audio, rate)
 
@@ -87,7 +90,7 @@ def alsa_voices() -> Iterator[Utterance]:
         path = ALSA_SOUNDS / name
         if path.exists():
             audio, rate = read_wav_mono(path)
-            yield Utterance(f"alsa:{name}", to_rate(audio, rate))
+            yield Utterance(f"alsa:{name}", to_rate(audio, rate), "en", "real:alsa")
 
 
 def corpus(count: int | None = None) -> list[Utterance]:

@@ -166,9 +166,12 @@ class LocalStack:
         return sessions
 
     def agent_report(self, session_id: str) -> dict[str, Any]:
-        """What the stand-in agent of one session heard and did (``kiosk_dev.agent.AgentReport`` as data)."""
+        """What the stand-in agent of one session heard and did (``kiosk_dev.agent.AgentReport`` as data).
+
+        ``session_id`` is the API's session id, or the room's name (a token endpoint session's id).
+        """
         rooms = {s["session_id"]: s["room"] for s in self.sessions()}
-        report: dict[str, Any] = self.agent_reports()[rooms[session_id]]
+        report: dict[str, Any] = self.agent_reports()[rooms.get(session_id, session_id)]
         return report
 
 

@@ -12,12 +12,12 @@ _LOGGER = logging.getLogger(__name__)
 
 
 def _channel(value: str) -> int | str:
-    if value == "mix":
+    if value in ("mix", "beam"):
         return value
     try:
         number = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a channel: use 0, 1, ... or mix") from None
+        raise argparse.ArgumentTypeError(f"'{value}' is not a channel: use 0, 1, ..., mix or beam") from None
     if number < 0:
         raise argparse.ArgumentTypeError("channels count from 0")
     return number
@@ -36,7 +36,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     process.add_argument("--out", type=Path, required=True, help="cleaned output (16 kHz mono WAV)")
     process.add_argument("--vad", type=Path, default=None, help='speech intervals as JSON {"speech": [[s, e]]}')
     process.add_argument("--mic-channel", type=_channel, default=None, help="channel of a multi-channel mic "
-                         "file (0-based) or mix")
+                         "file (0-based), mix, or beam (the fixed beamformer over the array's microphones, "
+                         "audio.array_* settings)")
     process.add_argument("--ref-channel", type=_channel, default=None, help="channel of a multi-channel ref "
                          "file (0-based) or mix")
     process.set_defaults(handler=_cmd_process)

@@ -236,17 +236,25 @@ def record_loopback(settings: Settings, tail_seconds: float = 1.3) -> tuple[Sign
 
     The capture rate is the audio captured over the wall-clock time it took (1.0: real time; less: the
     device or its driver dropped blocks, which also slides the microphone against the reference).
+    """
+    stimulus = make_stimulus(MEASURE_RATE_HZ)[0]
+    play = np.clip(np.rint(stimulus * 32767.0), -32768, 32767).astype(np.int16)
+    return play_and_record(settings, play, tail_seconds)
+
+
+def play_and_record(settings: Settings, play: npt.NDArray[np.int16],
+                    tail_seconds: float) -> tuple[Signal, Signal, str, float]:
+    """Play ``play`` (16 kHz int16) and record ``tail_seconds`` beyond it: (mic, reference, layout, capture rate).
 
     ``kiosk.audio.io.AudioIO`` opens the devices as the running kiosk does (one duplex stream for one
     device, else two) and pairs each 10 ms microphone frame with the reference rendered at the same time,
-    so the delay and the ERLE measured here are the ones the echo canceller meets live.
+    so the delay and the ERLE measured here are the ones the echo canceller meets live. Used by the
+    loopback measurement and by ``kiosk selftest voice``.
     """
     import time
 
     from kiosk.audio.io import AudioIO
 
-    stimulus = make_stimulus(MEASURE_RATE_HZ)[0]
-    play = np.clip(np.rint(stimulus * 32767.0), -32768, 32767).astype(np.int16)
     frame = MEASURE_RATE_HZ // 100
     frames = (len(play) + int(tail_seconds * MEASURE_RATE_HZ)) // frame
     mic = np.zeros(frames * frame, dtype=np.int16)

@@ -8,8 +8,13 @@ every 10 ms, moves what the PortAudio callbacks captured through the ``CaptureCh
 * pushes the frames the gate lets through to the ``FrameSink`` (the room link's published track);
 * keeps cleaned frames while a visitor's message is being recorded;
 * posts PlaybackStarted / PlaybackFinished as the playout buffer fills and runs dry;
-* watches the device: no capture for ``audio.device_timeout_ms`` or a stopped stream posts DeviceLost,
-  closes the device and retries with backoff until it opens again (DeviceFound).
+* watches the device. A stream that still runs but has delivered nothing for ``audio.device_timeout_ms`` is
+  a stall (a busy CPU, an SD-card write, a USB reset, the sound server pausing): it is restarted in place,
+  keeping the session, the queued agent audio and the echo canceller (which re-estimates the delay if the
+  restart moved it); nothing reaches the controller, and the visitor hears a pause. Only a stream that
+  stopped, a device gone from enumeration, or ``_MAX_RESTARTS`` restarts in a row that bring no audio
+  back post DeviceLost, close the device and retry with backoff until it opens again (DeviceFound).
+  ``stalls`` and ``recoveries`` count them.
 
 ``switch_devices`` moves capture and playback to other devices (the route manager's headset switch)
 without touching the ``FrameSink``: the published track goes on, only its source changes.
@@ -40,6 +45,11 @@ _LOGGER = logging.getLogger(__name__)
 _TICK_SECONDS = 0.01
 _REOPEN_FIRST_SECONDS = 0.25
 _SETTLE_SECONDS = 3.0
+# In-place restarts of a stalled stream in a row (no audio in between) before the device counts as lost.
+_MAX_RESTARTS = 3
+# A restart that has not returned by then is stuck in the driver (PortAudio can loop inside ALSA's error
+# handling after a USB device was power-cycled): the device counts as lost and a fresh one is opened.
+_RESTART_TIMEOUT_SECONDS = 5.0
 
 
 # Called with (chain frame, mic frame, reference frame, loop time) for every frame; for benchmarks and tests.
@@ -74,6 +84,9 @@ class AudioEngine:
         self.last_frame_seconds: float | None = None  # loop time of the newest captured frame
         self.frames_processed = 0
         self.device_losses = 0
+        self.stalls = 0  # a running stream stopped delivering for audio.device_timeout_ms
+        self.recoveries = 0  # ... and came back after an in-place restart, the session kept
+        self._restarts_in_row = 0
         self.dropped_playout_samples = 0  # agent audio discarded while no device was open
         self.listeners: list[FrameListener] = []
         self._gate = False
@@ -121,6 +134,7 @@ class AudioEngine:
         self.io, self.layout = io, layout
         self._last_capture_seconds = self._opened_seconds = asyncio.get_running_loop().time()
         self._capturing = False
+        self._restarts_in_row = 0
 
     async def _close_io(self) -> None:
         io, self.io = self.io, None
@@ -209,6 +223,10 @@ class AudioEngine:
             if io.pump():
                 self._last_capture_seconds = now
                 self._capturing = True
+                if self._restarts_in_row:
+                    self._restarts_in_row = 0
+                    self.recoveries += 1
+                    _LOGGER.info("audio from '%s' is back after a stall; the session goes on", self.capture_device)
             pending = io.pending_frames
             while (pair := io.pull()) is not None:
                 pending -= 1
@@ -217,13 +235,45 @@ class AudioEngine:
             # Sound servers take a while to settle after opening (a first block, then a gap): allow more then.
             settled = self._capturing and now - self._opened_seconds > _SETTLE_SECONDS
             limit = timeout_seconds if settled else max(timeout_seconds, _SETTLE_SECONDS)
-            if not io.active or now - self._last_capture_seconds > limit:
+            stalled = now - self._last_capture_seconds > limit
+            if not io.active or stalled:
                 if self._switch_lock.locked():
                     continue  # a switch is closing or opening the device on purpose
+                running = io.active
                 _LOGGER.warning("no capture from '%s' for %.0f ms (stream %s)", self.capture_device,
-                                (now - self._last_capture_seconds) * 1000, "running" if io.active else "stopped")
+                                (now - self._last_capture_seconds) * 1000, "running" if running else "stopped")
+                if running and self._restarts_in_row < _MAX_RESTARTS and await self._restart(io):
+                    continue
                 await self._close_io()
                 self._mark_lost()
+
+    async def _restart(self, io: AudioIO) -> bool:
+        """Restart a stalled stream in place; False if the device is gone or the restart hangs."""
+        if self._restarts_in_row == 0:
+            self.stalls += 1
+        self._restarts_in_row += 1
+        loop = asyncio.get_running_loop()
+        async with self._switch_lock:
+            if self.io is not io:
+                return True  # replaced meanwhile (a route switch): nothing to restart
+            # Thread boundary: PortAudio's open and close block; the loop keeps serving events meanwhile.
+            restart = loop.run_in_executor(None, io.restart)
+            try:
+                await asyncio.wait_for(asyncio.shield(restart), _RESTART_TIMEOUT_SECONDS)
+            except DeviceError as error:
+                _LOGGER.warning("restarting '%s' failed: %s", self.capture_device, error.message)
+                return False
+            except TimeoutError:
+                # Abandoned: the thread stays blocked in the driver; a fresh AudioIO is opened instead.
+                _LOGGER.error("restarting '%s' hung for %.0f s: the device counts as lost", self.capture_device,
+                              _RESTART_TIMEOUT_SECONDS)
+                self.io = None
+                return False
+        self._last_capture_seconds = self._opened_seconds = loop.time()
+        self._capturing = False
+        _LOGGER.info("restarted '%s' in place (stall %d, attempt %d)", self.capture_device, self.stalls,
+                     self._restarts_in_row)
+        return True
 
     def _frame(self, mic: Pcm, ref: Pcm, now: float) -> None:
         out = self.chain.process(mic, ref, now)
@@ -334,6 +384,8 @@ class AudioEngine:
             "layout": self.layout.describe() if self.layout is not None else None,
             "frames": self.frames_processed,
             "device_losses": self.device_losses,
+            "stalls": self.stalls,
+            "recoveries": self.recoveries,
             "dropped_playout_samples": self.dropped_playout_samples,
             "stream": vars(counters) if counters is not None else None,
             "chain": dataclasses.asdict(self.chain.counters),

@@ -252,17 +252,20 @@ def read_wav(path: Path, max_bytes: int | None = None) -> WavAudio:
 
 
 def encode_wav(pcm: Pcm, rate_hz: int = RATE_HZ) -> bytes:
-    """Mono int16 samples as the bytes of a 16-bit PCM WAV file."""
+    """int16 samples as the bytes of a 16-bit PCM WAV file: mono (n,) or several channels (n, channels)."""
+    samples = np.ascontiguousarray(pcm, dtype="<i2")
+    if samples.ndim not in (1, 2):
+        raise ValueError(f"samples must be (n,) or (n, channels), got shape {samples.shape}")
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as wav:
-        wav.setnchannels(1)
+        wav.setnchannels(1 if samples.ndim == 1 else samples.shape[1])
         wav.setsampwidth(2)
         wav.setframerate(rate_hz)
-        wav.writeframes(np.asarray(pcm, dtype="<i2").tobytes())
+        wav.writeframes(samples.tobytes())
     return buffer.getvalue()
 
 
 def write_wav(path: Path, pcm: Pcm, rate_hz: int = RATE_HZ) -> None:
-    """Write mono int16 samples as a 16-bit PCM WAV (creating the folder)."""
+    """Write int16 samples, mono (n,) or (n, channels), as a 16-bit PCM WAV (creating the folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(encode_wav(pcm, rate_hz))

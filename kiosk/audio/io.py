@@ -14,8 +14,9 @@ never block, log or raise (an exception would stop the stream); PyAudio itself h
 ``bytes``, the one allocation per callback that cannot be avoided from Python.
 
 On the loop side ``AudioIO.pull`` turns device-rate, multi-channel blocks into 16 kHz mono 10 ms frames:
-channel select (``AudioSettings.channel``) or mixdown, then the speex resampler when the device does not
-run at 16 kHz, then the rechunker.
+channel select (``AudioSettings.channel``), mixdown (``"mix"``) or the array's fixed beamformer (``"beam"``,
+``kiosk.audio.array``, designed for the device's rate and run on the interleaved blocks without allocating),
+then the speex resampler when the device does not run at 16 kHz, then the rechunker.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from kiosk.audio.array import ArrayGeometry, FixedBeamformer
 from kiosk.audio.buffers import BoundedRing, DropOldestRing, Samples, StreamCounters
 from kiosk.audio.devices import DeviceInfo, list_devices, match_device, refresh_alsa_config, silence_alsa_errors
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Rechunker
@@ -54,22 +56,31 @@ class StreamLayout:
     duplex: bool
     rate_hz: int
     capture_channels: int
-    channel: int | None  # None: mixdown
+    channel: int | None  # None: mixdown, or the beam when ``beam`` is set
+    beam: ArrayGeometry | None = None  # the fixed beamformer over these microphones
 
     def describe(self) -> str:
         """One line for logs and ``kiosk doctor``."""
         kind = "one duplex stream" if self.duplex else "two streams"
-        pick = "mix" if self.channel is None else f"channel {self.channel}"
+        if self.beam is not None:
+            pick = f"beam over channels {self.beam.first_channel}-{self.beam.last_channel}"
+        else:
+            pick = "mix" if self.channel is None else f"channel {self.channel}"
         return (f"capture '{self.capture.name}' ({self.capture_channels} ch, {pick}), playback "
                 f"'{self.playback.name}', {self.rate_hz} Hz, {kind}")
 
 
 class _Converter:
-    """Device-rate interleaved int16 -> 16 kHz mono int16 (channel select or mixdown, resample)."""
+    """Device-rate interleaved int16 -> 16 kHz mono int16 (channel select, mixdown or beam, resample)."""
 
-    def __init__(self, rate_hz: int, channels: int, channel: int | None) -> None:
+    def __init__(self, rate_hz: int, channels: int, channel: int | None, beam: ArrayGeometry | None = None) -> None:
         self._channels = channels
         self._channel = channel
+        self._geometry = beam
+        self._beam: FixedBeamformer | None = None
+        if beam is not None:
+            # Designed for the device's rate: it runs before the resampler, on every block the ring hands over.
+            self._beam = beam.beamformer(rate_hz, max_block_samples=_MAX_DEVICE_BLOCK_SAMPLES // channels)
         self._resampler: Any = None
         if rate_hz != RATE_HZ:
             from kiosk.audio.speex import RESAMPLER_QUALITY_VOIP, Resampler
@@ -80,7 +91,9 @@ class _Converter:
     def convert(self, block: Samples) -> Samples:
         """Mono 16 kHz samples for one interleaved device-rate block."""
         mono: Samples
-        if self._channels > 1:
+        if self._beam is not None and self._geometry is not None:
+            mono = self._beam.process(self._geometry.select(block, self._channels))
+        elif self._channels > 1:
             frames = block.reshape(-1, self._channels)
             if self._channel is None:
                 mono = frames.mean(axis=1, dtype=np.float32).astype(np.int16)
@@ -192,16 +205,24 @@ class AudioIO:
         import pyaudio
 
         s = self.settings
-        channel = None if s.channel == "mix" else int(s.channel)
+        channel = s.channel if isinstance(s.channel, int) else None
+        beam = ArrayGeometry.from_settings(s) if s.channel == "beam" else None
         channels = s.capture_channels
         if channels is None:
             if capture.max_input_channels <= _PLUGIN_CHANNEL_LIMIT:
                 channels = capture.max_input_channels
+            elif beam is not None:
+                channels = beam.last_channel + 1
             else:
                 channels = 2 if channel is None else channel + 1
         if channel is not None and channel >= channels:
             raise DeviceError(f"audio.channel is {channel} but '{capture.name}' is opened with {channels} "
                               f"channel(s); use a channel below {channels} or 'mix'", "device_channel")
+        if beam is not None and beam.last_channel >= channels:
+            raise DeviceError(f"audio.channel is 'beam' over capture channels {beam.first_channel}-{beam.last_channel} "
+                              f"but '{capture.name}' is opened with {channels} channel(s); set audio.array_channels "
+                              "and audio.array_first_channel to the array's microphones, or use a channel number",
+                              "device_channel")
         rate = s.device_rate_hz
         if rate is None:
             try:
@@ -211,7 +232,7 @@ class AudioIO:
                 ok = False
             rate = RATE_HZ if ok else capture.default_rate_hz
         return StreamLayout(capture=capture, playback=playback, duplex=capture.index == playback.index,
-                            rate_hz=rate, capture_channels=channels, channel=channel)
+                            rate_hz=rate, capture_channels=channels, channel=channel, beam=beam)
 
     def _allocate(self, layout: StreamLayout) -> None:
         s = self.settings
@@ -219,7 +240,7 @@ class AudioIO:
         self._mic = DropOldestRing(layout.rate_hz * ch * s.mic_ring_ms // 1000, align=ch)
         self._ref = DropOldestRing(layout.rate_hz * _REF_RING_MS // 1000)
         self._playout = BoundedRing(layout.rate_hz * s.playout_buffer_ms // 1000)
-        self._mic_conv = _Converter(layout.rate_hz, ch, layout.channel)
+        self._mic_conv = _Converter(layout.rate_hz, ch, layout.channel, layout.beam)
         self._ref_conv = _Converter(layout.rate_hz, 1, None)
         self._up = _Upsampler(layout.rate_hz)
         self._mic_rechunk = Rechunker(FRAME_SAMPLES, max(RATE_HZ * s.mic_ring_ms // 1000, 4 * FRAME_SAMPLES))
@@ -244,6 +265,26 @@ class AudioIO:
             ]
         for stream in self._streams:
             stream.start_stream()
+
+    def restart(self) -> StreamLayout:
+        """Close and open the stream(s) again on the same devices, keeping the agent audio still to play.
+
+        For a stream that runs but stopped delivering (a stall): the rings start afresh (the microphone and
+        the reference are paired again from the first new block, as after ``open``), the queued playout goes
+        on where it stopped. Blocking, like ``open``; ``DeviceError`` if the devices no longer open.
+        """
+        queued: Samples = np.zeros(self._playout.queued, dtype=np.int16)
+        self._playout.read(queued)
+        old_rate = self.layout.rate_hz if self.layout is not None else None
+        self.close()
+        self._capturing = False
+        layout = self.open()
+        if layout.rate_hz == old_rate:
+            self._playout.write(queued)
+        elif len(queued):
+            # Drop: the device came back at another rate; the rest of the answer would play at the wrong pitch.
+            self.counters.underrun_samples += len(queued)
+        return layout
 
     def close(self) -> None:
         """Stop and close the streams and PortAudio (safe to call twice, and after a failure)."""

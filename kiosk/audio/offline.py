@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import numpy.typing as npt
 
+from kiosk.audio.array import ArrayGeometry
 from kiosk.audio.format import (
     FRAME_SAMPLES,
     NO_WAV_HEADER,
@@ -45,7 +46,7 @@ FRAME_SECONDS = FRAME_SAMPLES / RATE_HZ
 _LENGTH_SLACK_SECONDS = 0.05
 _LENGTH_SLACK_SHARE = 0.005
 
-Channel = int | str  # a 0-based channel number, or "mix"
+Channel = int | str  # a 0-based channel number, "mix", or "beam" (the microphone only)
 # Sample rates a recording may have: what sound devices record at (a header outside this is damaged).
 MIN_RATE_HZ = 8000
 MAX_RATE_HZ = 192000
@@ -62,11 +63,14 @@ class OfflineResult:
     counters: dict[str, int] = field(default_factory=dict)
 
 
-def read_input(path: Path, *, role: str, channel: Channel | None = None) -> tuple[npt.NDArray[np.float32], int]:
+def read_input(path: Path, *, role: str, channel: Channel | None = None,
+               array: ArrayGeometry | None = None) -> tuple[npt.NDArray[np.float32], int]:
     """Read a WAV as float32 mono and its rate; ``InputError`` names the file, the problem and the fix.
 
     Integer PCM (8/16/24/32-bit) and 32/64-bit float files are accepted. A file with more than one channel
-    needs ``channel`` (a number, or ``"mix"``).
+    needs ``channel``: a number, ``"mix"``, or ``"beam"`` (the array's microphones through the fixed
+    beamformer, as ``audio.channel = "beam"`` runs it live: at the file's rate, on 16-bit samples; ``array``
+    gives the geometry, by default four microphones on a 32 mm circle from channel 0).
     """
     if not path.exists():
         raise InputError(f"{role} file {path} does not exist: check the path")
@@ -81,10 +85,13 @@ def read_input(path: Path, *, role: str, channel: Channel | None = None) -> tupl
         raise InputError(f"{role} file {path} says its sample rate is {wav.rate_hz} Hz: record at 8000 to 192000 Hz, "
                          "or repair the file's header (e.g. `sox in.wav -r 16000 out.wav`)")
     data = wav.samples
+    if channel == "beam":
+        return _beam(path, data, wav.rate_hz, ArrayGeometry() if array is None else array), wav.rate_hz
     if data.shape[1] > 1:
         if channel is None:
             raise InputError(f"{role} file {path} has {data.shape[1]} channels; the chain takes mono: pass "
-                             f"--{role}-channel N (0 to {data.shape[1] - 1}) or --{role}-channel mix")
+                             f"--{role}-channel N (0 to {data.shape[1] - 1}), --{role}-channel mix"
+                             + (" or --mic-channel beam" if role == "mic" else ""))
         if channel == "mix":
             mono = data.mean(axis=1)
         else:
@@ -99,10 +106,32 @@ def read_input(path: Path, *, role: str, channel: Channel | None = None) -> tupl
     return np.asarray(mono, dtype=np.float32), wav.rate_hz
 
 
+def _beam(path: Path, data: npt.NDArray[np.float64], rate_hz: int, array: ArrayGeometry) -> npt.NDArray[np.float32]:
+    """The array's channels of a recording through the fixed beamformer, block by block as live."""
+    if data.shape[1] <= array.last_channel:
+        raise InputError(f"mic file {path} has {data.shape[1]} channel(s) but the beam reads channels "
+                         f"{array.first_channel} to {array.last_channel}: record every microphone of the array, "
+                         "or set audio.array_channels / audio.array_first_channel to match the file")
+    if len(data) == 0:
+        raise InputError(f"mic file {path} holds no audio: record at least a few seconds")
+    block = rate_hz // 100
+    beam = array.beamformer(rate_hz, max_block_samples=block)
+    pcm = to_int16(data[:, array.first_channel:array.last_channel + 1])
+    out = np.zeros(len(pcm), dtype=np.float32)
+    for start in range(0, len(pcm), block):
+        piece = pcm[start:start + block]
+        out[start:start + len(piece)] = beam.process(piece.T)
+    out *= np.float32(1.0 / 32768.0)
+    return out
+
+
 def load_pair(mic_path: Path, ref_path: Path, *, mic_channel: Channel | None = None,
-              ref_channel: Channel | None = None) -> tuple[Pcm, Pcm]:
+              ref_channel: Channel | None = None, array: ArrayGeometry | None = None) -> tuple[Pcm, Pcm]:
     """Microphone and reference at 16 kHz int16, the reference fitted to the microphone's length."""
-    mic, mic_rate = read_input(mic_path, role="mic", channel=mic_channel)
+    if ref_channel == "beam":
+        raise InputError(f"ref file {ref_path}: the beam is for the microphone array; the reference is what the "
+                         "speaker played: pass --ref-channel N or mix")
+    mic, mic_rate = read_input(mic_path, role="mic", channel=mic_channel, array=array)
     ref, ref_rate = read_input(ref_path, role="ref", channel=ref_channel)
     mic_seconds, ref_seconds = len(mic) / mic_rate, len(ref) / ref_rate
     slack = max(_LENGTH_SLACK_SECONDS, _LENGTH_SLACK_SHARE * mic_seconds)
@@ -171,8 +200,12 @@ def process_arrays(settings: Settings, mic: Pcm, ref: Pcm, *, echo_canceller: Ec
 def process_files(settings: Settings, mic_path: Path, ref_path: Path, out_path: Path, *,
                   vad_path: Path | None = None, mic_channel: Channel | None = None,
                   ref_channel: Channel | None = None, echo_canceller: EchoCanceller | None = None) -> OfflineResult:
-    """``kiosk audio process``: read, run the chain, write the cleaned WAV (and the speech JSON)."""
-    mic, ref = load_pair(mic_path, ref_path, mic_channel=mic_channel, ref_channel=ref_channel)
+    """``kiosk audio process``: read, run the chain, write the cleaned WAV (and the speech JSON).
+
+    ``mic_channel="beam"`` runs the configured array's beamformer (``audio.array_*``) over the microphone file.
+    """
+    mic, ref = load_pair(mic_path, ref_path, mic_channel=mic_channel, ref_channel=ref_channel,
+                         array=ArrayGeometry.from_settings(settings.audio))
     result = process_arrays(settings, mic, ref, echo_canceller=echo_canceller)
     try:
         write_wav(out_path, result.cleaned)

@@ -210,6 +210,7 @@ class CaptureChain:
         self.gate = Gate.from_settings(settings.vad)
         self.counters = ChainCounters()
         self._margin_db = settings.vad.barge_in_margin_db
+        self._skip_talk_like = not settings.vad.barge_in_learn_talk
         self._freeze_frames = settings.vad.speech_hold_ms // 10
         delay_ms = settings.aec.delay_ms if settings.aec.delay_ms is not None else settings.aec.max_delay_ms
         self._history_frames = int(max(delay_ms, settings.aec.max_delay_ms) // 10) + _ECHO_TAIL_MS // 10 + 1
@@ -333,8 +334,13 @@ class CaptureChain:
                 self._freeze = self._freeze_frames + 1
                 # Creep up even while frozen: a residual that grew (drift, a moved speaker) is not a visitor.
                 self.leak_db = min(_LEAK_MAX_DB, self.leak_db + _LEAK_CREEP_DB)
-            elif self._freeze == 0 and not self.segmenter.in_speech:
+            elif self._freeze == 0 and not self.segmenter.in_speech and not (
+                    self._skip_talk_like and detected and attenuation < _MAX_TALK_ATTENUATION_DB):
                 # Echo-only frame (as far as we can tell): learn how much of the reference leaks through.
+                # With ``vad.barge_in_learn_talk`` off, a frame the detector hears as speech and the canceller
+                # barely attenuated is not taken for echo: it is what a visitor quieter than the learned leak
+                # looks like, and learning from it raises the leak to the visitor's level (docs/vad.md, "Barge-in
+                # in rooms it was never tuned on").
                 self.leak_db = _track_quantile(self.leak_db, excess)
                 if self.echo_canceller.settled:
                     # Only while the canceller holds the path: its collapse is also what a visitor causes.

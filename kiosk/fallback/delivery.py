@@ -1,13 +1,19 @@
 """Delivery: upload stored messages to the operator's endpoint, exactly once from the operator's view.
 
 Protocol (also in docs/offline.md): one ``POST`` to ``delivery.url`` per message, ``multipart/form-data``
-with two parts, ``metadata`` (``application/json``) and ``audio`` (``audio/wav``, 16 kHz mono 16-bit),
-and the headers ``Authorization: Bearer <device credential>`` and ``Idempotency-Key: <message id>``.
+with two parts, ``metadata`` (``application/json``) and ``audio`` (``application/octet-stream``: the sealed
+file as stored, the WAV sealed to the operator's public key; the kiosk sends what it cannot read), and the
+headers ``Authorization: Bearer <delivery credential>`` (delivery's own systemd credential
+``delivery-credential``, not the session API's) and ``Idempotency-Key: <message id>``.
 Any 2xx is the acknowledgement: only then is the message deleted. Everything else (a 5xx, a 4xx, a
 timeout, a dropped connection) keeps it, and it is sent again later with the same key, after a backoff
 with full jitter (``Retry-After`` is honoured). The endpoint stores a key once and answers 2xx to a
 repeat, so a message whose acknowledgement was lost is not stored twice: at-least-once sending plus
 deduplication by key is exactly-once for the operator.
+
+The endpoint's reply is untrusted (``kiosk.link.replies``): a redirect is not followed (it is not an
+acknowledgement, and the message is not sent elsewhere), the body is never read, ``Retry-After`` is clamped,
+and no reply can raise out of ``upload``. URLs in errors are redacted.
 """
 
 from __future__ import annotations
@@ -18,11 +24,15 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from kiosk.errors import ConfigError, KioskError
-from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError
+from kiosk.fallback.spool import Message, MessageId, Spool, SpoolError, message_metadata
 from kiosk.link.backoff import Backoff
+from kiosk.link.replies import client_session, describe_error, parse_retry_after, printable
+from kiosk.settings import CREDENTIALS_DIRECTORY
+from kiosk.transport import check_secure, redact_url
 
 if TYPE_CHECKING:
     import aiohttp
@@ -45,55 +55,50 @@ class UploadResult:
     retry_after_seconds: float | None = None
 
 
-def metadata(message: Message) -> dict[str, str | float | int]:
-    """The ``metadata`` part of an upload."""
-    return {"id": message.id, "recorded_at": message.recorded_at,
-            "duration_seconds": round(message.duration_seconds, 3), "sha256": message.sha256,
-            "size_bytes": message.size_bytes, "sample_rate_hz": 16000, "channels": 1,
-            "format": "wav", "attempt": message.attempts}
-
-
-def _retry_after(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        return None  # an HTTP-date; the backoff decides instead
+def metadata(message: Message, sealed: bytes) -> dict[str, str | float | int]:
+    """The ``metadata`` part of an upload: the message's metadata (nothing from its content) and the attempt."""
+    return {**message_metadata(message, sealed), "attempt": message.attempts}
 
 
 class Uploader:
     """Sends one message per call over a shared aiohttp session (created lazily, closed by ``aclose``)."""
 
-    def __init__(self, url: str, credential: str | None, timeout_seconds: float = 30.0) -> None:
+    def __init__(self, url: str, credential: str | None, timeout_seconds: float = 30.0, *,
+                 allow_insecure_transport: bool = False) -> None:
+        """``InsecureTransport`` if ``url`` is plain http to another host (``security.allow_insecure_transport``)."""
+        check_secure(url, "delivery.url", allow_insecure=allow_insecure_transport)
         self.url = url
         self._credential = credential
         self._timeout_seconds = timeout_seconds
         self._session: aiohttp.ClientSession | None = None
 
-    async def upload(self, message: Message, wav: bytes) -> UploadResult:
+    async def upload(self, message: Message, sealed: bytes) -> UploadResult:
         """POST one message; never raises for network or HTTP failures (they are results)."""
         import aiohttp
 
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout_seconds))
+            self._session = client_session(self._timeout_seconds)
         form = aiohttp.FormData()
-        form.add_field("metadata", json.dumps(metadata(message)), content_type="application/json")
-        form.add_field("audio", wav, filename=f"{message.id}.wav", content_type="audio/wav")
+        form.add_field("metadata", json.dumps(metadata(message, sealed)), content_type="application/json")
+        form.add_field("audio", sealed, filename=f"{message.id}.wav.sealed", content_type="application/octet-stream")
         headers = {"Idempotency-Key": message.id, "User-Agent": USER_AGENT}
         if self._credential:
             headers["Authorization"] = f"Bearer {self._credential}"
         try:
-            async with self._session.post(self.url, data=form, headers=headers) as response:
-                await response.read()
+            # No redirects: a 3xx is not an acknowledgement, and the message must not go to another host.
+            async with self._session.post(self.url, data=form, headers=headers, allow_redirects=False) as response:
+                # The body is not read (leaving the context closes the connection): only the status counts.
                 ok = 200 <= response.status < 300
-                error = "" if ok else f"HTTP {response.status} {response.reason or ''}".strip()
+                error = "" if ok else f"HTTP {response.status} {printable(response.reason or '', 80)}".strip()
+                if 300 <= response.status < 400:
+                    error += " (a redirect; the kiosk follows none: set delivery.url to the final address)"
                 return UploadResult(message.id, ok, response.status, error,
-                                    _retry_after(response.headers.get("Retry-After")))
+                                    parse_retry_after(response.headers.get("Retry-After")))
         except TimeoutError:
-            return UploadResult(message.id, False, None, f"no reply within {self._timeout_seconds:g} s")
-        except aiohttp.ClientError as error:
-            return UploadResult(message.id, False, None, f"{type(error).__name__}: {error}")
+            return UploadResult(message.id, False, None, f"no reply from {redact_url(self.url)} within "
+                                f"{self._timeout_seconds:g} s")
+        except aiohttp.ClientError as error:  # unreachable, or a broken reply (oversized headers, ...)
+            return UploadResult(message.id, False, None, describe_error(error))
 
     async def aclose(self) -> None:
         """Close the HTTP session."""
@@ -119,7 +124,7 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
         if message is None:
             return results
         try:
-            wav = await asyncio.to_thread(spool.read, message)
+            sealed = await asyncio.to_thread(spool.read, message)
         except SpoolError as error:
             # A file that fails its checksum is never sent: it goes to quarantine/ for staff to look at.
             _LOGGER.error("not sending message %s: %s", message.id, error.message)
@@ -127,7 +132,7 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
             skip.add(message.id)
             continue
         try:
-            result = await upload(message, wav)
+            result = await upload(message, sealed)
         except BaseException:
             # Cancelled (shutdown) mid-upload: back to stored, sent again later with the same key.
             await asyncio.shield(asyncio.to_thread(spool.release, message.id, "cancelled"))
@@ -139,8 +144,8 @@ async def deliver_pass(spool: Spool, upload: Upload) -> list[UploadResult]:
             continue
         await asyncio.to_thread(spool.release, message.id, result.error)
         if result.status in (401, 403):
-            _LOGGER.error("the message endpoint rejects the device credential (%s): check the systemd "
-                          "credential 'device-credential' and delivery.url", result.error)
+            _LOGGER.error("the message endpoint rejects the delivery credential (%s): check the systemd "
+                          "credential 'delivery-credential' and delivery.url", result.error)
         else:
             _LOGGER.warning("message %s not delivered: %s; will retry", message.id, result.error)
         return results
@@ -175,6 +180,10 @@ class Deliverer:
         """
         if settings.delivery.url is None:
             _LOGGER.info("delivery.url is unset: visitors' messages stay on the kiosk (kiosk messages export)")
+            return None
+        if settings.delivery.credential is None:
+            _LOGGER.error("delivery.url is set but there is no delivery credential, so messages stay on the kiosk: "
+                          "provision the systemd credential 'delivery-credential' (docs/security.md)")
             return None
         uploader = uploader_from_settings(settings)
         deliverer = cls(spool, uploader.upload, backoff_from_settings(settings), on_pass=on_pass,
@@ -218,14 +227,32 @@ class Deliverer:
             await self._uploader.aclose()
 
 
-def uploader_from_settings(settings: Settings) -> Uploader:
-    """An ``Uploader`` for ``delivery.url`` with the device credential; ``ConfigError`` if no URL is set."""
+def uploader_from_settings(settings: Settings,
+                           credential_file: Path = CREDENTIALS_DIRECTORY / "delivery-credential") -> Uploader:
+    """An ``Uploader`` for ``delivery.url`` with delivery's own credential.
+
+    The credential is ``delivery.credential`` (the service's systemd credential, or the environment); run by
+    hand, without ``$CREDENTIALS_DIRECTORY``, the provisioned ``credential_file`` is read if it can be.
+    ``ConfigError`` if no URL is set or no credential is found: the session API's credential is never sent
+    to the message endpoint.
+    """
     url = settings.delivery.url
     if url is None:
         raise ConfigError("delivery.url is unset, so messages stay on the kiosk: set KIOSK_DELIVERY__URL or "
                           "[delivery] url in the config file")
-    credential = settings.session.credential.get_secret_value() if settings.session.credential else None
-    return Uploader(url, credential, settings.delivery.request_timeout_seconds)
+    secret = settings.delivery.credential
+    credential = secret.get_secret_value() if secret is not None else ""
+    if not credential:
+        try:
+            credential = credential_file.read_text().strip()
+        except OSError:
+            credential = ""
+    if not credential:
+        raise ConfigError(f"delivery.credential: no delivery credential (the systemd credential "
+                          f"'delivery-credential', {credential_file}, is missing, empty or unreadable): provision "
+                          "it (docs/security.md), run as root, or set KIOSK_DELIVERY__CREDENTIAL for this command")
+    return Uploader(url, credential, settings.delivery.request_timeout_seconds,
+                    allow_insecure_transport=settings.security.allow_insecure_transport)
 
 
 def backoff_from_settings(settings: Settings) -> Backoff:

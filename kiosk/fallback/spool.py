@@ -2,21 +2,32 @@
 
 Layout under the spool directory::
 
-    index.sqlite3            one row per message (SQLite, WAL, synchronous=FULL)
-    audio/<ms>_<id>_<sha256>.wav   the message, 16 kHz mono 16-bit; the name carries its own checksum
-    audio/.<id>.tmp          a message being written (never confirmed; removed on open)
-    quarantine/              files that failed verification (kept for staff, never deleted automatically)
-    .lock                    flock held by the one process that writes (the service, or `kiosk messages deliver`)
+    index.sqlite3                     one row per message (SQLite, WAL, synchronous=FULL): id, time,
+                                      duration, size, checksum, delivery state; never any content
+    audio/<ms>_<id>_<sha256>.sealed   the message: its WAV (16 kHz mono 16-bit) sealed to the operator's
+                                      public key (``kiosk.fallback.sealing``); the name carries the checksum
+                                      of the sealed bytes
+    audio/.<id>.tmp                   a message being written (never confirmed; removed on open)
+    quarantine/                       files that failed verification (kept for staff, deleted after
+                                      ``quarantine_max_age_seconds``)
+    .lock                             flock held by the one process that writes (the service, or
+                                      `kiosk messages deliver`)
 
-``store(pcm)`` returns only when the message survives a power cut: the WAV is written to a temporary
-file, fsync'd, renamed to its final name, the directory fsync'd, then the index row committed (a
+Each message is sealed in memory before its first byte is written: the card only ever holds ciphertext,
+and the kiosk, which has no private key, cannot read its own spool back. Without a recipient key nothing
+is stored (``no_recipient_key``). Plain ``.wav`` files left by an earlier version are sealed on open, and
+their plain copy deleted, once a recipient key is configured.
+
+``store(pcm)`` returns only when the message survives a power cut: the sealed file is written to a
+temporary file, fsync'd, renamed to its final name, the directory fsync'd, then the index row committed (a
 synchronous=FULL commit syncs the WAL). Only then may the confirmation cue play. Opening the spool
-reconciles what a cut may have left: temporary files go, complete audio files without a row (cut between
-rename and commit) are verified against the checksum in their name and indexed again, rows whose
-delivery was interrupted go back to ``stored``; nothing that the endpoint has not acknowledged is deleted
-(except by the retention limits, which log a warning and count drops). States: ``stored`` ->
-``delivering`` -> ``delivered``, after which file and row are removed. The message id (a UUID) is the
-idempotency key for delivery. See docs/offline.md for the argument step by step.
+reconciles what a cut may have left: temporary files go, complete files without a row (cut between rename
+and commit) are verified against the checksum in their name and indexed again, rows whose delivery was
+interrupted go back to ``stored``; nothing that the endpoint has not acknowledged is deleted except by the
+retention limits (age, free space), which the service enforces at start and on a timer (``run_retention``),
+log without personal data and count. States: ``stored`` -> ``delivering`` -> ``delivered``, after which
+file and row are removed. The message id (a UUID) is the idempotency key for delivery. See docs/offline.md
+for the argument step by step.
 
 The methods block on disk I/O (fsync): the service calls them through ``asyncio.to_thread`` (or the
 ``*_async`` helpers); one lock serialises them.
@@ -29,10 +40,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import json
 import logging
 import os
 import shutil
 import sqlite3
+import stat
 import threading
 import time
 import uuid
@@ -47,6 +60,7 @@ from urllib.parse import quote
 
 from kiosk.audio.format import RATE_HZ, Pcm, WavError, decode_wav, encode_wav
 from kiosk.errors import KioskError
+from kiosk.fallback import sealing
 
 if TYPE_CHECKING:
     from kiosk.metrics import Metrics, Status
@@ -62,6 +76,9 @@ AUDIO_DIR = "audio"
 QUARANTINE_DIR = "quarantine"
 LOCK_NAME = ".lock"
 TMP_SUFFIX = ".tmp"
+SEALED_SUFFIX = sealing.SUFFIX
+LEGACY_SUFFIX = ".wav"  # plain WAV files written before messages were sealed
+FORMAT = "kiosk-sealed-1"  # the delivery and export metadata's name for the sealed file format
 _SCHEMA_VERSION = 1
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS messages (
@@ -106,15 +123,20 @@ class Message:
     last_error: str = ""
 
     @property
+    def sealed(self) -> bool:
+        """The file is sealed to the operator's key (False only for plain files from an earlier version)."""
+        return self.file.endswith(SEALED_SUFFIX)
+
+    @property
     def recorded_at(self) -> str:
         """Recording time, ISO 8601 UTC (seconds)."""
         return datetime.fromtimestamp(self.created_unix, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
-    def as_dict(self) -> dict[str, str | float | int]:
+    def as_dict(self) -> dict[str, str | float | int | bool]:
         """Plain data for ``kiosk messages list --json`` and delivery metadata."""
         return {"id": self.id, "time": self.recorded_at, "duration_seconds": round(self.duration_seconds, 3),
                 "state": self.state.value, "sha256": self.sha256, "size_bytes": self.size_bytes,
-                "attempts": self.attempts, "last_error": self.last_error}
+                "attempts": self.attempts, "last_error": self.last_error, "sealed": self.sealed}
 
 
 @dataclass
@@ -127,6 +149,8 @@ class ReconcileReport:
     delivered_finished: int = 0
     quarantined: int = 0
     rows_without_file: int = 0
+    legacy_sealed: int = 0  # plain files from an earlier version, sealed and their plain copy deleted
+    copies_removed: int = 0  # a second copy of a message left by an interrupted sealing
     index_rebuilt: bool = False
 
     @property
@@ -145,6 +169,7 @@ class SpoolStats:
     oldest_age_seconds: float
     free_bytes: int
     dropped_total: int
+    quarantined_files: int
     retention_fraction: float  # 1.0: at a retention limit (age or free space); drops happen beyond it
     low_space: bool
 
@@ -154,24 +179,31 @@ class _FileName:
     created_ms: int
     id: MessageId
     sha256: str
+    sealed: bool
 
 
 def _file_name(created_ms: int, message_id: MessageId, sha256: str) -> str:
-    return f"{created_ms:013d}_{message_id}_{sha256}.wav"
+    return f"{created_ms:013d}_{message_id}_{sha256}{SEALED_SUFFIX}"
 
 
 def _parse_file_name(name: str) -> _FileName | None:
-    parts = name.removesuffix(".wav").split("_")
-    if not name.endswith(".wav") or len(parts) != 3:
+    """The parts of ``<ms>_<uuid>_<sha256>.sealed`` (or an earlier version's ``.wav``); None for anything else."""
+    suffix = next((s for s in (SEALED_SUFFIX, LEGACY_SUFFIX) if name.endswith(s)), None)
+    if suffix is None:
+        return None
+    parts = name.removesuffix(suffix).split("_")
+    if len(parts) != 3:
         return None
     created, message_id, sha = parts
     try:
-        uuid.UUID(message_id)
+        if str(uuid.UUID(message_id)) != message_id:
+            return None
     except ValueError:
         return None
-    if not created.isdigit() or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+    if not (created.isascii() and created.isdigit()) or len(sha) != 64 or \
+            any(c not in "0123456789abcdef" for c in sha):
         return None
-    return _FileName(int(created), MessageId(message_id), sha)
+    return _FileName(int(created), MessageId(message_id), sha, suffix == SEALED_SUFFIX)
 
 
 def decode_message(data: bytes) -> Pcm:
@@ -199,22 +231,57 @@ def _disk_free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` readable by its owner only (0600, also when the file existed), and fsync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        _write_all(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def message_metadata(message: Message, sealed: bytes) -> dict[str, str | float | int]:
+    """What the endpoint and the operator get beside a sealed message: nothing derived from its content.
+
+    ``sha256`` and ``size_bytes`` are those of the sealed file; ``recipient_public_key`` (read from the file's
+    header) says which of the operator's keys opens it.
+    """
+    return {"id": message.id, "recorded_at": message.recorded_at,
+            "duration_seconds": round(message.duration_seconds, 3), "sha256": message.sha256,
+            "size_bytes": message.size_bytes, "format": FORMAT,
+            "recipient_public_key": sealing.encode_key(sealing.recipient_of(sealed)),
+            "content_type": "audio/wav", "sample_rate_hz": RATE_HZ, "channels": 1}
+
+
 class Spool:
     """The durable message store; see the module docstring. Use as a context manager or call ``close()``.
 
-    ``read_only=True`` opens without the writer lock and without reconciling (``kiosk messages list``
-    and ``export`` while the service runs). ``wall_clock`` gives the recording time (Unix seconds, for
-    people and for retention by age) and ``disk_free`` the free bytes; both are injected for tests.
+    ``recipient_public_key`` is the operator's X25519 public key (32 raw bytes) every message is sealed to;
+    without it ``store`` refuses. ``read_only=True`` opens without the writer lock and without reconciling
+    (``kiosk messages list`` and ``export`` while the service runs). ``wall_clock`` gives the recording
+    time (Unix seconds, for people and for retention by age) and ``disk_free`` the free bytes; both are
+    injected for tests.
     """
 
-    def __init__(self, directory: Path, *, max_age_seconds: float = 30 * 86400.0, min_free_bytes: int = 0,
-                 read_only: bool = False, verify_on_open: bool = True,
+    def __init__(self, directory: Path, *, recipient_public_key: bytes | None = None,
+                 max_age_seconds: float = 30 * 86400.0, quarantine_max_age_seconds: float = 30 * 86400.0,
+                 min_free_bytes: int = 0, read_only: bool = False, verify_on_open: bool = True,
                  wall_clock: Callable[[], float] = time.time,
                  disk_free: Callable[[Path], int] = _disk_free_bytes) -> None:
         self.directory = Path(directory)
         self.audio_directory = self.directory / AUDIO_DIR
         self.quarantine_directory = self.directory / QUARANTINE_DIR
+        self.recipient_public_key = recipient_public_key
         self.max_age_seconds = max_age_seconds
+        self.quarantine_max_age_seconds = quarantine_max_age_seconds
         self.min_free_bytes = min_free_bytes
         self.read_only = read_only
         self._wall_clock = wall_clock
@@ -223,6 +290,7 @@ class Spool:
         self._lock_fd: int | None = None
         self._db: sqlite3.Connection | None = None
         self.dropped_total = 0
+        self.quarantine_expired_total = 0
         self.reconciled = ReconcileReport()
         # Called on the loop after each store_recording (e.g. Deliverer.wake, metrics refresh).
         self.on_stored: list[Callable[[MessageId], None]] = []
@@ -234,19 +302,24 @@ class Spool:
     @classmethod
     def from_settings(cls, settings: SpoolSettings, *, read_only: bool = False) -> Spool:
         """A spool configured from ``SpoolSettings``."""
-        return cls(settings.directory, max_age_seconds=settings.max_age_days * 86400.0,
+        key = settings.recipient_public_key
+        return cls(settings.directory, recipient_public_key=sealing.parse_key(key) if key else None,
+                   max_age_seconds=settings.max_age_days * 86400.0,
+                   quarantine_max_age_seconds=settings.quarantine_max_age_days * 86400.0,
                    min_free_bytes=settings.min_free_mb * 1024 * 1024, read_only=read_only)
 
     # ----------------------------------------------------------------------------------- opening
     def _open_writer(self, verify: bool) -> None:
         try:
-            self.audio_directory.mkdir(parents=True, exist_ok=True)
+            # Private to the service user (systemd's StateDirectoryMode=0700 and UMask=0077 say the same).
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.audio_directory.mkdir(mode=0o700, exist_ok=True)
         except OSError as error:
             raise SpoolError("spool_unwritable", f"cannot create the spool directory {self.directory} "
                              f"({error.strerror}): create it writable for the kiosk user, or set "
                              "spool.directory") from None
         try:
-            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as error:
             raise SpoolError("spool_unwritable", f"cannot write in the spool directory {self.directory} "
                              f"({error.strerror}): make it writable for the kiosk user") from None
@@ -295,12 +368,14 @@ class Spool:
         return db
 
     def _set_index_aside(self) -> None:
-        self.quarantine_directory.mkdir(exist_ok=True)
+        self.quarantine_directory.mkdir(mode=0o700, exist_ok=True)
         stamp = round(self._wall_clock())
         for suffix in ("", "-wal", "-shm"):
             path = self.directory / f"{INDEX_NAME}{suffix}"
             if path.exists():
-                os.replace(path, self.quarantine_directory / f"{INDEX_NAME}{suffix}.damaged-{stamp}")
+                target = self.quarantine_directory / f"{INDEX_NAME}{suffix}.damaged-{stamp}"
+                os.replace(path, target)
+                os.utime(target, (stamp, stamp))  # the quarantine's age counts from now
         _fsync_directory(self.quarantine_directory)
         _fsync_directory(self.directory)
 
@@ -387,7 +462,7 @@ class Spool:
                     tx.execute("DELETE FROM messages WHERE id = ?", (message.id,))
                 report.rows_without_file += 1
                 continue
-            if verify or path.stat().st_size != message.size_bytes:
+            if verify or path.stat().st_size != message.size_bytes or not message.sealed:
                 problem = self._verify_file(path, message.sha256, message.size_bytes)
                 if problem:
                     # Row first: a cut before the move leaves an orphan that fails verification again.
@@ -402,26 +477,44 @@ class Spool:
                 with self._transaction() as tx:
                     tx.execute("UPDATE messages SET state = 'stored' WHERE id = ?", (message.id,))
                 report.delivering_reset += 1
+            if not message.sealed and self.recipient_public_key is not None:
+                report.legacy_sealed += self._seal_legacy(path, round(message.created_unix * 1000), message.id,
+                                                          indexed=True)
         for name, path in files.items():
             parsed = _parse_file_name(name)
-            problem = "its name is not <ms>_<uuid>_<sha256>.wav" if parsed is None else \
+            if parsed is not None and self._has_row(parsed.id):
+                # Two files, one id: only an interrupted sealing of a plain file leaves that (cut after the
+                # sealed copy was renamed into place). The row's file is verified and complete; this copy goes.
+                self._delete_file(path)
+                _LOGGER.warning("removed a second copy of message %s left by an interrupted sealing", parsed.id)
+                report.copies_removed += 1
+                continue
+            problem = "its name is not <ms>_<uuid>_<sha256>.sealed" if parsed is None else \
                 self._verify_file(path, parsed.sha256, None)
             if parsed is None or problem:
                 self._quarantine(path, problem)
                 report.quarantined += 1
                 changed = True
                 continue
+            if not parsed.sealed and self.recipient_public_key is not None and \
+                    self._seal_legacy(path, parsed.created_ms, parsed.id, indexed=False):
+                report.legacy_sealed += 1
+                report.orphans_indexed += 1
+                continue
             # Renamed into place but the row commit did not happen: complete and verified, so index it.
-            data = path.read_bytes()
-            samples = len(decode_message(data))
+            size = path.stat().st_size
+            samples = sealing.samples_for_size(size) if parsed.sealed else len(decode_message(path.read_bytes()))
+            assert samples is not None  # _verify_file checked that the size fits
             with self._transaction() as tx:
                 tx.execute(f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'stored', 0, '')",
-                           (parsed.id, name, parsed.created_ms / 1000.0, samples / RATE_HZ, len(data),
-                            parsed.sha256))
+                           (parsed.id, name, parsed.created_ms / 1000.0, samples / RATE_HZ, size, parsed.sha256))
             report.orphans_indexed += 1
         if changed:
             _fsync_directory(self.audio_directory)
         return report
+
+    def _has_row(self, message_id: str) -> bool:
+        return self._require_db().execute("SELECT 1 FROM messages WHERE id = ?", (message_id,)).fetchone() is not None
 
     @staticmethod
     def _verify_file(path: Path, sha256: str, size_bytes: int | None) -> str:
@@ -431,55 +524,115 @@ class Spool:
             return f"size {len(data)} bytes, the index says {size_bytes}"
         if hashlib.sha256(data).hexdigest() != sha256:
             return "checksum mismatch"
+        if path.name.endswith(SEALED_SUFFIX):
+            # The content cannot be checked without the operator's key: the header and the size must fit.
+            try:
+                sealing.recipient_of(data)
+            except sealing.SealError as error:
+                return error.message
+            if sealing.samples_for_size(len(data)) is None:
+                return f"{len(data)} bytes is not the size of a sealed 16 kHz mono 16-bit WAV"
+            return ""
         try:
             decode_message(data)
         except SpoolError as error:
             return error.message
         return ""
 
+    def _seal_legacy(self, path: Path, created_ms: int, message_id: MessageId, *, indexed: bool) -> bool:
+        """Seal a plain WAV left by an earlier version, index the sealed file, then delete the plain one.
+
+        Order: sealed copy durable under its final name, index row pointing at it committed, plain file
+        unlinked and the directory synced. A cut in between leaves two files for one id, which the next
+        open resolves by keeping the row's file and removing the other (both hold the same message).
+        """
+        assert self.recipient_public_key is not None
+        plain = path.read_bytes()
+        sealed = sealing.seal(plain, self.recipient_public_key)
+        sha256 = hashlib.sha256(sealed).hexdigest()
+        name = _file_name(created_ms, message_id, sha256)
+        try:
+            self._write_durably(f".{message_id}{TMP_SUFFIX}", name, sealed)
+            with self._transaction() as tx:
+                if indexed:
+                    tx.execute("UPDATE messages SET file = ?, size_bytes = ?, sha256 = ? WHERE id = ?",
+                               (name, len(sealed), sha256, message_id))
+                else:
+                    samples = len(decode_message(plain))
+                    tx.execute(f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'stored', 0, '')",
+                               (message_id, name, created_ms / 1000.0, samples / RATE_HZ, len(sealed), sha256))
+        except (OSError, sqlite3.Error) as error:
+            # The plain file stays as it was (indexed or an orphan); the next open tries again.
+            _LOGGER.error("could not seal message %s stored in the clear by an earlier version (%s): check the "
+                          "card and free space", message_id, error)
+            return False
+        self._delete_file(path)
+        _LOGGER.warning("message %s was stored in the clear by an earlier version: sealed to the recipient key, "
+                        "plain file deleted", message_id)
+        return True
+
+    def _delete_file(self, path: Path) -> None:
+        """Unlink ``path`` and sync its directory: the name is gone from the card, not just from a cache."""
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        _fsync_directory(path.parent)
+
+    def _write_durably(self, tmp_name: str, name: str, data: bytes) -> None:
+        """``data`` under ``audio/name``, durable: temporary file, fsync, rename, fsync of the directory."""
+        tmp = self.audio_directory / tmp_name
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _write_all(fd, data)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.audio_directory / name)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
+        _fsync_directory(self.audio_directory)
+
     def _quarantine(self, path: Path, problem: str) -> None:
-        # Never deleted: it may be the only copy of something a visitor said; staff decide.
-        self.quarantine_directory.mkdir(exist_ok=True)
+        # Not deleted at once: it may be the only copy of something a visitor said; staff have
+        # quarantine_max_age_seconds to look, then retention deletes it.
+        self.quarantine_directory.mkdir(mode=0o700, exist_ok=True)
         target = self.quarantine_directory / path.name
         os.replace(path, target)
+        now = self._wall_clock()
+        os.utime(target, (now, now))  # the quarantine's age counts from now, not from the recording
         _fsync_directory(self.quarantine_directory)
         _LOGGER.error("spool file %s failed verification (%s); moved to %s", path.name, problem, target)
 
     # ------------------------------------------------------------------------------------- store
     def store(self, pcm: Pcm) -> MessageId:
-        """Store a message durably and return its id (also its idempotency key).
+        """Seal a message to the recipient key, store it durably and return its id (also its idempotency key).
 
-        Returns only after the audio and its index row are on stable storage: the confirmation cue may
-        play. Raises ``SpoolError`` (``spool_full``, ``spool_write_failed``) otherwise.
+        Returns only after the sealed file and its index row are on stable storage: the confirmation cue
+        may play. Raises ``SpoolError`` (``no_recipient_key``, ``spool_full``, ``spool_write_failed``)
+        otherwise; nothing of the message reaches the card unsealed.
         """
         if len(pcm) == 0:
             raise SpoolError("message_empty", "the recording is empty, so there is nothing to store")
         with self._lock:
             self._require_writer()
+            if self.recipient_public_key is None:
+                raise SpoolError("no_recipient_key", "visitors' messages are not recorded: spool.recipient_public_key "
+                                 "is unset and a visitor's voice is never written to the card unencrypted; set the "
+                                 "operator's public key (made by `kiosk messages keygen`)")
             created_ms = round(self._wall_clock() * 1000)
-            data = encode_wav(pcm)
+            data = sealing.seal(encode_wav(pcm), self.recipient_public_key)
             sha256 = hashlib.sha256(data).hexdigest()
             self._make_room(len(data))
             message_id = MessageId(str(uuid.uuid4()))
             name = _file_name(created_ms, message_id, sha256)
-            tmp = self.audio_directory / f".{message_id}{TMP_SUFFIX}"
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o640)
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, self.audio_directory / name)
-                _fsync_directory(self.audio_directory)
+                self._write_durably(f".{message_id}{TMP_SUFFIX}", name, data)
                 with self._transaction() as tx:
                     tx.execute(f"INSERT INTO messages ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, 'stored', 0, '')",
                                (message_id, name, created_ms / 1000.0, len(pcm) / RATE_HZ, len(data), sha256))
             except (OSError, sqlite3.Error) as error:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
                 raise SpoolError("spool_write_failed", f"could not store a message in {self.directory} "
                                  f"({error}): check the card (`kiosk doctor`, dmesg) and free space") from None
             return message_id
@@ -520,7 +673,13 @@ class Spool:
             self._drop(oldest, "free space below spool.min_free_mb")
 
     def enforce_retention(self) -> list[MessageId]:
-        """Drop messages past the age limit, and the oldest while free space is below the minimum."""
+        """Apply the retention limits now; return the ids of the messages dropped.
+
+        Messages past the age limit go, then the oldest while free space is below the minimum, then
+        quarantined files past their own limit. The service calls this at start and every
+        ``spool.retention_check_seconds`` (``run_retention``), so the limits hold on a kiosk that records
+        nothing new.
+        """
         with self._lock:
             self._require_writer()
             before = self.dropped_total
@@ -531,8 +690,27 @@ class Spool:
                     break
                 self._drop(oldest, "free space below spool.min_free_mb")
                 dropped.append(oldest.id)
+            self._expire_quarantine()
             assert self.dropped_total - before == len(dropped)
             return dropped
+
+    def _expire_quarantine(self) -> int:
+        """Delete quarantined files older than the quarantine limit (counted from when they were set aside)."""
+        if not self.quarantine_directory.is_dir():
+            return 0
+        limit = self._wall_clock() - self.quarantine_max_age_seconds
+        removed = 0
+        for path in sorted(self.quarantine_directory.iterdir()):
+            status = path.lstat()
+            if stat.S_ISREG(status.st_mode) and status.st_mtime < limit:
+                path.unlink()
+                removed += 1
+        if removed:
+            _fsync_directory(self.quarantine_directory)
+            self.quarantine_expired_total += removed
+            _LOGGER.warning("deleted %d file(s) from %s kept longer than spool.quarantine_max_age_days", removed,
+                            self.quarantine_directory)
+        return removed
 
     def _drop_expired(self) -> list[MessageId]:
         dropped = []
@@ -552,26 +730,31 @@ class Spool:
         return None if row is None else self._row(row)
 
     def _drop(self, message: Message, why: str) -> None:
-        # Retention is the one place an unacknowledged message goes: an operator's limit, logged and counted.
+        # Retention is the one place an unacknowledged message goes: an operator's limit, logged (id and time,
+        # nothing a visitor said) and counted.
         _LOGGER.warning("dropping undelivered message %s recorded %s (%s)", message.id, message.recorded_at, why)
         # Row first: a cut before the unlink leaves an orphan that is indexed again, never a row without audio.
         with self._transaction() as tx:
             tx.execute("DELETE FROM messages WHERE id = ?", (message.id,))
-        with contextlib.suppress(FileNotFoundError):
-            (self.audio_directory / message.file).unlink()
-        _fsync_directory(self.audio_directory)
+        self._delete_file(self.audio_directory / message.file)
         self.dropped_total += 1
 
     # ---------------------------------------------------------------------------------- delivery
     def claim_next(self, exclude: frozenset[str] = frozenset()) -> Message | None:
-        """The oldest stored message, now marked ``delivering`` (None when there is nothing to send)."""
+        """The oldest stored sealed message, now marked ``delivering`` (None when there is nothing to send).
+
+        Plain files from an earlier version are never sent: they wait until a recipient key seals them. Nor is
+        a message past the age limit: retention deletes it instead (the operator's limit holds for delivery too).
+        """
         with self._lock:
             self._require_writer()
             with self._transaction() as tx:
                 marks = ",".join("?" * len(exclude))
                 where = f"AND id NOT IN ({marks})" if exclude else ""
-                row = tx.execute(f"SELECT {_COLUMNS} FROM messages WHERE state = 'stored' {where} "
-                                 "ORDER BY created_unix LIMIT 1", tuple(exclude)).fetchone()
+                oldest = self._wall_clock() - self.max_age_seconds
+                row = tx.execute(f"SELECT {_COLUMNS} FROM messages WHERE state = 'stored' AND file LIKE ? "
+                                 f"AND created_unix >= ? {where} ORDER BY created_unix LIMIT 1",
+                                 (f"%{SEALED_SUFFIX}", oldest, *exclude)).fetchone()
                 if row is None:
                     return None
                 tx.execute("UPDATE messages SET state = 'delivering', attempts = attempts + 1 WHERE id = ?",
@@ -587,9 +770,7 @@ class Spool:
                 if row is None:
                     return
                 tx.execute("UPDATE messages SET state = 'delivered' WHERE id = ?", (message_id,))
-            with contextlib.suppress(FileNotFoundError):
-                (self.audio_directory / row[0]).unlink()
-            _fsync_directory(self.audio_directory)
+            self._delete_file(self.audio_directory / row[0])
             with self._transaction() as tx:
                 tx.execute("DELETE FROM messages WHERE id = ?", (message_id,))
 
@@ -640,7 +821,10 @@ class Spool:
         return matches[0]
 
     def read(self, message: Message) -> bytes:
-        """The message's WAV bytes, verified against its checksum (``SpoolError`` if they differ)."""
+        """The message's file as stored (sealed), verified against its checksum (``SpoolError`` if they differ).
+
+        The kiosk cannot open what it reads: only the operator's private key can.
+        """
         try:
             data = (self.audio_directory / message.file).read_bytes()
         except FileNotFoundError:
@@ -651,17 +835,33 @@ class Spool:
                              "(damaged on the card); delivery or the next start moves it to quarantine/")
         return data
 
-    def pcm(self, message: Message) -> Pcm:
-        """The message's samples (16 kHz mono int16), verified."""
-        return decode_message(self.read(message))
+    def export(self, message: Message, directory: Path) -> list[Path]:
+        """Copy a verified message into ``directory``, readable by its owner only (0600); return the paths.
 
-    def export(self, message: Message, directory: Path) -> Path:
-        """Copy a verified message to ``directory`` as ``<time>_<id>.wav``; return the new path."""
-        directory.mkdir(parents=True, exist_ok=True)
+        Written: ``<time>_<id>.wav.sealed`` (the sealed file as stored) and ``<time>_<id>.json`` (its metadata,
+        the same as delivery sends). The operator opens the sealed file on their own machine with
+        ``kiosk messages decrypt --key FILE``. A plain file from an earlier version (no recipient key was
+        ever configured) is copied as ``<time>_<id>.wav``, also 0600.
+        """
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         stamp = message.recorded_at.replace(":", "").replace("-", "")
-        target = directory / f"{stamp}_{message.id}.wav"
-        target.write_bytes(self.read(message))
-        return target
+        data = self.read(message)
+        if not message.sealed:
+            target = directory / f"{stamp}_{message.id}{LEGACY_SUFFIX}"
+            write_private_file(target, data)
+            return [target]
+        target = directory / f"{stamp}_{message.id}.wav{SEALED_SUFFIX}"
+        meta = directory / f"{stamp}_{message.id}.json"
+        write_private_file(target, data)
+        write_private_file(meta, (json.dumps(message_metadata(message, data), indent=2) + "\n").encode())
+        return [target, meta]
+
+    def quarantined_files(self) -> int:
+        """How many files wait in quarantine/ for staff (deleted after ``quarantine_max_age_seconds``)."""
+        try:
+            return sum(1 for p in self.quarantine_directory.iterdir() if p.is_file())
+        except OSError:
+            return 0
 
     def stats(self) -> SpoolStats:
         """Counts, sizes and how close the spool is to its retention limits."""
@@ -678,6 +878,7 @@ class Spool:
             oldest_age_seconds=oldest_age,
             free_bytes=free,
             dropped_total=self.dropped_total,
+            quarantined_files=self.quarantined_files(),
             retention_fraction=min(1.0, max(oldest_age / self.max_age_seconds, space_fraction)),
             low_space=free < self.min_free_bytes,
         )
@@ -689,6 +890,25 @@ class Spool:
                        int(str(size)), str(sha), MessageState(str(state)), int(str(attempts)), str(last_error))
 
 
+async def run_retention(spool: Spool, interval_seconds: float,
+                        on_run: Callable[[list[MessageId]], None] | None = None) -> None:
+    """Enforce the retention limits now and every ``interval_seconds`` until cancelled (the service's timer).
+
+    Without it the limits would only be checked when a new message is stored, and a kiosk nobody leaves
+    messages on would keep old ones (and quarantined files) for ever. A failing pass (card error) is logged
+    and the timer goes on.
+    """
+    while True:
+        try:
+            # Thread boundary: unlinks and fsyncs run in the executor; the loop keeps serving audio.
+            dropped = await asyncio.to_thread(spool.enforce_retention)
+        except (KioskError, OSError, sqlite3.Error) as error:
+            _LOGGER.error("retention pass on the spool %s failed: %s", spool.directory, error)
+        else:
+            if on_run is not None:
+                on_run(dropped)
+        await asyncio.sleep(interval_seconds)
+
 
 def spool_warning(stats: SpoolStats, warn_fraction: float) -> str:
     """A line for staff when the spool drops messages or nears a retention limit ('' when all is well)."""
@@ -699,6 +919,9 @@ def spool_warning(stats: SpoolStats, warn_fraction: float) -> str:
         parts.append(f"free space below spool.min_free_mb ({stats.free_bytes / 1048576:.0f} MB free)")
     elif stats.retention_fraction >= warn_fraction:
         parts.append(f"spool at {stats.retention_fraction:.0%} of its age or free-space limit: check delivery")
+    if stats.quarantined_files:
+        parts.append(f"{stats.quarantined_files} file(s) in quarantine/ (deleted after "
+                     "spool.quarantine_max_age_days): see docs/offline.md")
     return "; ".join(parts)
 
 

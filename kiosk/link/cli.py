@@ -33,8 +33,9 @@ async def _check(settings: Settings, *, join: bool) -> int:
     from kiosk.events import Event, SessionOpened
     from kiosk.link.livekit import LiveKitRoomLink
     from kiosk.link.session_api import SessionApi, SessionRefused
+    from kiosk.transport import redact_url
 
-    api = SessionApi(settings.session)
+    api = SessionApi.from_settings(settings)
     if not join:
         try:
             grant = await api.open_session()
@@ -44,7 +45,8 @@ async def _check(settings: Settings, *, join: bool) -> int:
         finally:
             await api.aclose()
         profile = grant.profile.llm_model if grant.profile else "-"
-        print(f"session {grant.session_id} ({profile}) at {grant.livekit_url}, expires {grant.expires_at:%H:%M:%S}")
+        print(f"session {grant.session_id} ({profile}) at {redact_url(grant.livekit_url)}, expires "
+              f"{grant.expires_at:%H:%M:%S}")
         return 0
 
     events: list[Event] = []

@@ -8,8 +8,13 @@
 - ``push_frame()`` takes 10 ms frames from the audio engine into a small drop-oldest queue that a task
   hands to LiveKit; received agent audio (``rtc.AudioStream`` 16 kHz mono, 10 ms) goes to the
   ``PlayoutSink``;
-- the agent's ``lk.agent.state`` attribute becomes ``AgentStateChanged``; captions on ``lk.transcription``
-  are logged and the last exchange kept in ``Status``;
+- only the trusted agent counts (``is_trusted_agent``: participant kind AGENT and, where the session API names
+  it, its identity): its audio is the only track subscribed (``auto_subscribe=False``) and played, its
+  ``lk.agent.state`` attribute becomes ``AgentStateChanged``, its captions on ``lk.transcription`` are read
+  (capped at ``MAX_CAPTION_CHARS``), and only it may subscribe to the kiosk's microphone (track subscription
+  permissions); any other participant's tracks, attributes and streams are ignored;
+- captions are personal data: only their lengths are logged and shown in ``Status``; the text is kept in
+  memory only (``captions``, for the development demo's report), never logged or served;
 - ``interrupt_agent()`` calls the RPC method the agent registers (``livekit.interrupt_rpc_method``,
   ``kiosk.interrupt``) and drops the agent audio still in flight;
 - SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
@@ -29,7 +34,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 from livekit import rtc
@@ -44,10 +49,12 @@ from kiosk.events import (
     SessionClosed,
     SessionOpened,
 )
+from kiosk.link.replies import describe_error
 from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
 from kiosk.metrics import Exchange, Metrics, Status, credit_burn_per_talk_minute, default_metrics
 from kiosk.ports import EventSink, Pcm, PlayoutSink
 from kiosk.settings import Settings
+from kiosk.transport import redact_url
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -65,6 +72,31 @@ LATENCY_SAMPLES_KEPT = 20000
 # Decoded "silence" is not all zeros (codec noise of +-1 LSB): frames whose peak stays at or below this count
 # as silent (about -66 dBFS).
 SILENCE_PEAK = 16
+# Longest caption read from one text stream (characters); the rest of a longer stream is not read.
+MAX_CAPTION_CHARS = 4096
+# Caption segments remembered per exchange (their lengths, for Status); the oldest is forgotten first.
+MAX_SEGMENTS = 64
+CAPTIONS_KEPT = 100
+
+
+class _Participant(Protocol):
+    @property
+    def identity(self) -> str: ...
+
+    @property
+    def kind(self) -> int: ...
+
+
+def is_trusted_agent(participant: _Participant, agent_identity: str | None) -> bool:
+    """Whether ``participant`` is the session's agent: kind AGENT, and the identity the API named (if it did).
+
+    Only a token the backend mints can make a participant of kind AGENT; anyone else who obtains a room token
+    (kind STANDARD) is not trusted, whatever attributes they set. Event handlers and RPC handlers both
+    decide with this (``LiveKitRoomLink.trusts(identity)``).
+    """
+    if participant.kind != rtc.ParticipantKind.PARTICIPANT_KIND_AGENT:
+        return False
+    return agent_identity is None or participant.identity == agent_identity
 
 
 @dataclass(frozen=True)
@@ -96,7 +128,7 @@ class LiveKitRoomLink:
         self._lk = settings.livekit
         self._post = events
         self._playout = playout
-        self._api = session_api or SessionApi(settings.session)
+        self._api = session_api or SessionApi.from_settings(settings)
         self.metrics = metrics or default_metrics()
         self.status = status or Status()
         self._clock = clock
@@ -124,14 +156,15 @@ class LiveKitRoomLink:
         self._press_at: float | None = None
         self._session_streamed_s = 0.0
         self._session_agent_s = 0.0
-        self._segments: dict[str, str] = {}  # visitor segments of the current exchange
-        self._agent_segments: dict[str, str] = {}  # agent segments of the current exchange
+        self._segments: dict[str, int] = {}  # characters of the visitor segments of the current exchange
+        self._agent_segments: dict[str, int] = {}  # characters of the agent segments of the current exchange
         # Figures for benchmarks and the session report (bounded).
         self.capture_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES_KEPT)
         self.playout_latencies_s: deque[float] = deque(maxlen=LATENCY_SAMPLES_KEPT)
         self.press_to_live_s: list[float] = []
         self.connect_seconds: float | None = None
-        self.captions: deque[Caption] = deque(maxlen=100)
+        # Caption text, in memory only (the development demo's report); never logged, never in Status.
+        self.captions: deque[Caption] = deque(maxlen=CAPTIONS_KEPT)
         self.timeline: list[tuple[float, str]] = []
 
     # ------------------------------------------------------------------ helpers
@@ -162,6 +195,22 @@ class LiveKitRoomLink:
         """The rtc room (tests use it for ``simulate_scenario``)."""
         return self._room
 
+    def trusts(self, identity: str) -> bool:
+        """Whether the remote participant ``identity`` is the open session's trusted agent.
+
+        For handlers that only get an identity (RPC invocations, text streams): refuse or ignore the rest.
+        """
+        room, grant = self._room, self._grant
+        if room is None or grant is None:
+            return False
+        participant = room.remote_participants.get(identity)
+        return participant is not None and is_trusted_agent(participant, grant.agent_identity)
+
+    def _trusted(self, participant: rtc.Participant) -> bool:
+        grant = self._grant
+        return (isinstance(participant, rtc.RemoteParticipant) and grant is not None
+                and is_trusted_agent(participant, grant.agent_identity))
+
     # ------------------------------------------------------------------ RoomLink
     async def open(self) -> None:
         """Get a session and connect; posts SessionOpened, ApiRefused or LinkLost (never raises for those)."""
@@ -186,15 +235,28 @@ class LiveKitRoomLink:
         self._wire(room)
         self._room = room
         try:
+            # Nothing is subscribed by itself: only the trusted agent's audio is (see _adopt).
             await room.connect(grant.livekit_url, grant.token.get_secret_value(),
-                               rtc.RoomOptions(auto_subscribe=True))
+                               rtc.RoomOptions(auto_subscribe=False))
         except rtc.ConnectError as error:
             self._room = None
             self.metrics.links_lost.inc()
             self._mark("connect failed")
-            self._post(LinkLost(f"cannot connect to {grant.livekit_url}: {error}"))
+            # The SDK's message may carry the connect URL with the room token in its query: redacted.
+            self._post(LinkLost(f"cannot connect to {redact_url(grant.livekit_url)}: {describe_error(error)}"))
             return
         self._mark("connected")
+        try:
+            # Before the microphone is published: nobody but the agent may subscribe to it.
+            self._restrict_subscribers(room)
+        except Exception as error:  # the SDK raises plain exceptions; without the restriction nothing is published
+            await self._teardown()
+            self.metrics.links_lost.inc()
+            self._post(LinkLost(f"cannot restrict who may hear the microphone in {grant.session_id}: "
+                                f"{describe_error(error)}"))
+            return
+        for participant in list(room.remote_participants.values()):
+            self._adopt(participant)
         self._source = rtc.AudioSource(RATE_HZ, 1, queue_size_ms=self._lk.publish_queue_ms)
         self._track = rtc.LocalAudioTrack.create_audio_track("kiosk-mic", self._source)
         if not self._publishing:
@@ -205,7 +267,7 @@ class LiveKitRoomLink:
         except Exception as error:  # the SDK raises its own plain exception types when publishing fails
             await self._teardown()
             self.metrics.links_lost.inc()
-            self._post(LinkLost(f"cannot publish the microphone in {grant.session_id}: {error}"))
+            self._post(LinkLost(f"cannot publish the microphone in {grant.session_id}: {describe_error(error)}"))
             return
         self._mic_sid = publication.sid
         self._sender = self._spawn(self._send_loop(self._source))
@@ -343,15 +405,43 @@ class LiveKitRoomLink:
             await stream.aclose()
 
     # ------------------------------------------------------------------ room events
-    def _is_agent(self, participant: rtc.RemoteParticipant) -> bool:
-        return bool(participant.kind == rtc.ParticipantKind.PARTICIPANT_KIND_AGENT
-                    or STATE_ATTRIBUTE in participant.attributes)
+    def _restrict_subscribers(self, room: rtc.Room) -> None:
+        """Allow only the trusted agent (named, or present) to subscribe to the kiosk's tracks."""
+        allowed = {p.identity for p in room.remote_participants.values() if self._trusted(p)}
+        if self._grant is not None and self._grant.agent_identity is not None:
+            allowed.add(self._grant.agent_identity)
+        room.local_participant.set_track_subscription_permissions(
+            allow_all_participants=False,
+            participant_permissions=[rtc.ParticipantTrackPermission(participant_identity=identity, allow_all=True)
+                                     for identity in sorted(allowed)])
+
+    def _adopt(self, participant: rtc.RemoteParticipant) -> None:
+        """A trusted agent is present: remember it, let it hear the microphone, subscribe to its audio."""
+        if not self._trusted(participant):
+            return
+        room = self._room
+        known = participant.identity == self._agent_identity
+        self._agent_identity = participant.identity
+        if self._agent_gone is not None:
+            self._agent_gone.cancel()
+            self._agent_gone = None
+        if room is not None and not known and (self._grant is None or self._grant.agent_identity is None):
+            try:
+                self._restrict_subscribers(room)
+            except Exception as error:  # the SDK raises plain exceptions; the agent then cannot hear the visitor
+                _LOGGER.warning("cannot let the agent subscribe to the microphone: %s", error)
+        for publication in participant.track_publications.values():
+            self._subscribe(publication, participant)
+
+    def _subscribe(self, publication: rtc.RemoteTrackPublication, participant: rtc.RemoteParticipant) -> None:
+        if publication.kind == rtc.TrackKind.KIND_AUDIO and not publication.subscribed and self._trusted(participant):
+            publication.set_subscribed(True)
 
     def _agent_state(self, value: str) -> None:
         try:
             state = AgentState(value)
         except ValueError:
-            _LOGGER.warning("unknown %s value %r ignored", STATE_ATTRIBUTE, value)
+            _LOGGER.warning("unknown %s value %r ignored", STATE_ATTRIBUTE, value[:40])
             return
         self.status.agent_state = state.value
         self._mark(f"agent {state.value}")
@@ -359,9 +449,15 @@ class LiveKitRoomLink:
 
     def _wire(self, room: rtc.Room) -> None:
         # These callbacks run on the loop and are plain functions (the SDK's rule): they start tasks only.
+        @room.on("track_published")
+        def _published(pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
+            self._subscribe(pub, who)
+
         @room.on("track_subscribed")
         def _subscribed(track: rtc.Track, pub: rtc.RemoteTrackPublication, who: rtc.RemoteParticipant) -> None:
-            if track.kind != rtc.TrackKind.KIND_AUDIO or not self._is_agent(who):
+            if track.kind != rtc.TrackKind.KIND_AUDIO or not self._trusted(who):
+                # Never asked for (auto_subscribe is off); whatever it is, it is not played.
+                pub.set_subscribed(False)
                 return
             self._agent_identity = who.identity
             if self._receiver is not None:
@@ -371,11 +467,7 @@ class LiveKitRoomLink:
 
         @room.on("participant_connected")
         def _joined(who: rtc.RemoteParticipant) -> None:
-            if self._is_agent(who):
-                self._agent_identity = who.identity
-                if self._agent_gone is not None:
-                    self._agent_gone.cancel()
-                    self._agent_gone = None
+            self._adopt(who)
 
         @room.on("participant_disconnected")
         def _left(who: rtc.RemoteParticipant) -> None:
@@ -388,7 +480,7 @@ class LiveKitRoomLink:
 
         @room.on("participant_attributes_changed")
         def _attributes(changed: dict[str, str], who: rtc.Participant) -> None:
-            if STATE_ATTRIBUTE in changed and isinstance(who, rtc.RemoteParticipant):
+            if STATE_ATTRIBUTE in changed and self._trusted(who):
                 self._agent_state(changed[STATE_ATTRIBUTE])
 
         @room.on("reconnecting")
@@ -410,7 +502,16 @@ class LiveKitRoomLink:
                 self._give_up.cancel()
                 self._give_up = None
             self._mark("reconnected")
-            if not any(self._is_agent(p) for p in room.remote_participants.values()):
+            try:
+                # A full reconnect is a new participant session for the server: restrict its subscribers again.
+                self._restrict_subscribers(room)
+            except Exception as error:  # the SDK raises plain exceptions
+                self._spawn(self._lost(f"cannot restrict who may hear the microphone after a reconnect: "
+                                      f"{describe_error(error)}"))
+                return
+            for participant in list(room.remote_participants.values()):
+                self._adopt(participant)
+            if not any(self._trusted(p) for p in room.remote_participants.values()):
                 self._start_agent_grace()
             self._post(LinkUp())
 
@@ -429,7 +530,7 @@ class LiveKitRoomLink:
 
     def _on_agent_gone(self) -> None:
         self._agent_gone = None
-        if self._room is None or any(self._is_agent(p) for p in self._room.remote_participants.values()):
+        if self._room is None or any(self._trusted(p) for p in self._room.remote_participants.values()):
             return
         self._mark("agent left")
 
@@ -454,33 +555,46 @@ class LiveKitRoomLink:
         self._post(LinkLost(reason))
 
     def _on_caption(self, reader: rtc.TextStreamReader, participant_identity: str) -> None:
+        if not self.trusts(participant_identity):
+            # Anyone in the room can send on the topic: only the agent's captions are read.
+            reader.close()
+            _LOGGER.debug("caption stream from a participant that is not the agent ignored")
+            return
         self._spawn(self._read_caption(reader))
 
     async def _read_caption(self, reader: rtc.TextStreamReader) -> None:
+        parts: list[str] = []
+        size = 0
         try:
-            text = (await reader.read_all()).strip()
+            async for chunk in reader:
+                parts.append(chunk[: MAX_CAPTION_CHARS - size])
+                size += len(parts[-1])
+                if size >= MAX_CAPTION_CHARS:
+                    reader.close()  # the rest is not read: a caption is a line, not a document
+                    break
         except rtc.StreamError as error:
             _LOGGER.debug("caption stream ended early: %s", error)
             return
+        text = "".join(parts).strip()
         attributes = reader.info.attributes or {}
-        segment = attributes.get("lk.segment_id", reader.info.stream_id)
+        segment = attributes.get("lk.segment_id", reader.info.stream_id)[:128]
         speaker = "visitor" if attributes.get("lk.transcribed_track_id") == self._mic_sid else "agent"
         final = attributes.get("lk.transcription_final", "true") == "true"
         self.captions.append(Caption(self._now(), speaker, text, segment, final))
-        _LOGGER.info("caption %s: %s", speaker, text)
+        # Personal data: the words stay out of the journal and /status; their length is enough to follow along.
+        _LOGGER.debug("caption from the %s: %d characters", speaker, len(text))
         if speaker == "visitor":
             if segment not in self._segments:
                 # A new visitor segment starts a new exchange (the visitor's stream repeats the full text).
                 self._segments.clear()
                 self._agent_segments.clear()
-                self.status.last_exchange = Exchange(visitor=text)
-            else:
-                self.status.last_exchange.visitor = text
-            self._segments[segment] = text
+                self.status.last_exchange = Exchange()
+            _remember(self._segments, segment, len(text))
+            self.status.last_exchange.visitor_chars = len(text)
         else:
-            self._agent_segments[segment] = text
-            self.status.last_exchange.agent = " ".join(
-                t for s, t in self._agent_segments.items() if s not in self._segments)
+            _remember(self._agent_segments, segment, len(text))
+            self.status.last_exchange.agent_chars = sum(
+                n for s, n in self._agent_segments.items() if s not in self._segments)
 
     # ------------------------------------------------------------------ teardown
     async def _teardown(self) -> None:
@@ -516,3 +630,11 @@ class LiveKitRoomLink:
         self.status.session_id = ""
         self.status.agent_state = ""
         self._mark("session ended")
+
+
+def _remember(segments: dict[str, int], segment: str, chars: int) -> None:
+    """Keep a segment's length; the oldest segment goes once ``MAX_SEGMENTS`` are kept."""
+    segments.pop(segment, None)
+    segments[segment] = chars
+    while len(segments) > MAX_SEGMENTS:
+        segments.pop(next(iter(segments)))

@@ -45,7 +45,7 @@ from kiosk.link.backoff import Backoff
 from kiosk.settings import Settings
 from kiosk.state import KioskState, MessageStep, Phase, Transition
 from kiosk_dev.agent import DEFAULT_ANSWER
-from kiosk_dev.demo import demo_settings
+from kiosk_dev.demo import demo_settings, operator_key
 from kiosk_dev.pulse import HEADSET_DEVICE, HEADSET_MIC_SINK, PulseServer
 from kiosk_dev.speech import espeak, normalise
 from kiosk_dev.stack import LocalStack
@@ -364,13 +364,19 @@ async def test_the_consent_notice_plays_before_anything_reaches_the_agent(open_a
 
 # ---------------------------------------------------------------------------------------------- offline
 @contextlib.contextmanager
-def endpoint_across_the_link(stack: LocalStack) -> Any:
-    """The stand-in message endpoint in the server-side namespace, so delivery needs the veth link."""
+def endpoint_across_the_link(stack: LocalStack, tmp_path: Path) -> Any:
+    """The stand-in message endpoint in the server-side namespace, so delivery needs the veth link.
+
+    It expects the demo's delivery credential and opens each message with the demo's operator key (the one
+    ``demo_settings`` seals to: ``operator.key`` beside the spool).
+    """
     network = stack.network
     assert network is not None
+    key_file = tmp_path / "operator.key"
+    operator_key(key_file)
     process = subprocess.Popen(network.server_command(
         [sys.executable, "-m", "kiosk_dev.message_endpoint", "--host", network.server_ip, "--port",
-         str(ENDPOINT_PORT), f"--token={stack.credential}"]), stdout=subprocess.PIPE, text=True)
+         str(ENDPOINT_PORT), "--private-key", str(key_file)]), stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout is not None
         ready, _, _ = select.select([process.stdout], [], [], 20.0)
@@ -388,11 +394,24 @@ def received(url: str) -> dict[str, Any]:
         return summary
 
 
-async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, stack: LocalStack) -> None:
+async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, stack: LocalStack,
+                                                             tmp_path: Path) -> None:
+    import time
+
+    from kiosk.fallback.sealing import parse_key
+    from kiosk.fallback.spool import Spool
+
     assert stack.network is not None
-    with endpoint_across_the_link(stack) as url:
+    with endpoint_across_the_link(stack, tmp_path) as url:
+        # A message left 40 days ago (past the default 30-day limit) and never collected: the service's
+        # retention timer deletes it when it starts, before anyone stores anything.
+        with Spool(tmp_path / "spool", recipient_public_key=parse_key(operator_key(tmp_path / "operator.key")),
+                   wall_clock=lambda: time.time() - 40 * 86400) as old_spool:
+            expired = old_spool.store(np.zeros(1600, dtype=np.int16))
         app = await open_app(delivery={"url": url, "retry_base_seconds": 0.2, "retry_max_seconds": 1.0,
                                        "request_timeout_seconds": 2.0})
+        assert await app.until(lambda: not app.kiosk.spool.messages(), 5), app.kiosk.spool.messages()
+        assert app.kiosk.spool.dropped_total == 1 and expired not in received(url)["stored"]
         stack.network.set_link(False)  # the outage, while idle
         pressed = await app.tap()
         refused = (await app.wait_event(ApiRefused, 10, pressed)).event
@@ -418,7 +437,7 @@ async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, 
         assert app.cues(record_press) == ["recording_tone", "message_stored"]
         assert app.state.phase is Phase.OFFLINE
         [message] = app.kiosk.spool.messages()  # durably stored, not delivered while the link is down
-        assert message.id == stored.message_id and message.state == "stored"
+        assert message.id == stored.message_id and message.state == "stored" and message.sealed
         words_seconds = len(words) / 16000
         voice = [(round(e.at - tone.at, 2), type(e.event).__name__) for e in app.entries
                  if e.at >= record_press and type(e.event).__name__.startswith(("Voice", "CueFinished"))]
@@ -436,6 +455,8 @@ async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, 
         summary = await asyncio.to_thread(received, url)
     assert summary["stored"] == {stored.message_id: sha256}
     assert summary["store_count"] == {stored.message_id: 1}
+    # The endpoint opened it with the operator's key: the recording arrived whole.
+    assert summary["opened"][stored.message_id]["seconds"] == pytest.approx(message.duration_seconds, abs=1e-3)
     print(f"\noffline: message of {message.duration_seconds:.2f} s stored, delivered after the link came back "
           f"in {summary['posts'][stored.message_id]} upload(s), stored once")
 
@@ -502,10 +523,11 @@ async def test_credits_exhausted_keeps_the_message_offer(open_app: OpenApp, stac
 
 
 async def test_a_message_left_while_the_network_is_up_is_delivered_at_once(open_app: OpenApp,
-                                                                          stack: LocalStack) -> None:
+                                                                          stack: LocalStack,
+                                                                          tmp_path: Path) -> None:
     """Offline for maintenance while the network is up: the probe keeps the kiosk offline (no LinkUp), so only
     the store itself can wake delivery (the spool is the controller's message store); the idle pass is 600 s."""
-    with endpoint_across_the_link(stack) as url:
+    with endpoint_across_the_link(stack, tmp_path) as url:
         app = await open_app(delivery={"url": url, "retry_base_seconds": 0.2, "retry_max_seconds": 1.0,
                                        "request_timeout_seconds": 2.0})
         stack.set_model_status("gpt-realtime", "maintenance")
@@ -524,7 +546,7 @@ async def test_a_message_left_while_the_network_is_up_is_delivered_at_once(open_
         assert app.state.phase is Phase.OFFLINE
         assert not [e for e in app.entries if e.at >= pressed and isinstance(e.event, LinkUp)]
         summary = await asyncio.to_thread(received, url)
-    assert summary["store_count"] == {stored.message_id: 1}
+    assert summary["store_count"] == {stored.message_id: 1} and list(summary["opened"]) == [stored.message_id]
     print(f"\nstored while the network was up: delivered {delivered_after:.2f} s after it was stored")
 
 

@@ -115,3 +115,33 @@ async def test_device_unplug_posts_lost_and_replug_found(pulse_devices: PulseSer
         await engine.aclose()
     assert not engine.lost
     assert engine.device_losses == 1
+
+
+@pytest.mark.parametrize("freeze_seconds", [1.5, 3.0])
+async def test_a_stall_is_recovered_in_place_and_the_answer_goes_on(pulse_devices: PulseServer,
+                                                                   freeze_seconds: float) -> None:
+    """The sound server stops for a while (as a busy Pi or a USB reset stalls the stream): no DeviceLost, the
+    stream restarts in place, the agent's queued answer is still played out, and capture resumes."""
+    sink = Recorder()
+    engine = AudioEngine(settings_for(device_timeout_ms=1000), sink, sink)
+    await engine.start()
+    answer = (np.sin(np.arange(16000 * 6) / 7.0) * 6000).astype(np.int16)  # 6 s of "agent audio"
+    try:
+        await until(lambda: engine.frames_processed > 50, 10)
+        writer = asyncio.create_task(engine.write(answer))
+        await sink.wait_for(PlaybackStarted, 5)
+        await asyncio.sleep(0.5)
+        pulse_devices.freeze()
+        await asyncio.sleep(freeze_seconds)
+        pulse_devices.thaw()
+        frames = engine.frames_processed
+        await until(lambda: engine.frames_processed > frames + 100, 15)  # capture is back
+        await asyncio.wait_for(writer, 15)  # the answer was taken up again, none of it thrown away
+        await sink.wait_for(PlaybackFinished, 15)
+    finally:
+        pulse_devices.thaw()
+        await engine.aclose()
+    assert not sink.of(DeviceLost), engine.stats()
+    # One stall from the freeze (a loaded machine may add one of its own): each recovered in place.
+    assert engine.stalls >= 1 and engine.recoveries == engine.stalls, engine.stats()
+    assert engine.dropped_playout_samples == 0

@@ -91,6 +91,25 @@ def test_played_signal_comes_back_through_the_room(pulse_devices: PulseServer, c
     assert len(good) >= max(1, len(echoes) // 2), f"echoes (score, lag): {echoes}"
 
 
+@pytest.mark.parametrize("rate", [None, 48000])
+def test_the_beam_over_the_rooms_two_channels_brings_the_played_signal_back(pulse_devices: PulseServer,
+                                                                           rate: int | None) -> None:
+    # The room's two channels as a two-microphone array (one on each side of the front axis): the sound
+    # server writes the same signal to both, which is a wave from straight ahead, the beam's look direction.
+    settings = AudioSettings(capture_device=ARRAY_DEVICE, playback_device=ARRAY_DEVICE, device_rate_hz=rate,
+                             channel="beam", array_channels=2)
+    io = AudioIO(settings)
+    with VirtualRoom(pulse_devices, echo_gain_db=-6.0, rir=np.ones(1, dtype=np.float32)):
+        mic, ref = run_io(io, 6.0, noise_bursts(6))
+    assert io.layout is not None and io.layout.beam is not None
+    assert io.layout.capture_channels == 2
+    assert "beam over channels 0-1" in io.layout.describe()
+    echoes = burst_echoes(mic, ref)
+    assert len(echoes) >= 2, "fewer than two bursts were played and captured"
+    good = [lag for score, lag in echoes if score > 0.4]
+    assert len(good) >= max(1, len(echoes) // 2), f"echoes (score, lag): {echoes}"
+
+
 def test_silence_in_silence_out(pulse_devices: PulseServer) -> None:
     io = AudioIO(AudioSettings(capture_device=ARRAY_DEVICE, playback_device=ARRAY_DEVICE, channel="mix"))
     with VirtualRoom(pulse_devices):

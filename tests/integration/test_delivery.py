@@ -23,16 +23,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 
+from kiosk.audio.format import encode_wav
 from kiosk.fallback.delivery import Deliverer, Uploader, deliver_pass
+from kiosk.fallback.sealing import MAGIC
 from kiosk.fallback.spool import Spool
 from kiosk.link.backoff import Backoff
-from kiosk_dev.message_endpoint import MessageEndpoint
+from kiosk_dev.message_endpoint import DEFAULT_TOKEN, MessageEndpoint
 
 if TYPE_CHECKING:
-    from fixtures.fallback import RunningEndpoint
+    from fixtures.fallback import OperatorKeys, RunningEndpoint
     from kiosk_dev.netns import PrivateNetwork
 
-TOKEN = "device-secret"
+TOKEN = DEFAULT_TOKEN  # delivery's own credential, as the stand-in endpoint expects it
 
 
 def speech_like(seed: int, seconds: float) -> np.ndarray:
@@ -48,26 +50,35 @@ async def wait_until_empty(spool: Spool, limit_seconds: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def check_exactly_once(endpoint: MessageEndpoint, expected: dict[str, str]) -> None:
+def check_exactly_once(endpoint: MessageEndpoint, expected: dict[str, str],
+                       recorded: dict[str, bytes] | None = None) -> None:
+    """Each expected message stored once with its checksum; opened with the operator's key, the WAV recorded."""
     assert set(endpoint.stored) == set(expected), "lost or foreign messages at the endpoint"
     assert all(count == 1 for count in endpoint.store_count.values()), "a message was stored twice"
     for key, sha in expected.items():
         received = endpoint.stored[key]
         assert hashlib.sha256(received.audio).hexdigest() == sha == received.metadata["sha256"]
-        assert received.metadata["id"] == key
+        assert received.metadata["id"] == key and received.audio.startswith(MAGIC)
+        if recorded is not None:
+            assert received.wav == recorded[key], "the audio did not arrive intact"
 
 
-async def test_faults_lose_nothing_and_duplicate_nothing(tmp_path: Path) -> None:
-    endpoint = MessageEndpoint(token=TOKEN, slow_seconds=2.5)
+async def test_faults_lose_nothing_and_duplicate_nothing(tmp_path: Path, operator_keys: OperatorKeys) -> None:
+    endpoint = MessageEndpoint(token=TOKEN, private_key=operator_keys.private, slow_seconds=2.5)
+
+
     # Per request, in order: the first message meets a 500, a timeout before storing, then goes through;
     # the second's ack is lost to a timeout; the third's connection drops after it was stored; ...
     endpoint.script(["fail", "slow", "ok", "slow_after_store", "ok", "drop_after_store", "ok", "fail", "ok"])
     url = await endpoint.start()
     expected: dict[str, str] = {}
-    with Spool(tmp_path) as spool:
+    recorded: dict[str, bytes] = {}
+    with Spool(tmp_path, recipient_public_key=operator_keys.public) as spool:
         for i in range(6):
-            message_id = spool.store(speech_like(i, 0.5 + i * 0.4))
+            pcm = speech_like(i, 0.5 + i * 0.4)
+            message_id = spool.store(pcm)
             expected[message_id] = spool.get(message_id).sha256
+            recorded[message_id] = encode_wav(pcm)
         uploader = Uploader(url, TOKEN, timeout_seconds=1.0)
         deliverer = Deliverer(spool, uploader.upload, Backoff(0.05, 0.2, rng=random.Random(1)))
         task = asyncio.create_task(deliverer.run())
@@ -84,18 +95,18 @@ async def test_faults_lose_nothing_and_duplicate_nothing(tmp_path: Path) -> None
             await uploader.aclose()
             await endpoint.aclose()
         assert list((tmp_path / "audio").iterdir()) == []
-    check_exactly_once(endpoint, expected)
+    check_exactly_once(endpoint, expected, recorded)
     first, second, third = list(expected)[:3]
     assert endpoint.posts[first] == 3  # 500, timeout, ok
     assert endpoint.posts[second] == 2 and endpoint.posts[third] == 2  # acked twice: lost ack, then duplicate
     assert deliverer.delivered_total == 6 and deliverer.failed_attempts_total == 5
 
 
-async def test_rejected_credential_keeps_messages(tmp_path: Path) -> None:
+async def test_rejected_credential_keeps_messages(tmp_path: Path, operator_keys: OperatorKeys) -> None:
     endpoint = MessageEndpoint(token=TOKEN)
     url = await endpoint.start()
     try:
-        with Spool(tmp_path) as spool:
+        with Spool(tmp_path, recipient_public_key=operator_keys.public) as spool:
             message_id = spool.store(speech_like(9, 1.0))
             wrong = Uploader(url, "stolen-or-stale", timeout_seconds=2)
             results = await deliver_pass(spool, wrong.upload)
@@ -112,13 +123,40 @@ async def test_rejected_credential_keeps_messages(tmp_path: Path) -> None:
     assert endpoint.rejected == 1 and list(endpoint.stored) == [message_id]
 
 
-async def test_fixtures_deliver_end_to_end(spool: Spool, message_endpoint: RunningEndpoint) -> None:
-    message_id = await spool.store_async(speech_like(80, 1.0))
+async def test_fixtures_deliver_end_to_end(spool: Spool, message_endpoint: RunningEndpoint,
+                                          operator_keys: OperatorKeys) -> None:
+    pcm = speech_like(80, 1.0)
+    message_id = await spool.store_async(pcm)
+    sealed_sha = spool.get(message_id).sha256
     uploader = Uploader(message_endpoint.url, TOKEN, timeout_seconds=2)
     results = await deliver_pass(spool, uploader.upload)
     await uploader.aclose()
     assert [(r.message_id, r.status) for r in results] == [(message_id, 201)]
     assert list(message_endpoint.stored) == [message_id] and spool.messages() == []
+    # What travelled is the sealed file; the operator's key opens it to the recording.
+    received = message_endpoint.stored[message_id]
+    wav = encode_wav(pcm)
+    assert received.audio.startswith(MAGIC) and wav[44:1044] not in received.audio
+    assert received.wav == wav
+    meta = received.metadata
+    assert meta["sha256"] == sealed_sha and meta["format"] == "kiosk-sealed-1" and meta["duration_seconds"] == 1.0
+    assert hashlib.sha256(wav).hexdigest() not in json.dumps(meta)  # nothing derived from the content
+
+
+async def test_the_endpoint_refuses_plain_audio(message_endpoint: RunningEndpoint) -> None:
+    """A kiosk that sent a plain WAV (as before messages were sealed) is refused, so the tests above would fail."""
+    import aiohttp
+
+    wav = encode_wav(speech_like(81, 0.5))
+    key = "0b5e1d2c-0000-4000-8000-000000000001"
+    form = aiohttp.FormData()
+    form.add_field("metadata", json.dumps({"id": key, "sha256": hashlib.sha256(wav).hexdigest()}),
+                   content_type="application/json")
+    form.add_field("audio", wav, filename=f"{key}.wav", content_type="audio/wav")
+    headers = {"Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key}
+    async with aiohttp.ClientSession() as http, http.post(message_endpoint.url, data=form, headers=headers) as reply:
+        assert reply.status == 400 and "plain audio" in (await reply.json())["error"]
+    assert message_endpoint.stored == {} and message_endpoint.rejected == 1
 
 
 async def test_service_wiring_store_wakes_delivery(spool: Spool, message_endpoint: RunningEndpoint) -> None:
@@ -128,9 +166,10 @@ async def test_service_wiring_store_wakes_delivery(spool: Spool, message_endpoin
     from kiosk.settings import DeliverySettings, SessionSettings, Settings
 
     assert Deliverer.from_settings(Settings(), spool) is None  # no URL: messages stay on the kiosk
+    # Delivery's own credential goes to the endpoint; the session API's (a different secret) never does.
     settings = Settings(delivery=DeliverySettings(url=message_endpoint.url, retry_base_seconds=0.05,
-                                                  retry_max_seconds=0.2),
-                        session=SessionSettings(credential=SecretStr(TOKEN)))
+                                                  retry_max_seconds=0.2, credential=SecretStr(TOKEN)),
+                        session=SessionSettings(credential=SecretStr("session-api-secret")))
     passes: list[int] = []
     deliverer = Deliverer.from_settings(settings, spool, on_pass=lambda results: passes.append(len(results)))
     assert deliverer is not None
@@ -149,47 +188,101 @@ async def test_service_wiring_store_wakes_delivery(spool: Spool, message_endpoin
         await asyncio.gather(task, return_exceptions=True)
         await deliverer.aclose()
     assert list(message_endpoint.stored) == [message_id] and passes == [1, 1]
+    assert message_endpoint.rejected == 0
+
+
+def test_the_stand_in_endpoint_answers_any_body_without_failing(operator_keys: OperatorKeys) -> None:
+    """Whatever arrives (not multipart, broken multipart, bad JSON, plain or damaged audio), the stand-in answers
+    4xx and stores nothing: a test that sends something wrong fails on the answer, not on a crashed server."""
+    import urllib.error
+    import urllib.request
+
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kiosk.fallback.sealing import seal
+    from kiosk_dev.message_endpoint import endpoint_in_thread
+
+    endpoint = MessageEndpoint(token=TOKEN, private_key=operator_keys.private)
+    key = "0b5e1d2c-0000-4000-8000-000000000002"
+
+    def part(name: str, value: bytes) -> bytes:
+        return (f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n').encode() + value + b"\r\n"
+
+    def multipart(meta: bytes, audio: bytes) -> bytes:
+        return part("metadata", meta) + part("audio", audio) + b"--b--\r\n"
+
+    sealed_noise = st.builds(lambda tail: seal(b"RIFF" + tail, operator_keys.public), st.binary(max_size=64))
+    audio = st.one_of(st.binary(max_size=200), sealed_noise)
+    bodies = st.one_of(
+        st.binary(max_size=300),
+        st.builds(lambda meta, data: multipart(meta, data), st.binary(max_size=80), audio),
+        st.builds(lambda data: multipart(json.dumps({"id": key, "sha256": hashlib.sha256(data).hexdigest()})
+                                         .encode(), data), audio))
+
+    with endpoint_in_thread(endpoint) as url:
+        @settings(max_examples=60, deadline=None, derandomize=True)
+        @given(bodies)
+        def answered(body: bytes) -> None:
+            request = urllib.request.Request(url, data=body, method="POST", headers={
+                "Authorization": f"Bearer {TOKEN}", "Idempotency-Key": key,
+                "Content-Type": "multipart/form-data; boundary=b"})
+            try:
+                with urllib.request.urlopen(request, timeout=10) as reply:
+                    status = reply.status
+            except urllib.error.HTTPError as error:
+                status = error.code
+            assert status == 400, status
+
+        answered()
+    assert endpoint.stored == {}
 
 
 def test_staff_deliver_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                               capsys: pytest.CaptureFixture[str]) -> None:
+                               capsys: pytest.CaptureFixture[str], operator_keys: OperatorKeys) -> None:
     from kiosk.__main__ import main
     from kiosk_dev.message_endpoint import endpoint_in_thread
 
     monkeypatch.setattr("kiosk.__main__.setup_logging", lambda level: None)  # keep pytest's log capture
-    with Spool(tmp_path) as spool:
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with Spool(tmp_path, recipient_public_key=operator_keys.public) as spool:
         ids = [spool.store(speech_like(70 + i, 1.0)) for i in range(3)]
-    endpoint = MessageEndpoint(token=TOKEN)
+    endpoint = MessageEndpoint(token=TOKEN, private_key=operator_keys.private)
     endpoint.script(["ok", "fail"])
     monkeypatch.setenv("KIOSK_SPOOL__DIRECTORY", str(tmp_path))
-    monkeypatch.setenv("KIOSK_SESSION__CREDENTIAL", TOKEN)
+    monkeypatch.setenv("KIOSK_SESSION__CREDENTIAL", TOKEN)  # the session API's credential is not delivery's
     assert main(["messages", "deliver"]) == 2  # a configuration problem
     assert "delivery.url is unset" in capsys.readouterr().err
     with endpoint_in_thread(endpoint) as url:
         monkeypatch.setenv("KIOSK_DELIVERY__URL", url)
+        if not Path("/etc/kiosk/credentials/delivery-credential").exists():
+            assert main(["messages", "deliver"]) == 2
+            assert "delivery.credential" in capsys.readouterr().err
+        monkeypatch.setenv("KIOSK_DELIVERY__CREDENTIAL", TOKEN)
         assert main(["messages", "deliver"]) == 1  # the second upload meets a 500 and stays
         out = capsys.readouterr().out
         assert "1 delivered, 2 left" in out and "kept: HTTP 500" in out
         assert main(["messages", "deliver"]) == 0
         assert "2 delivered, 0 left" in capsys.readouterr().out
     assert list(endpoint.stored) == ids and set(endpoint.store_count.values()) == {1}
+    assert endpoint.rejected == 0 and all(r.wav is not None for r in endpoint.stored.values())
 
 
 # ---------------------------------------------------------------------- private network namespace
-def start_endpoint_across_veth() -> tuple[PrivateNetwork, subprocess.Popen[str], str]:
+def start_endpoint_across_veth(key_file: Path) -> tuple[PrivateNetwork, subprocess.Popen[str], str]:
     """Enter a private network (main thread, before any loop) and start the endpoint across the veth."""
     from kiosk_dev.netns import enter_private_network
 
     network = enter_private_network()
     server = subprocess.Popen(network.server_command(
         [sys.executable, "-m", "kiosk_dev.message_endpoint", "--host", network.server_ip, "--port", "8099",
-         "--token", TOKEN, "--slow-seconds", "1", "--faults", "fail,ok,slow_after_store,ok,drop_after_store"]),
-        stdout=subprocess.PIPE, text=True)
+         "--token", TOKEN, "--private-key", str(key_file), "--slow-seconds", "1",
+         "--faults", "fail,ok,slow_after_store,ok,drop_after_store"]), stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     return network, server, server.stdout.readline().strip()
 
 
-async def scenario(spool_dir: Path, network: PrivateNetwork, url: str) -> dict[str, object]:
+async def scenario(spool_dir: Path, network: PrivateNetwork, url: str, public_key: bytes) -> dict[str, object]:
     """The kiosk side of a veth pair, the endpoint across it in another namespace."""
     import aiohttp
 
@@ -211,15 +304,18 @@ async def scenario(spool_dir: Path, network: PrivateNetwork, url: str) -> dict[s
     record: dict[str, object] = {"first_check": str(refusal), "offline_cue": cue, "checks": checks,
                                  "cue_seconds": len(load_cue(cue)) / 16000 if cue else 0.0}
     expected: dict[str, str] = {}
-    spool = Spool(spool_dir)
+    recorded: dict[str, str] = {}  # SHA-256 of each WAV, to compare with what the endpoint opened
+    spool = Spool(spool_dir, recipient_public_key=public_key)
     sentences = ["Please call me back about the order.", "The printer on stand four is out of paper.",
                  "I will come back tomorrow morning.", "Can someone send me the brochure?"]
     for i, text in enumerate(sentences):
         pcm = (np.clip(espeak(text, "en-us" if i % 2 else "en-gb"), -1, 1) * 20000).astype(np.int16)
         message_id = await spool.store_async(pcm)
         expected[message_id] = spool.get(message_id).sha256
+        recorded[message_id] = hashlib.sha256(encode_wav(pcm)).hexdigest()
     events: list[object] = []
-    uploader = Uploader(url, TOKEN, timeout_seconds=0.5)
+    # The endpoint is across the veth pair, on a private network of this machine: plain http on purpose.
+    uploader = Uploader(url, TOKEN, timeout_seconds=0.5, allow_insecure_transport=True)
     deliverer = Deliverer(spool, uploader.upload, Backoff(0.05, 0.3, rng=random.Random(2)))
 
     def sink(event: object) -> None:
@@ -244,8 +340,10 @@ async def scenario(spool_dir: Path, network: PrivateNetwork, url: str) -> dict[s
         toggles += 1
         if toggles == 2:
             for i in range(3):  # more recorded while the link flaps
-                message_id = await spool.store_async(speech_like(100 + i, 2.0))
+                pcm = speech_like(100 + i, 2.0)
+                message_id = await spool.store_async(pcm)
                 expected[message_id] = spool.get(message_id).sha256
+                recorded[message_id] = hashlib.sha256(encode_wav(pcm)).hexdigest()
             deliverer.wake()
     with contextlib.suppress(AssertionError):  # what is left is reported and asserted by the test
         await wait_until_empty(spool, max(0.1, deadline - loop.time()))
@@ -256,7 +354,8 @@ async def scenario(spool_dir: Path, network: PrivateNetwork, url: str) -> dict[s
         record.update(await response.json())
     record.update({
         "events": [type(e).__name__ for e in events], "online": policy.verdict.online, "toggles": toggles,
-        "left": len(spool.messages()), "expected": expected, "failed_attempts": deliverer.failed_attempts_total,
+        "left": len(spool.messages()), "expected": expected, "recorded": recorded,
+        "failed_attempts": deliverer.failed_attempts_total,
     })
     spool.close()
     return record
@@ -281,6 +380,8 @@ def test_link_down_and_up_across_a_veth_pair(tmp_path: Path) -> None:
     expected = record["expected"]
     assert len(expected) == 7
     assert record["stored"] == expected, "lost, altered or foreign messages at the endpoint"
+    # The endpoint opened each with the operator's key: the audio arrived intact.
+    assert {k: v["sha256"] for k, v in record["opened"].items()} == record["recorded"]
     assert set(record["store_count"].values()) == {1}, "a message was stored twice"
     assert record["failed_attempts"] >= 3  # the scripted faults, plus whatever the link flaps cost
     print(f"\nveth delivery: {len(expected)} messages, {record['toggles']} link flaps during delivery, "
@@ -289,9 +390,15 @@ def test_link_down_and_up_across_a_veth_pair(tmp_path: Path) -> None:
 
 
 if __name__ == "__main__":
-    private_network, endpoint_process, endpoint_url = start_endpoint_across_veth()
+    from kiosk.fallback.sealing import generate_keypair, write_private_key
+
+    spool_path = Path(sys.argv[1])
+    spool_path.parent.mkdir(parents=True, exist_ok=True)
+    operator_private, operator_public = generate_keypair()
+    write_private_key(spool_path.parent / "operator.key", operator_private)
+    private_network, endpoint_process, endpoint_url = start_endpoint_across_veth(spool_path.parent / "operator.key")
     try:
-        print(json.dumps(asyncio.run(scenario(Path(sys.argv[1]), private_network, endpoint_url))))
+        print(json.dumps(asyncio.run(scenario(spool_path, private_network, endpoint_url, operator_public))))
     finally:
         endpoint_process.kill()
         endpoint_process.wait()

@@ -91,6 +91,18 @@ def test_barge_in_through_real_echo_cancellers(backend: str, delay_ms: float, dr
     _check_barge_in(run, within_seconds=within_seconds)
 
 
+def test_keeping_talk_like_frames_out_of_the_leak_tracker_catches_a_quieter_visitor() -> None:
+    # The visitor at -30 dBFS over a residual echo at -42 dBFS: quiet enough that, as configured by default, the
+    # leak tracker learns the visitor's first frames as leak and the margin is never passed again.
+    scenario = roomsim.make_scenario(0, seconds=20, visitor_spans=SPANS, echo_dbfs=-42.0, visitor_dbfs=-30.0)
+    default = _run(CaptureChain(Settings(), echo_canceller=PassThrough()), scenario)
+    caught = [any(onset <= s <= onset + 0.3 for s in default.starts) for onset in default.onsets]
+    assert not all(caught), "the control needs a visitor the default tracker learns as leak"
+    settings = Settings(vad={"barge_in_learn_talk": False})
+    gated = _run(CaptureChain(settings, echo_canceller=PassThrough()), scenario)
+    _check_barge_in(gated, within_seconds=0.3)
+
+
 def test_gate_streams_preroll_then_frames_and_counts() -> None:
     settings = Settings(vad={"preroll_ms": 200})
     chain = CaptureChain(settings, echo_canceller=PassThrough())

@@ -110,6 +110,48 @@ def test_bench_audio_rejects_a_missing_recordings_directory(tmp_path: Path,
     assert "is not a directory" in capsys.readouterr().err
 
 
+def test_bench_audio_rooms_runs_the_room_corpus_and_writes_its_own_section(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    calls: list[dict[str, object]] = []
+
+    def fake(settings: Settings, **kwargs: object) -> list[BenchSection]:
+        calls.append(kwargs)
+        return [BenchSection(title="Rooms: per class", columns=["class"], rows=[["all"]],
+                             targets=[TargetCheck("false speech", 2.7, "<= 0.5", False)])]
+
+    monkeypatch.setattr("kiosk_dev.rooms.bench.run", fake)
+    config = tmp_path / "kiosk.toml"
+    config.write_text("")
+    out = tmp_path / "performance.md"
+    out.write_text("# Measured performance\n\n## Audio\n\naudio figures stay\n\n## Rooms\n\nold rooms\n\n"
+                   "## Link\n\nlink figures stay\n")
+    assert main(["--config", str(config), "bench", "audio", "--rooms", "4", "--split", "tuning", "--jobs", "2",
+                 "--write", str(out)]) == 0
+    assert calls == [{"rooms": 4, "quick": False, "jobs": 2, "split": "tuning"}]
+    text = out.read_text()
+    assert "old rooms" not in text and "### Rooms: per class" in text
+    assert "audio figures stay" in text and text.endswith("link figures stay\n")
+    assert text.index("## Audio") < text.index("## Rooms") < text.index("## Link")
+    assert "## Rooms" in capsys.readouterr().out
+    assert main(["--config", str(config), "bench", "audio", "--rooms", "80", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["sections"][0]["title"] == "Rooms: per class"
+    assert calls[-1] == {"rooms": 80, "quick": False, "jobs": 1, "split": "reporting"}
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--split", "tuning"], "go with --rooms N"),
+    (["--jobs", "2"], "go with --rooms N"),
+    (["--rooms", "0"], "must be 1 or more"),
+    (["--rooms", "4", "--recordings", "."], "separate runs"),
+])
+def test_bench_audio_rooms_options_are_checked(tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str],
+                                               message: str) -> None:
+    config = tmp_path / "kiosk.toml"
+    config.write_text("")
+    assert main(["--config", str(config), "bench", "audio", *args]) == 2
+    assert message in capsys.readouterr().err
+
+
 def test_recordings_figures(tmp_path: Path) -> None:
     scenario = roomsim.make_scenario(4, seconds=10, visitor_spans=[(5.0, 8.0)])
     full = tmp_path / "booth" / "full"
@@ -134,6 +176,19 @@ def test_recordings_figures(tmp_path: Path) -> None:
     assert delay is not None and abs(float(delay) - scenario.delay_ms) < 5.0
     assert rows["bare"][3] is None and rows["bare"][6] is None  # no near.wav, no labels.json
     assert rows["bare"][2] is not None  # ERLE needs only mic and ref
+
+
+def test_a_multi_channel_recording_is_taken_as_audio_channel_says(tmp_path: Path) -> None:
+    scenario = roomsim.make_scenario(4, seconds=6, visitor_spans=[(3.0, 5.0)])
+    mic = to_int16(scenario.mic)
+    write_wav(tmp_path / "mono" / "one" / "mic.wav", mic)
+    write_wav(tmp_path / "array" / "one" / "mic.wav", np.stack([np.zeros_like(mic), mic, mic // 2], axis=1))
+    for kind in ("mono", "array"):
+        write_wav(tmp_path / kind / "one" / "ref.wav", to_int16(scenario.far))
+    settings = Settings(aec={"backend": "speex"}, audio={"channel": 1})
+    mono = recordings.run(settings, tmp_path / "mono")[0].rows
+    array = recordings.run(settings, tmp_path / "array")[0].rows
+    assert array == mono  # channel 1 of the array file is the mono recording
 
 
 def test_sdr_forgives_latency_and_gain_but_not_added_noise() -> None:

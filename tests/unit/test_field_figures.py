@@ -81,7 +81,8 @@ def test_losses_go_to_the_fault_in_force_and_messages_are_counted_once() -> None
     messages = [MessageAttempt(1.0, "m1"), MessageAttempt(2.0, "m2"), MessageAttempt(3.0, None, "no confirmation"),
                 MessageAttempt(4.0, "m3")]
     endpoint = {"stored": {"m1": "a", "m3": "c", "other": "x"}, "store_count": {"m1": 1, "m3": 2, "other": 1},
-                "posts": {"m1": 2, "m3": 2, "other": 1}, "durations": {"m1": 3.2, "m3": 0.1, "other": 2.0}}
+                "posts": {"m1": 2, "m3": 2, "other": 1},
+                "opened": {"m1": {"seconds": 3.2}, "m3": {"seconds": 0.1}, "other": {"seconds": 2.0}}}
     figures = message_figures(result(steps, faults, messages, endpoint, [incarnation(1, None, False)]))
     assert figures["stored"] == 3 and figures["delivered"] == 2 and figures["lost"] == ["m2"]
     assert figures["duplicated"] == ["m3"] and figures["re_sent"] == 2 and figures["shorter_than_1s"] == ["m3"]

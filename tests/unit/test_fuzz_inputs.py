@@ -165,3 +165,44 @@ def test_audio_process_inputs(tmp_path_factory: pytest.TempPathFactory, mic: byt
         return
     assert len(result.cleaned) > 0 and Path(folder / "out.wav").exists()
     json.loads((folder / "vad.json").read_text())
+
+
+_VALID_ARRAY = encode_wav(np.stack([(np.sin(np.arange(1600) / (5.0 + c)) * 8000).astype(np.int16)
+                                    for c in range(4)], axis=1))
+
+
+@st.composite
+def mangled_array_wavs(draw: st.DrawFn) -> bytes:
+    """A valid 4-channel WAV with header fields (channel count included) set to arbitrary values, maybe cut."""
+    data = bytearray(_VALID_ARRAY)
+    for offset, fmt in draw(st.lists(st.sampled_from(_FIELDS), max_size=3)):
+        limit = 2 ** (8 * struct.calcsize(fmt)) - 1
+        struct.pack_into(fmt, data, offset, draw(st.integers(0, limit)))
+    cut = draw(st.integers(0, len(data)))
+    return bytes(data[:cut]) if draw(st.booleans()) else bytes(data)
+
+
+@SLOW_FUZZ
+@given(mic=st.one_of(mangled_array_wavs(), wav_like))
+@example(mic=_VALID_ARRAY)
+def test_audio_process_beam_inputs(tmp_path_factory: pytest.TempPathFactory, mic: bytes) -> None:
+    """``--mic-channel beam`` over any bytes: the beam over the array's channels, or the fix named."""
+    from kiosk.audio.offline import process_files
+
+    folder = tmp_path_factory.mktemp("beam")
+    (folder / "mic.wav").write_bytes(mic)
+    (folder / "ref.wav").write_bytes(_VALID)
+    try:
+        result = process_files(Settings(), folder / "mic.wav", folder / "ref.wav", folder / "out.wav",
+                               mic_channel="beam")
+    except InputError as error:
+        assert "file" in error.message
+        return
+    assert len(result.cleaned) > 0 and Path(folder / "out.wav").exists()
+
+
+def test_a_multi_channel_wav_round_trips() -> None:
+    wav = decode_wav(_VALID_ARRAY)
+    assert (wav.channels, wav.rate_hz, wav.sample_bits) == (4, 16000, 16)
+    assert np.array_equal(np.rint(wav.samples * 32768).astype(np.int16)[:, 3],
+                          (np.sin(np.arange(1600) / 8.0) * 8000).astype(np.int16))

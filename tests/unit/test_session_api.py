@@ -11,17 +11,19 @@ from livekit import api
 from pydantic import SecretStr
 
 from kiosk.events import RefusalReason
+from kiosk.link.replies import RETRY_AFTER_MAX_SECONDS
 from kiosk.link.session_api import SessionApi, SessionRefused, parse_retry_after
 from kiosk.settings import SessionProfile, SessionSettings, SessionSource
 from kiosk_dev.session_stub import FailMode, SessionStub
 
 KEY, SECRET = "devkey", "a-test-secret-of-at-least-thirty-two-chars"
 CREDENTIAL = "test-device-credential"
+LIVEKIT_URL = "wss://livekit.example.test"
 
 
 @pytest.fixture
 async def stub() -> AsyncIterator[tuple[SessionStub, str]]:
-    s = SessionStub("ws://10.213.0.1:7880", KEY, SECRET, credential=CREDENTIAL)
+    s = SessionStub(LIVEKIT_URL, KEY, SECRET, credential=CREDENTIAL)
     url = await s.start()
     yield s, url
     await s.aclose()
@@ -35,12 +37,14 @@ class Sleeps:
         self.calls.append(seconds)
 
 
-def _client(url: str, sleeps: Sleeps | None = None, **overrides: object) -> SessionApi:
+def _client(url: str, sleeps: Sleeps | None = None, *, allow_insecure_transport: bool = False,
+            **overrides: object) -> SessionApi:
     fields: dict[str, object] = {"api_url": url, "credential": SecretStr(CREDENTIAL), "retry_attempts": 3,
                                  "request_timeout_seconds": 0.5}
     fields.update(overrides)
     settings = SessionSettings.model_validate(fields)
-    return SessionApi(settings, rng=random.Random(5), sleep=sleeps or Sleeps(), identity="kiosk-test")
+    return SessionApi(settings, rng=random.Random(5), sleep=sleeps or Sleeps(), identity="kiosk-test",
+                      allow_insecure_transport=allow_insecure_transport)
 
 
 async def test_session_has_a_real_room_scoped_token(stub: tuple[SessionStub, str]) -> None:
@@ -51,7 +55,8 @@ async def test_session_has_a_real_room_scoped_token(stub: tuple[SessionStub, str
     claims = api.TokenVerifier(KEY, SECRET).verify(grant.token.get_secret_value())
     assert claims.video is not None and claims.video.room_join and claims.video.room == s.sessions[0].room
     assert claims.room_config is not None and claims.room_config.agents[0].agent_name == "kiosk-agent"
-    assert grant.livekit_url == "ws://10.213.0.1:7880"
+    assert grant.livekit_url == LIVEKIT_URL
+    assert grant.agent_identity == f"agent-{s.sessions[0].room}"  # the only participant the link trusts
     assert grant.expires_at > datetime.now(UTC)
     assert grant.profile is not None and grant.profile.llm_model == "gpt-realtime"
     assert s.sessions[0].body == {"llm_model": "gpt-realtime", "voice": "marin"}
@@ -225,3 +230,72 @@ def test_parse_retry_after() -> None:
     assert parse_retry_after(None) is None and parse_retry_after("soon") is None
     now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
     assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now) == 30.0
+    # Hostile values: clamped or ignored, never a wait that keeps the kiosk offline until a restart.
+    assert parse_retry_after("99999999999") == RETRY_AFTER_MAX_SECONDS
+    assert parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now) == RETRY_AFTER_MAX_SECONDS
+    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now) == 0.0
+    for bad in ("1e12", "-5", "NaN", "nan", "inf", "-inf", "1e400", "0x10", " ", "5 s"):
+        assert parse_retry_after(bad) is None, bad
+
+
+@pytest.mark.parametrize("source", [SessionSource.VOICE_API, SessionSource.TOKEN_ENDPOINT])
+async def test_plain_livekit_url_from_the_api_is_refused(stub: tuple[SessionStub, str], source: SessionSource) -> None:
+    s, url = stub
+    s.livekit_url = "ws://10.213.0.1:7880"  # plain, to another host: anyone on the network could listen in
+    client = _client(url, source=source, token_endpoint_url=url + "/token")
+    with pytest.raises(SessionRefused) as caught:
+        await client.open_session()
+    await client.aclose()
+    assert caught.value.reason is RefusalReason.MALFORMED_REPLY
+    assert "wss://" in caught.value.message and "allow_insecure_transport" in caught.value.message
+    # A development stack on its private network may (security.allow_insecure_transport).
+    client = _client(url, source=source, token_endpoint_url=url + "/token", allow_insecure_transport=True)
+    grant = await client.open_session()
+    await client.aclose()
+    assert grant.livekit_url == "ws://10.213.0.1:7880"
+
+
+async def test_plain_livekit_url_on_loopback_is_accepted(stub: tuple[SessionStub, str]) -> None:
+    s, url = stub
+    s.livekit_url = "ws://127.0.0.1:7880"
+    client = _client(url)
+    grant = await client.open_session()
+    await client.aclose()
+    assert grant.livekit_url == "ws://127.0.0.1:7880"
+
+
+async def test_from_settings_carries_the_transport_switch(stub: tuple[SessionStub, str]) -> None:
+    from kiosk.settings import Settings
+
+    s, url = stub
+    s.livekit_url = "ws://10.213.0.1:7880"
+    for allow in (False, True):
+        settings = Settings(session={"api_url": url, "credential": CREDENTIAL},
+                            security={"allow_insecure_transport": allow})
+        client = SessionApi.from_settings(settings, sleep=Sleeps())
+        try:
+            if allow:
+                assert (await client.open_session()).livekit_url == "ws://10.213.0.1:7880"
+            else:
+                with pytest.raises(SessionRefused):
+                    await client.open_session()
+        finally:
+            await client.aclose()
+
+
+async def test_secrets_in_the_api_url_stay_out_of_messages(stub: tuple[SessionStub, str]) -> None:
+    s, url = stub
+    s.fail(FailMode.SERVER_ERROR)
+    client = _client(url, retry_attempts=1, source=SessionSource.TOKEN_ENDPOINT,
+                     token_endpoint_url=url + "/token?token=hunter3")
+    with pytest.raises(SessionRefused) as caught:
+        await client.open_session()
+    await client.aclose()
+    assert "hunter3" not in caught.value.message and "token=***" in caught.value.message
+    # user:password@ together with the device credential: aiohttp would raise; a refusal names the fix.
+    client = _client(url.replace("http://", "http://user:hunter2@"))
+    with pytest.raises(SessionRefused) as caught:
+        await client.open_session()
+    await client.aclose()
+    assert caught.value.reason is RefusalReason.UNAUTHORISED and "remove the user info" in caught.value.message
+    assert "hunter2" not in caught.value.message

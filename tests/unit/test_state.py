@@ -573,3 +573,36 @@ def test_docs_transition_table_is_current(mode: InteractionMode) -> None:
     assert behaviour_table(mode) in doc, (
         f"docs/behaviour.md is out of date for {mode.value}: regenerate the table with "
         f"tests.unit.test_state.behaviour_table(InteractionMode.{mode.name})")
+
+
+# ------------------------------------------------------------------------------ messages off (no operator key)
+def test_without_an_operator_key_the_reason_is_said_and_no_message_offered() -> None:
+    s, fx = run(idle(messages=False), ButtonPressed(), ButtonReleased(), ApiRefused(RefusalReason.MAINTENANCE))
+    assert s.phase is Phase.OFFLINE and s.message is MessageStep.NONE
+    assert fx[-2:] == [PlayCue(Cue.MAINTENANCE), ShowPattern("maintenance")]
+    s, fx = run(s, CueFinished(Cue.MAINTENANCE), ButtonPressed())
+    assert fx == [PlayCue(Cue.MAINTENANCE)] and s.message is MessageStep.NONE  # each press says why again
+    s, fx = run(s, ButtonReleased(), ButtonPressed())
+    assert fx == [PlayCue(Cue.MAINTENANCE)] and s.phase is Phase.OFFLINE
+
+
+@pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
+def test_without_an_operator_key_nothing_is_ever_recorded(mode: InteractionMode) -> None:
+    """Over every reachable state and event: no offer, no recording, so no voice to store in the clear."""
+    states = _reachable(Policy(mode=mode, messages=False))
+    assert Phase.RECORDING_MESSAGE not in {s.phase for s in states}
+    for state in states:
+        for event in EVENTS:
+            effects = step(state, event).effects
+            assert StartRecording() not in effects and PlayCue(Cue.LEAVE_MESSAGE) not in effects, (state, event)
+
+
+def test_the_policy_offers_messages_only_with_a_recipient_key() -> None:
+    from kiosk.fallback.sealing import encode_key, generate_keypair
+    from kiosk.settings import InteractionSettings, SpoolSettings
+
+    interaction = InteractionSettings()
+    assert not Policy.from_settings(interaction, SpoolSettings()).messages
+    key = encode_key(generate_keypair()[1])
+    assert Policy.from_settings(interaction, SpoolSettings(recipient_public_key=key)).messages
+    assert Policy.from_settings(interaction).messages  # no spool settings: the table's default

@@ -1,9 +1,11 @@
 """Commands: ``kiosk bench audio``, ``kiosk bench link`` and ``kiosk bench field`` (benchmarks with targets).
 
 ``kiosk bench audio`` measures the capture chain: echo cancellers, voice detection, barge-in through the
-virtual room, and optionally a directory of the installer's own recordings. ``kiosk bench link`` runs the
-local stack and measures the kiosk-added latency on the link (``kiosk_dev.bench.link``). Both print
-markdown (or ``--json``) and with ``--write`` replace their section of docs/performance.md.
+virtual room, and optionally a directory of the installer's own recordings; with ``--rooms N`` instead the
+seeded room corpus (``kiosk_dev.rooms``), per room class with the baselines side by side. ``kiosk bench
+link`` runs the local stack and measures the kiosk-added latency on the link (``kiosk_dev.bench.link``).
+Each prints markdown (or ``--json``) and with ``--write`` replaces its section of docs/performance.md
+(``## Audio``, ``## Rooms``, ``## Link``).
 ``kiosk bench field`` runs scripted visitors on the full local stack while faults fire, on a loaded machine
 (``kiosk_dev.bench.field``), and writes the ``## Measured`` section of docs/field.md.
 """
@@ -42,8 +44,18 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_audio.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     bench_audio.add_argument("--no-live", action="store_true", help="skip the live barge-in run on the virtual "
                              "sound devices")
+    bench_audio.add_argument("--rooms", type=int, default=None, metavar="N",
+                             help="instead: the seeded room corpus, rooms 0..N-1 (80 in the docs; --quick: 16), per "
+                                  "room class, the chain beside the AEC3 and speexdsp baselines (renders rooms not "
+                                  "yet cached: a few seconds to half a minute each)")
+    bench_audio.add_argument("--split", choices=("reporting", "tuning"), default=None,
+                             help="with --rooms: the half reported (odd seeds, never tuned on; the default) or the "
+                                  "half to tune on (even seeds)")
+    bench_audio.add_argument("--jobs", type=int, default=1, metavar="J",
+                             help="with --rooms: processes (rooms are independent; mind a shared machine)")
     bench_audio.add_argument("--write", type=Path, default=None, metavar="PATH",
-                             help="replace the '## Audio' section of this markdown file (e.g. docs/performance.md)")
+                             help="replace the '## Audio' section (with --rooms: '## Rooms') of this markdown file "
+                                  "(e.g. docs/performance.md)")
     bench_audio.set_defaults(handler=_cmd_bench_audio)
 
     bench_link = bench_sub.add_parser(
@@ -108,15 +120,29 @@ def _cmd_bench_audio(args: argparse.Namespace, settings: Settings) -> int:
     if args.recordings is not None and not args.recordings.is_dir():
         raise InputError(f"--recordings {args.recordings} is not a directory: give the folder that holds one "
                          "subfolder per recording")
+    if args.rooms is None and (args.split is not None or args.jobs != 1):
+        raise InputError("--split and --jobs go with --rooms N (the room corpus): add --rooms 80, or drop them")
+    if args.rooms is not None and (args.rooms < 1 or args.jobs < 1):
+        raise InputError(f"--rooms {args.rooms} --jobs {args.jobs}: both must be 1 or more (e.g. --rooms 80 --jobs 2)")
+    if args.rooms is not None and args.recordings is not None:
+        raise InputError("--rooms and --recordings are separate runs: give one of them")
     when = dt.datetime.now(dt.UTC)
     command = _command("kiosk bench audio")
-    sections = collect(settings, quick=args.quick, recordings=args.recordings, live=not args.no_live)
+    heading = report.AUDIO_HEADING
+    if args.rooms is not None:
+        from kiosk_dev.rooms import bench as rooms_bench
+
+        heading = rooms_bench.ROOMS_HEADING
+        sections = rooms_bench.run(settings, rooms=args.rooms, quick=args.quick, jobs=args.jobs,
+                                   split=args.split or "reporting")
+    else:
+        sections = collect(settings, quick=args.quick, recordings=args.recordings, live=not args.no_live)
     if args.json:
         print(report.dumps(report.to_json(sections, command=command, when=when)))
     else:
-        print(report.render_markdown(sections, command=command, when=when))
+        print(report.render_markdown(sections, command=command, when=when, heading=heading))
     if args.write is not None:
-        report.write_markdown(args.write, sections, command=command, when=when)
+        report.write_markdown(args.write, sections, command=command, when=when, heading=heading)
     return 0
 
 

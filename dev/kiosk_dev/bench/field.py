@@ -70,6 +70,7 @@ UNIT_FILE = ROOT / "systemd" / "kiosk.service"
 SESSION_PHASES = frozenset({"connecting", "listening", "thinking", "speaking"})
 STABLE_SECONDS = 1.0  # idle this long counts as usable (a fault's DeviceLost may still be on its way)
 ENDPOINT_PORT = 8097
+OPERATOR_KEY = "operator.key"  # in the run directory: the private half the stand-in endpoint opens messages with
 SAMPLE_SECONDS = 5.0
 WARMUP_SECONDS = 60.0  # resource slopes skip each process's start-up
 MIB = 1024 * 1024
@@ -405,16 +406,16 @@ class Voice:
 class Endpoint:
     """The stand-in message endpoint in the server's namespace (delivery crosses the link)."""
 
-    def __init__(self, network: Any, token: str) -> None:
+    def __init__(self, network: Any, private_key: Path) -> None:
         self._network = network
-        self._token = token
+        self._private_key = private_key
         self._process: subprocess.Popen[str] | None = None
         self.url = ""
 
     def start(self) -> str:
         """Start it; returns the upload URL."""
         argv = [sys.executable, "-m", "kiosk_dev.message_endpoint", "--host", self._network.server_ip,
-                "--port", str(ENDPOINT_PORT), f"--token={self._token}"]  # "=": a token may start with "-"
+                "--port", str(ENDPOINT_PORT), "--private-key", str(self._private_key)]
         self._process = subprocess.Popen(self._network.server_command(argv), stdout=subprocess.PIPE, text=True,
                                          stdin=subprocess.DEVNULL)
         assert self._process.stdout is not None
@@ -982,11 +983,15 @@ async def _sample(supervisor: Any, samples: list[Sample], stop: asyncio.Event) -
 # ------------------------------------------------------------------------------------------------- run
 def kiosk_environment(stack: Any, run_dir: Path, endpoint_url: str) -> dict[str, str]:
     """The kiosk's settings as the service would get them (environment over defaults), pointed at the rig."""
+    from kiosk_dev.demo import operator_key
+    from kiosk_dev.message_endpoint import DEFAULT_TOKEN
     from kiosk_dev.pulse import ARRAY_DEVICE, HEADSET_DEVICE
 
     credentials = run_dir / "credentials"
     credentials.mkdir(exist_ok=True)
+    # As LoadCredential= hands them over: the session API's and delivery's own.
     (credentials / "device-credential").write_text(stack.credential + "\n")
+    (credentials / "delivery-credential").write_text(DEFAULT_TOKEN + "\n")
     (run_dir / "kiosk.toml").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith("KIOSK_")}
     env.update({
@@ -999,6 +1004,8 @@ def kiosk_environment(stack: Any, run_dir: Path, endpoint_url: str) -> dict[str,
         "KIOSK_AUDIO__HEADSET_USB_IDS": '["*"]',  # the virtual headset is no USB card
         "KIOSK_AEC__MAX_DELAY_MS": "1000",  # the virtual room's path (two sound-server hops), as in the demo
         "KIOSK_SPOOL__DIRECTORY": str(run_dir / "spool"),
+        # Messages are sealed to the operator's public key; the endpoint holds the private half (OPERATOR_KEY).
+        "KIOSK_SPOOL__RECIPIENT_PUBLIC_KEY": operator_key(run_dir / OPERATOR_KEY),
         "KIOSK_DELIVERY__URL": endpoint_url,
         "KIOSK_PANEL__PIN_FACTORY": "mock",
     })
@@ -1033,7 +1040,10 @@ async def _run(stack: Any, config: FieldConfig, run_dir: Path, exits: contextlib
     room = VirtualRoom(pulse, seed=config.seed, delay_ms=20.0, drift_ppm=50.0, noise_kind="pink", noise_dbfs=-55.0)
     await asyncio.to_thread(room.start)
     exits.callback(room.stop)
-    endpoint = Endpoint(stack.network, stack.credential)
+    from kiosk_dev.demo import operator_key
+
+    operator_key(run_dir / OPERATOR_KEY)  # made before the endpoint starts: it opens messages with it
+    endpoint = Endpoint(stack.network, run_dir / OPERATOR_KEY)
     await asyncio.to_thread(endpoint.start)
     exits.callback(endpoint.stop)
     questions = [normalise(espeak(q, "en-us"), -26.0) for q in QUESTIONS]
@@ -1293,7 +1303,8 @@ def message_figures(result: FieldResult) -> dict[str, Any]:
     at_endpoint = result.endpoint.get("stored", {}) if result.endpoint else {}
     counts = result.endpoint.get("store_count", {}) if result.endpoint else {}
     posts = result.endpoint.get("posts", {}) if result.endpoint else {}
-    durations = result.endpoint.get("durations", {}) if result.endpoint else {}
+    opened = result.endpoint.get("opened", {}) if result.endpoint else {}
+    durations = {k: v.get("seconds") for k, v in opened.items()}  # the endpoint opened each with the operator's key
     return {
         "attempted": len(result.messages),
         "stored": len(stored),

@@ -1,6 +1,7 @@
 """The benchmark over an installer's own recordings: the same figures, per recording, from a real booth.
 
-A directory holds one subfolder per recording with ``mic.wav`` (the kiosk's microphone), ``ref.wav`` (what
+A directory holds one subfolder per recording with ``mic.wav`` (the kiosk's microphone; a multi-channel file
+is taken as ``audio.channel`` says: a channel, the mix or the beam), ``ref.wav`` (what
 its speaker played meanwhile), optionally ``near.wav`` (the visitor alone, e.g. recorded with the speaker
 muted, time-aligned with ``mic.wav``) and ``labels.json`` (``{"speech": [[start_s, end_s], ...]}``, the
 visitor's speech). Each recording runs through the configured chain exactly as ``kiosk audio process``
@@ -101,11 +102,14 @@ def sdr_db(out: Pcm, near: Pcm, mask: npt.NDArray[np.bool_]) -> float:
 
 def measure(settings: Settings, folder: Path) -> RecordingFigures:
     """Run the chain over one recording folder and compute its figures."""
+    from kiosk.audio.array import ArrayGeometry
     from kiosk.audio.offline import load_pair, process_arrays, read_input
     from kiosk.audio.pipeline import CaptureChain
 
     mic_path, ref_path = folder / "mic.wav", folder / "ref.wav"
-    mic, ref = load_pair(mic_path, ref_path)
+    # A multi-channel mic.wav (an array's every microphone) is taken as capture takes it: audio.channel.
+    mic, ref = load_pair(mic_path, ref_path, mic_channel=settings.audio.channel,
+                         array=ArrayGeometry.from_settings(settings.audio))
     chain = CaptureChain(settings)
     result = process_arrays(settings, mic, ref, echo_canceller=chain.echo_canceller)
     frames = len(result.speech_flags)
