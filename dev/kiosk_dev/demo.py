@@ -59,6 +59,7 @@ QUESTIONS = (
 # Waits bounded so a broken stack ends the demo with a report instead of hanging.
 IDLE_WAIT_SECONDS = 30.0
 ANSWER_WAIT_SECONDS = 30.0
+HOLD_AFTER_WORDS_SECONDS = 1.0
 
 
 def _percentiles(values: Sequence[float]) -> dict[str, float] | None:
@@ -250,7 +251,9 @@ async def _scripted(kiosk: Any, panel: Any, room: Any, recorder: _Recorder, ques
         if room is not None:
             room.say(speech, name=question)
         speech_seconds = len(speech) / 16000
-        await asyncio.sleep(speech_seconds + 0.5)
+        # Held a second past the words: the stand-in agent ends a turn on the silence it receives, and the kiosk
+        # sends none once the button is up (the report then says the answer began while the button was held).
+        await asyncio.sleep(speech_seconds + HOLD_AFTER_WORDS_SECONDS)
         panel.release()
         released = loop.time()
 
