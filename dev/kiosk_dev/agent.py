@@ -216,6 +216,11 @@ class StandInAgent:
         """Leave the room."""
         self._done.set()
 
+    @property
+    def done(self) -> bool:
+        """Whether the agent has left (or was told to)."""
+        return self._done.is_set()
+
     async def _on_interrupt_rpc(self, data: rtc.RpcInvocationData) -> str:
         was_speaking = self._interrupt()
         if was_speaking:
@@ -442,6 +447,13 @@ class AgentPool:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             _LOGGER.error("stand-in agent failed: %r", task.exception())
+
+    def leave_all(self) -> int:
+        """Make every agent still in a room leave it (a fault for the field bench); returns how many."""
+        running = [agent for agent in self.agents.values() if not agent.done]
+        for agent in running:
+            agent.stop()
+        return len(running)
 
     def reports(self) -> dict[str, dict[str, Any]]:
         """Each room's report as plain data."""

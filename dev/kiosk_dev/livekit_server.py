@@ -150,6 +150,18 @@ class LiveKitServer:
                 self._dir.cleanup()
             self._dir = None
 
+    def kill(self) -> None:
+        """End the server at once (SIGKILL, as a crash would); ``start()`` brings it back with the same keys."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+                self._proc.wait(timeout=10)
+            self._proc = None
+        if self._dir is not None:
+            with contextlib.suppress(OSError):
+                self._dir.cleanup()
+            self._dir = None
+
     def __enter__(self) -> LiveKitServer:
         return self.start()
 

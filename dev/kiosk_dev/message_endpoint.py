@@ -16,7 +16,8 @@ scripts misbehaviour, one entry consumed per request:
 - ``ok`` (or an empty script): behave.
 
 ``GET /health`` answers 200 (a probe target for tests of the offline probe); ``GET /received`` reports
-what arrived (``summary()``), for tests whose endpoint runs in another process or namespace.
+what arrived (``summary()``), for tests whose endpoint runs in another process or namespace;
+``POST /script {"faults": [...]}`` appends to the fault script at run time (the field bench).
 
 Run alone: ``python -m kiosk_dev.message_endpoint --host H --port P [--private-key FILE] [--faults fail,ok,...]``
 prints the upload URL and serves until killed.
@@ -43,6 +44,8 @@ from kiosk.fallback.sealing import MAGIC, unseal
 from kiosk.fallback.spool import decode_message
 
 _LOGGER = logging.getLogger(__name__)
+
+FAULTS = frozenset({"ok", "fail", "slow", "slow_after_store", "drop_after_store"})
 
 # The delivery credential the stand-in expects unless told otherwise (the demo's settings use it too).
 DEFAULT_TOKEN = "dev-delivery-credential"
@@ -164,12 +167,22 @@ class MessageEndpoint:
     async def _received(self, _request: web.Request) -> web.Response:
         return web.json_response(self.summary())
 
+    async def _script(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        faults = body.get("faults") if isinstance(body, dict) else None
+        if not isinstance(faults, list) or not all(f in FAULTS for f in faults):
+            return web.json_response({"error": f"give {{'faults': [...]}} with each one of {sorted(FAULTS)}"},
+                                     status=400)
+        self.script(faults)
+        return web.json_response({"queued": len(self.faults)})
+
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> str:
         """Listen and return the upload URL."""
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_post("/messages", self._handle)
         app.router.add_get("/health", self._health)
         app.router.add_get("/received", self._received)
+        app.router.add_post("/script", self._script)
         self._runner = web.AppRunner(app, handle_signals=False)
         await self._runner.setup()
         # Bind first so port 0 (any free port) can be reported.

@@ -15,6 +15,7 @@ import contextlib
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import TextIO
@@ -70,7 +71,7 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
     from kiosk.events import Button, Event, LinkLost, LinkUp, Route, Started
     from kiosk.state import Policy
     from kiosk_dev.behaviour import MemoryMessageStore, SimulatedAudio, SimulatedRoom
-    from kiosk_dev.terminal import KEYS_HELP, KeyboardControl, VirtualPanel
+    from kiosk_dev.terminal import Key, KeyboardControl, StatusTerminal, VirtualPanel
 
     loop = asyncio.get_running_loop()
     clock = LoopClock(loop)
@@ -108,18 +109,38 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
 
     try:
         if interactive:
+            switches = {"voice": False, "network": True}
+
+            def flip(name: str, action: Callable[[bool], None]) -> Callable[[], None]:
+                def run() -> None:
+                    switches[name] = not switches[name]
+                    action(switches[name])
+                return run
+
             keys = KeyboardControl(panel, loop, hold_seconds=settings.interaction.status_hold_seconds,
-                                   on_quit=quit_event.set, on_voice=audio.speak, on_network=network, toggle=toggle)
-            print(KEYS_HELP, file=out)
+                                   on_quit=quit_event.set, toggle=toggle,
+                                   keys=[Key("v", "visitor voice on/off", flip("voice", audio.speak)),
+                                         Key("o", "network off/on", flip("network", network))])
+            # Log lines (state changes) scroll above the live line instead of landing in the middle of it.
+            terminal = StatusTerminal() if colour and StatusTerminal.usable() else None
+            if terminal is not None:
+                terminal.start()
+            print(keys.help, file=sys.stderr if terminal is not None else out, flush=True)
             keys.attach()
             try:
                 while not quit_event.is_set() and not task.done():
-                    print("\r\x1b[2K" + line(), end="", file=out, flush=True)
+                    if terminal is not None:
+                        terminal.update(line())
+                    else:
+                        print("\r\x1b[2K" + line(), end="", file=out, flush=True)
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(quit_event.wait(), 0.1)
             finally:
                 keys.detach()
-                print(file=out)
+                if terminal is not None:
+                    terminal.stop()
+                else:
+                    print(file=out)
         else:
             buttons = {"talk": Button.TALK, "cancel": Button.CANCEL}
             for number, raw in enumerate(source, start=1):

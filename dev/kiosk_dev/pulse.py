@@ -178,6 +178,11 @@ class PulseServer:
             self._process.send_signal(signal.SIGCONT)
 
     @property
+    def pid(self) -> int | None:
+        """The daemon's process id while it runs (the field bench stops it with SIGSTOP: a stalled sound server)."""
+        return self._process.pid if self.running and self._process is not None else None
+
+    @property
     def running(self) -> bool:
         """Whether the daemon is alive."""
         return self._process is not None and self._process.poll() is None

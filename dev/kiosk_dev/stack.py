@@ -69,6 +69,12 @@ class LocalStack:
         assert self.server is not None, "start the stack first"
         return self.server.url
 
+    @property
+    def backend_pid(self) -> int:
+        """The process id of the stand-in session API and agents (the field bench pauses it with SIGSTOP)."""
+        assert self._backend is not None, "start the stack first"
+        return self._backend.pid
+
     def session_settings(self, **overrides: Any) -> SessionSettings:
         """Session settings pointing the kiosk at this stack."""
         fields: dict[str, Any] = {"api_url": self.api_url, "credential": SecretStr(self.credential)}
@@ -137,6 +143,17 @@ class LocalStack:
     def set_model_status(self, model_id: str, status: str) -> None:
         """Set a catalog entry's status."""
         self._admin("POST", f"/_stub/models/{model_id}", {"status": status})
+
+    def agents_leave(self) -> int:
+        """Make every stand-in agent in a room leave it now (as an agent that crashed); returns how many left."""
+        left: dict[str, Any] = self._admin("POST", "/_stub/agents/leave", {})
+        return int(left["left"])
+
+    def restart_livekit(self) -> None:
+        """Kill the LiveKit server (SIGKILL) and start it again with the same keys (blocks until it is healthy)."""
+        assert self.server is not None, "start the stack first"
+        self.server.kill()
+        self.server.start()
 
     def agent_reports(self) -> dict[str, Any]:
         """What each room's stand-in agent heard and did."""
@@ -354,6 +371,10 @@ async def _serve(args: argparse.Namespace) -> None:
     stub.extra_routes.append(("POST", "/_stub/agents/{room}/tool", call_tool))
     stub.extra_routes.append(("POST", "/_stub/agents/{room}/plan", plan_tool))
     stub.extra_routes.append(("POST", "/_stub/agent_options", agent_options))
+    async def agents_leave(request: web.Request) -> web.Response:
+        return web.json_response({"left": pool.leave_all()})
+
+    stub.extra_routes.append(("POST", "/_stub/agents/leave", agents_leave))
     await stub.start(args.host, args.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -316,6 +316,13 @@ class VirtualRoom:
             self.stop()
             raise RuntimeError("the virtual room did not start within 60 s")
 
+    def restart(self) -> None:
+        """Stop the room process and start a fresh one (after its sinks went away and came back)."""
+        self.stop()
+        self._ready.clear()
+        self.error = None
+        self.start()
+
     def _receive(self) -> None:
         # Thread boundary: reads the room process's reports; the caller's thread only reads the fields.
         assert self._recv is not None

@@ -5,7 +5,9 @@ Benchmarks report figures and check them against targets; they never fail a test
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+# ``dataclasses.field`` by its module: ``kiosk_dev.bench.field`` is the field benchmark.
+import dataclasses
+from dataclasses import dataclass
 
 
 @dataclass
@@ -24,9 +26,9 @@ class BenchSection:
 
     title: str
     columns: list[str]
-    rows: list[list[str | float | int | None]] = field(default_factory=list)
-    targets: list[TargetCheck] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
+    rows: list[list[str | float | int | None]] = dataclasses.field(default_factory=list)
+    targets: list[TargetCheck] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     def to_markdown(self) -> str:
         """Render as a markdown section (table, targets, notes)."""

@@ -1,4 +1,4 @@
-"""Commands: ``kiosk bench audio`` and ``kiosk bench link`` (benchmarks that print figures against targets).
+"""Commands: ``kiosk bench audio``, ``kiosk bench link`` and ``kiosk bench field`` (benchmarks with targets).
 
 ``kiosk bench audio`` measures the capture chain: echo cancellers, voice detection, barge-in through the
 virtual room, and optionally a directory of the installer's own recordings; with ``--rooms N`` instead the
@@ -6,6 +6,8 @@ seeded room corpus (``kiosk_dev.rooms``), per room class with the baselines side
 link`` runs the local stack and measures the kiosk-added latency on the link (``kiosk_dev.bench.link``).
 Each prints markdown (or ``--json``) and with ``--write`` replaces its section of docs/performance.md
 (``## Audio``, ``## Rooms``, ``## Link``).
+``kiosk bench field`` runs scripted visitors on the full local stack while faults fire, on a loaded machine
+(``kiosk_dev.bench.field``), and writes the ``## Measured`` section of docs/field.md.
 """
 
 from __future__ import annotations
@@ -66,6 +68,32 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_link.add_argument("--write", type=Path, default=None, metavar="PATH",
                             help="replace the '## Link' section of this markdown file (e.g. docs/performance.md)")
     bench_link.set_defaults(handler=_cmd_bench_link)
+
+    from kiosk_dev.bench.field import FAULTS
+
+    bench_field = bench_sub.add_parser(
+        "field", help="scripted visitors on the local stack while faults fire, on a loaded machine (root)",
+        description="Run the full local stack (LiveKit server, stand-in API and agent, virtual room and panel) "
+                    "with the kiosk in a process of its own, restarted as systemd/kiosk.service says; scripted "
+                    "visitors talk to it continuously while a fault injector fires at seeded random intervals and "
+                    "a CPU hog runs on every core. Prints sessions lost, time to a usable kiosk per fault, "
+                    "messages, resources and event-loop lag against the targets. Exit status 1 when an invariant "
+                    "broke (a message lost or duplicated, a fault the kiosk did not recover from, a crash).")
+    bench_field.add_argument("--minutes", type=float, default=120.0, help="how long visitors come (default 120)")
+    bench_field.add_argument("--quick", action="store_true",
+                             help="4 minutes with a short list of faults close together (the test suite's run)")
+    bench_field.add_argument("--seed", type=int, default=1, help="seed for the faults, their timing and the visitors")
+    bench_field.add_argument("--faults", default=None, metavar="KIND,...",
+                             help="the fault kinds to use, or 'none' for a soak without faults (default: all; "
+                                  "with --quick its list): " + ", ".join(FAULTS))
+    bench_field.add_argument("--load", type=int, default=None, metavar="N",
+                             help="busy processes loading the machine (default: one per core; 0: none)")
+    bench_field.add_argument("--keep", type=Path, default=None, metavar="DIR",
+                             help="keep the kiosk's log, the supervisor's socket and the spool in DIR")
+    bench_field.add_argument("--json", action="store_true", help="print JSON instead of markdown")
+    bench_field.add_argument("--write", type=Path, default=None, metavar="PATH",
+                             help="replace the '## Measured' section of this markdown file (e.g. docs/field.md)")
+    bench_field.set_defaults(handler=_cmd_bench_field)
 
 
 def collect(settings: Settings, *, quick: bool, recordings: Path | None, live: bool) -> list[BenchSection]:
@@ -133,3 +161,51 @@ def _cmd_bench_link(args: argparse.Namespace, settings: Settings) -> int:
         link.write_section(args.write, link.render_section(sections, command=command, when=when))
         print(f"wrote the {link.SECTION_HEADING!r} section of {args.write}", file=sys.stderr)
     return 0
+
+
+def _cmd_bench_field(args: argparse.Namespace, settings: Settings) -> int:
+    """``kiosk bench field``."""
+    import os
+
+    from kiosk_dev.bench import field
+
+    faults: tuple[str, ...] | None = None
+    if args.faults is not None and args.faults.strip() == "none":
+        faults = ()
+    elif args.faults is not None:
+        faults = tuple(f.strip() for f in args.faults.split(",") if f.strip())
+        unknown = [f for f in faults if f not in field.FAULTS]
+        if unknown or not faults:
+            raise InputError(f"--faults: unknown {', '.join(unknown) or '(none given)'}; use some of "
+                             + ", ".join(field.FAULTS))
+    overrides: dict[str, object] = {"seed": args.seed, "run_dir": args.keep}
+    if faults is not None:
+        overrides["faults"] = faults
+    if args.load is not None:
+        if args.load < 0:
+            raise InputError("--load: give a number of busy processes, 0 or more")
+        overrides["load_processes"] = args.load
+    if args.quick:
+        config = field.FieldConfig.quick(**overrides)
+    else:
+        if args.minutes <= 0:
+            raise InputError("--minutes: give a positive number of minutes")
+        overrides.setdefault("load_processes", os.cpu_count() or 1)
+        config = field.FieldConfig(duration_seconds=args.minutes * 60.0, **overrides)  # type: ignore[arg-type]
+    when = dt.datetime.now(dt.UTC)
+    command = _command("kiosk bench field")
+    result = field.run(settings, config)
+    summary = field.summarise(result)
+    if args.json:
+        print(report.dumps(field.as_json(result, summary)))
+    else:
+        print(field.render(result, summary, command=command, when=when))
+    if args.write is not None:
+        report.write_section(args.write, field.SECTION_HEADING,
+                             field.render(result, summary, command=command, when=when))
+        print(f"wrote the {field.SECTION_HEADING!r} section of {args.write}", file=sys.stderr)
+    invariants = summary["invariants"]
+    broken = (invariants["messages_lost"] or invariants["messages_duplicated"] or invariants["faults_stuck"]
+              or invariants["unplanned_exits"] or invariants["unit_failed"]
+              or not invariants["final_exchange_completed"])
+    return 1 if broken else 0
