@@ -198,6 +198,7 @@ class KioskState:
     playing: bool = False  # agent audio is coming out of the speaker
     message: MessageStep = MessageStep.NONE
     consent_playing: bool = False  # the session's AI notice is playing: the microphone must not stream yet
+    start_tone_playing: bool = False  # the session's start tone is playing: the visitor has not had a turn yet
     turn_open: bool = False  # manual turns: BeginTurn sent, EndTurn not yet (follows the gate)
     tool_running: bool = False  # a kiosk tool the agent called is running: silence does not end the session
     handover: Handover = Handover.NONE  # asked for by a tool; happens when the agent has finished speaking
@@ -330,7 +331,8 @@ class _Builder:
             self.cancel(*_SESSION_TIMERS)
             self.drop_handover()
             # A tool still running belongs to the session being left: its silence no longer matters.
-            self.set(playing=False, consent_playing=False, tool_running=False, agent_busy=False)
+            self.set(playing=False, consent_playing=False, start_tone_playing=False, tool_running=False,
+                     agent_busy=False)
         elif s.phase is Phase.RECORDING_MESSAGE and s.message is MessageStep.RECORDING:
             self.do(StopRecording(keep=keep_message, note=s.message_note if keep_message else None))
             self.cancel(Timer.MAX_MESSAGE, Timer.NO_SPEECH)
@@ -481,6 +483,9 @@ def _dispatch(b: _Builder, event: Event) -> None:
             # in order); the new session's failure arrives as LinkLost or ApiRefused.
             b.end_session(Cue.SESSION_END)
             return
+        case CueFinished(cue=Cue.SESSION_START) if s.start_tone_playing:
+            b.set(start_tone_playing=False)
+            return
         case CueFinished(cue=Cue.CONSENT_NOTICE) if s.consent_playing and s.phase in SESSION_PHASES:
             # Voice during the notice was its echo or a visitor talking over it: not a reason to stream; a
             # visitor still holding the button (or still speaking, hands-free) goes live now.
@@ -508,10 +513,15 @@ def _device_back(b: _Builder) -> None:
 
 
 def _held(b: _Builder, button: Button) -> None:
-    """A long hold asks for the status, unless the talk button is held by a visitor who is speaking."""
+    """A long hold asks for the status, unless the talk button is held by a visitor who talks or waits to.
+
+    A visitor who pressed to talk waits for the start tone before speaking: a hold that ends while the session
+    is still opening, or while its AI notice or start tone plays, is a slow connection, not a status request.
+    """
     s = b.s
-    if button is Button.TALK and (s.heard_voice or s.consent_playing):
-        return  # a visitor holding to talk, or waiting through the AI notice, is not asking for the status
+    waiting = s.phase is Phase.CONNECTING or s.consent_playing or s.start_tone_playing
+    if button is Button.TALK and (s.heard_voice or waiting):
+        return
     if s.message is MessageStep.SAVING:
         return  # the visitor's message is being stored: its confirmation must still play
     if s.phase in (Phase.STARTING, Phase.ERROR):
@@ -588,6 +598,7 @@ def _go_live(b: _Builder, *, start_tone: bool, preroll: bool = True) -> None:
     p = s.policy
     if start_tone:
         b.do(PlayCue(Cue.SESSION_START))
+        b.set(start_tone_playing=True)
     if not p.hands_free:
         if s.talk_held:
             b.publish(True, preroll=preroll)
@@ -739,8 +750,8 @@ def _recording(b: _Builder, event: Event) -> None:
         case VoiceStarted() if recording:
             b.cancel(Timer.NO_SPEECH)
         case VoiceStopped() if recording and s.heard_voice:
-            _finish_recording(b)
-        case ButtonReleased(button=Button.TALK) if recording and s.heard_voice and not p.hands_free:
+            # A message ends on silence, a second press or its time limit, never on a release: the visitor taps
+            # (or holds) to start it, and the recording tone's echo may already have been taken for voice.
             _finish_recording(b)
         case ButtonPressed(button=Button.TALK) if recording:
             # Pressing again ends the message; with nothing said there is nothing to keep.

@@ -554,7 +554,7 @@ def test_cancel_during_connecting_closes_and_late_session_is_closed() -> None:
 
 
 def test_status_hold_without_speech_and_not_while_talking() -> None:
-    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"))
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"), CueFinished(Cue.SESSION_START))
     s, fx = run(s, ButtonHeld())
     assert s.phase is Phase.IDLE and CloseSession() in fx
     assert SpeakStatus(online=True, offline_reason=None, route="array", last_error=None) in fx
