@@ -261,6 +261,7 @@ class Kiosk:
                 self.metrics.count_to(self.metrics.audio_stalls, engine.stalls)
                 self.metrics.count_to(self.metrics.audio_recoveries, engine.recoveries)
                 self.metrics.count_to(self.metrics.device_losses, engine.device_losses)
+                self.metrics.count_to(self.metrics.audio_reader_failures, engine.reader_failures)
                 self.metrics.count_to(self.metrics.route_switches, self.route.switches)
                 publish_stats(self.spool, self.metrics, self.status)
             with contextlib.suppress(Exception):  # the same: a figure missing is better than a kiosk down

@@ -157,6 +157,9 @@ class Metrics:
                                         registry=r)
         self.device_losses = Counter("kiosk_device_losses", "Sound devices lost (gone, failed, or not recovered)",
                                      registry=r)
+        self.audio_reader_failures = Counter("kiosk_audio_reader_failures",
+                                             "The audio reader raised and was started again (see the log)",
+                                             registry=r)
         self.route = Gauge("kiosk_route", "1 for the audio route in use", ["route"], registry=r)
         self.route_switches = Counter("kiosk_route_switches", "Audio route switches", registry=r)
         # Offline spool (the fallback area updates these).

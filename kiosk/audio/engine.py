@@ -47,6 +47,7 @@ _REOPEN_FIRST_SECONDS = 0.25
 _SETTLE_SECONDS = 3.0
 # In-place restarts of a stalled stream in a row (no audio in between) before the device counts as lost.
 _MAX_RESTARTS = 3
+_READER_PAUSE_SECONDS = 1.0  # after the reader failed, before it runs again
 # A restart that has not returned by then is stuck in the driver (PortAudio can loop inside ALSA's error
 # handling after a USB device was power-cycled): the device counts as lost and a fresh one is opened.
 _RESTART_TIMEOUT_SECONDS = 5.0
@@ -86,6 +87,7 @@ class AudioEngine:
         self.device_losses = 0
         self.stalls = 0  # a running stream stopped delivering for audio.device_timeout_ms
         self.recoveries = 0  # ... and came back after an in-place restart, the session kept
+        self.reader_failures = 0  # the reader raised (logged with its traceback) and was started again
         self._restarts_in_row = 0
         self.dropped_playout_samples = 0  # agent audio discarded while no device was open
         self.listeners: list[FrameListener] = []
@@ -114,7 +116,7 @@ class AudioEngine:
         except DeviceError as error:
             _LOGGER.error("%s", error.message)
             self._mark_lost()
-        self._task = asyncio.create_task(self._run(), name="audio-engine")
+        self._task = asyncio.create_task(self._reader(), name="audio-engine")
 
     async def aclose(self) -> None:
         """Stop the reader and close the devices."""
@@ -211,6 +213,23 @@ class AudioEngine:
                 self._reopen = None
 
     # ------------------------------------------------------------------ reader
+    async def _reader(self) -> None:
+        """Run the reader; when it fails, log the failure with its traceback, count it and start it again.
+
+        A reader that died unseen left a kiosk that looked alive and heard nothing (the field bench found one).
+        After a failure it pauses ``_READER_PAUSE_SECONDS``: a failure on every frame logs once a second, and the
+        frames it cannot process stop the health watchdog's pings, so systemd restarts the service.
+        """
+        while True:
+            try:
+                await self._run()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self.reader_failures += 1
+                _LOGGER.exception("the audio reader failed (failure %d); it starts again", self.reader_failures)
+                await asyncio.sleep(_READER_PAUSE_SECONDS)
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         timeout_seconds = self.settings.audio.device_timeout_ms / 1000

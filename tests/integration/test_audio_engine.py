@@ -117,6 +117,30 @@ async def test_device_unplug_posts_lost_and_replug_found(pulse_devices: PulseSer
     assert engine.device_losses == 1
 
 
+async def test_a_failure_in_the_reader_is_logged_and_the_reader_goes_on(pulse_devices: PulseServer,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    sink = Recorder()
+    engine = AudioEngine(settings_for(), sink, sink)
+    failures = 2
+
+    def fail(*_: Any) -> None:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise RuntimeError("a listener's bug")
+
+    engine.listeners.append(fail)
+    await engine.start()
+    try:
+        await until(lambda: engine.reader_failures == 2, 20)
+        frames = engine.frames_processed
+        await until(lambda: engine.frames_processed > frames + 50, 20)
+    finally:
+        await engine.aclose()
+    assert "the audio reader failed (failure 2)" in caplog.text and "a listener's bug" in caplog.text
+    assert not engine.lost
+
+
 @pytest.mark.parametrize("freeze_seconds", [1.5, 3.0])
 async def test_a_stall_is_recovered_in_place_and_the_answer_goes_on(pulse_devices: PulseServer,
                                                                    freeze_seconds: float) -> None:
