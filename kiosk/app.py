@@ -37,6 +37,7 @@ from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.offline import Probe
+from kiosk.fallback.offline import probe_backoff as offline_probe_backoff
 from kiosk.fallback.spool import Spool, publish_stats, run_retention
 from kiosk.health import HealthWatchdog, Notifier, progress_check
 from kiosk.link.backoff import Backoff
@@ -78,13 +79,13 @@ class Kiosk:
                  probe_backoff: Backoff | None = None, system_root: Path = Path("/")) -> None:
         """``panel`` replaces the GPIO panel (the demo's virtual panel); it must post into ``self.bus``.
 
-        ``probe_backoff`` paces the offline probe (default: 2 s doubling to 60 s, full jitter); tests pass a
+        ``probe_backoff`` paces the offline probe (default: ``kiosk.fallback.offline.probe_backoff``); tests pass a
         shorter one so a restored link is noticed within their time bound. ``system_root`` is where the update
         state is read for the metrics (``kiosk.update.status``; tests and the demo pass a scratch root).
         """
         self.system_root = system_root
         self.barge_ins = BargeInJudge()
-        self.probe_backoff = probe_backoff or Backoff(base_seconds=2.0, max_seconds=60.0)
+        self.probe_backoff = probe_backoff or offline_probe_backoff(settings.session)
         self.settings = settings
         self.metrics = Metrics()
         self.status = Status()

@@ -348,6 +348,10 @@ class SessionSettings(_Section):
     retry_attempts: int = Field(3, ge=1, le=10, description="tries per request on server errors (5xx)")
     retry_base_seconds: float = Field(0.25, gt=0, le=30, description="first backoff ceiling (full jitter)")
     retry_max_seconds: float = Field(4.0, gt=0, le=300, description="largest backoff ceiling between tries")
+    probe_max_seconds: float = Field(
+        10.0, ge=1, le=300, description="offline: longest wait between checks whether the API answers again (the "
+        "kiosk is usable again at most this long after it does)"
+    )
     rate_limit_wait_max_seconds: float = Field(
         2.0, ge=0, le=60, description="wait out a shorter Retry-After and try again; longer ones refuse"
     )

@@ -21,8 +21,10 @@ from kiosk.fallback.offline import (
     Probe,
     Verdict,
     http_check,
+    probe_backoff,
 )
 from kiosk.link.backoff import Backoff
+from kiosk.settings import SessionSettings
 
 DEFINITE_TABLE = [
     (RefusalReason.UNREACHABLE, OfflineReason.OFFLINE),
@@ -117,6 +119,16 @@ async def test_probe_backs_off_and_posts_link_up_once() -> None:
     ceilings = [min(8.0, 2.0**i) for i in range(7)]
     assert all(0 <= s <= c for s, c in zip(recorder.sleeps, ceilings, strict=True))
     assert max(recorder.sleeps) > 1.0  # it does back off
+
+
+def test_the_probe_notices_a_restored_api_within_its_ceiling() -> None:
+    backoff = probe_backoff(SessionSettings())
+    ceilings = []
+    for _ in range(40):  # a long outage
+        ceilings.append(backoff.ceiling_seconds())
+        backoff.next_delay_seconds()
+    assert ceilings[0] == 1.0 and max(ceilings) == SessionSettings().probe_max_seconds == 10.0
+    assert probe_backoff(SessionSettings(probe_max_seconds=3.0)).max_seconds == 3.0
 
 
 async def test_http_check_against_a_real_server(unused_tcp_port: int) -> None:
