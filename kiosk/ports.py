@@ -91,7 +91,7 @@ class AudioControl(Protocol):
         ...
 
     def start_recording(self) -> None:
-        """Start keeping cleaned capture audio for a visitor's message."""
+        """Start keeping cleaned capture audio for a visitor's message; voice is segmented afresh from here."""
         ...
 
     def stop_recording(self) -> Recording:

@@ -745,8 +745,9 @@ def _recording(b: _Builder, event: Event) -> None:
             b.timer(Timer.MAX_MESSAGE, p.max_message_seconds)
             b.timer(Timer.NO_SPEECH, p.no_speech_timeout_seconds)
             # Only voice that starts once recording runs counts: voice reported across the tone is mostly
-            # the tone's own echo, and letting it count ends the message at the first VoiceStopped.
-            b.set(message=MessageStep.RECORDING, heard_voice=False)
+            # the tone's own echo, and letting it count ends the message at the first VoiceStopped. The engine
+            # segments voice afresh as recording starts, so a visitor who began at once is reported again.
+            b.set(message=MessageStep.RECORDING, heard_voice=False, voice_active=False)
         case VoiceStarted() if recording:
             b.cancel(Timer.NO_SPEECH)
         case VoiceStopped() if recording and s.heard_voice:

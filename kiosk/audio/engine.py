@@ -353,8 +353,9 @@ class AudioEngine:
         await self.drain()
 
     def start_recording(self) -> None:
-        """Start keeping cleaned capture audio (up to spool.max_message_seconds)."""
+        """Start keeping cleaned capture audio (up to spool.max_message_seconds); voice is segmented afresh."""
         self._recording = []
+        self.chain.restart_voice()
 
     def stop_recording(self) -> Recording:
         """Stop and hand over what was recorded."""

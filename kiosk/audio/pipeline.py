@@ -248,6 +248,15 @@ class CaptureChain:
         self.coherence.reset()
         self._reset_state()
 
+    def restart_voice(self) -> None:
+        """Start voice segmentation afresh, without an event: speech that goes on is reported again.
+
+        For a recording that starts as its tone ends: voice already active then is the tone's echo or a visitor
+        who began at once; the first fades before a new segment reaches the minimum speech, the second is
+        reported anew as ``VoiceStarted`` (the state machine counts only voice that starts once recording runs).
+        """
+        self.segmenter.reset()
+
     def open_gate(self, *, preroll: bool = True) -> None:
         """Start streaming cleaned frames (the controller decides; pre-roll goes out first unless dropped)."""
         self.gate.open(preroll=preroll)

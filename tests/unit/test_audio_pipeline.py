@@ -132,6 +132,24 @@ def test_gate_streams_preroll_then_frames_and_counts() -> None:
     assert counters.far_frames == 0
 
 
+def test_restarting_voice_reports_speech_that_goes_on_again_and_nothing_else() -> None:
+    """As a recording starts: a visitor speaking through the restart is reported anew; silence is not."""
+    chain = CaptureChain(Settings(), echo_canceller=PassThrough())
+    scenario = roomsim.make_scenario(1, seconds=8, visitor_spans=[(2.0, 5.0)], far_active=False)
+    mic = frames(to_int16(scenario.mic))
+    silence = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+    events: list[tuple[float, str]] = []
+    for k in range(len(mic)):
+        if k in (300, 600):  # in the middle of the speech, then in the silence after it
+            chain.restart_voice()
+        events += [(k * 0.01, type(e).__name__) for e in chain.process(mic[k], silence, k * 0.01).events]
+    starts = [t for t, name in events if name == "VoiceStarted"]
+    stops = [t for t, name in events if name == "VoiceStopped"]
+    # One segment before the restart (its VoiceStopped is never sent), one after it, ended by the silence.
+    assert len(starts) == 2 and 3.0 <= starts[1] < 3.5, events
+    assert len(stops) == 1 and stops[0] > 5.0, events
+
+
 def test_reset_forgets_the_learned_echo_leak() -> None:
     chain = CaptureChain(Settings(), echo_canceller=PassThrough())
     scenario = roomsim.make_scenario(0, seconds=4, visitor_spans=[], echo_dbfs=-42.0)

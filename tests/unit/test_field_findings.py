@@ -87,6 +87,16 @@ def test_a_message_still_ends_on_silence_or_the_next_press() -> None:
     assert StopRecording(keep=True) in effects and state.message is MessageStep.SAVING
 
 
+def test_a_visitor_who_speaks_as_the_tone_ends_is_recorded() -> None:
+    """Suite on a loaded machine: voice began across the recording tone (its echo, then the visitor at once) and
+    its one VoiceStopped came once recording ran; that voice never counted, so the no-speech timer discarded the
+    message. The engine segments voice afresh as recording starts and reports the visitor again."""
+    state, _ = run(_offered(), ButtonPressed(), VoiceStarted(), CueFinished(Cue.RECORDING_TONE))
+    assert state.message is MessageStep.RECORDING and not state.voice_active and not state.heard_voice
+    state, effects = run(state, VoiceStarted(), VoiceStopped())  # the visitor, reported anew
+    assert StopRecording(keep=True) in effects and state.message is MessageStep.SAVING
+
+
 def test_the_offline_replay_starts_where_the_field_run_did() -> None:
     """The offline path reaches the recording as the field run did (so the test above replays that run)."""
     state, _ = run(idle(), LinkLost("down"), ButtonPressed(), CueFinished(Cue.OFFLINE), CueFinished(Cue.LEAVE_MESSAGE),
