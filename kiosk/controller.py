@@ -56,6 +56,8 @@ from kiosk.ports import AudioControl, Cancellable, Clock, MessageStore, Panel, R
 from kiosk.state import KioskState, Phase, Policy, Transition, initial_state, pattern_key, step
 
 _LOGGER = logging.getLogger(__name__)
+# The longest the end of a turn waits for the frames captured before the release (the engine bounds it too).
+_DRAIN_WAIT_SECONDS = 2.0
 
 Listener = Callable[[KioskState, Event, Transition], None]
 
@@ -318,7 +320,7 @@ class Controller:
             case BeginTurn():
                 self._turn_lane.submit("turn", self._link.begin_turn)
             case EndTurn(commit=commit):
-                self._turn_lane.submit("turn", functools.partial(self._link.end_turn, commit))
+                self._turn_lane.submit("turn", functools.partial(self._end_turn, commit))
             case StartPublishing(preroll=preroll):
                 self._audio.set_gate(True, preroll=preroll)
                 self._link.set_publishing(True)
@@ -351,6 +353,12 @@ class Controller:
                     self._store_lane.submit("store", functools.partial(self._store_recording, recording, note))
             case _:
                 raise TypeError(f"no handler for effect {effect!r}")
+
+    async def _end_turn(self, commit: bool) -> None:
+        """End the turn after the visitor's last words: the frames captured before the release go out first."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._audio.wait_gate_closed(), _DRAIN_WAIT_SECONDS)
+        await self._link.end_turn(commit)
 
     def _start_timer(self, name: Timer, seconds: float) -> None:
         entry = self._timers.pop(name, None)

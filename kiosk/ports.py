@@ -79,7 +79,12 @@ class AudioControl(Protocol):
         """Open or close the gate that sends cleaned frames to the room link.
 
         On opening, the pre-roll (the last ``vad.preroll_ms`` before it) goes first unless ``preroll`` is False.
+        On closing, frames captured before the close still go out (a busy capture path delivers them late).
         """
+        ...
+
+    async def wait_gate_closed(self) -> None:
+        """Return once no frame captured before the gate's last close can still go out."""
         ...
 
     def clear_playback(self) -> None:

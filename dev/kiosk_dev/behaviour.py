@@ -67,6 +67,9 @@ class SimulatedAudio:
             self._sink(VoiceStarted(self._clock.now()) if streaming else VoiceStopped(self._clock.now()))
         self.gate = streaming
 
+    async def wait_gate_closed(self) -> None:
+        """Nothing is captured here: a closed gate is closed at once."""
+
     def clear_playback(self) -> None:
         """Drop queued agent audio."""
         self.calls.append("clear_playback")

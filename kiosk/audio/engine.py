@@ -48,6 +48,9 @@ _SETTLE_SECONDS = 3.0
 # In-place restarts of a stalled stream in a row (no audio in between) before the device counts as lost.
 _MAX_RESTARTS = 3
 _READER_PAUSE_SECONDS = 1.0  # after the reader failed, before it runs again
+# A closed gate still passes frames captured before it closed, which a busy capture path delivers late; a stalled
+# one is not waited for longer than this.
+_DRAIN_MAX_SECONDS = 1.5
 # A restart that has not returned by then is stuck in the driver (PortAudio can loop inside ALSA's error
 # handling after a USB device was power-cycled): the device counts as lost and a fresh one is opened.
 _RESTART_TIMEOUT_SECONDS = 5.0
@@ -92,6 +95,9 @@ class AudioEngine:
         self.dropped_playout_samples = 0  # agent audio discarded while no device was open
         self.listeners: list[FrameListener] = []
         self._gate = False
+        self._close_at: float | None = None  # the gate closes at the first frame captured from then on
+        self.gate_closed = asyncio.Event()  # set while no frame from before the last close can still go out
+        self.gate_closed.set()
         self._recording: list[Pcm] | None = None
         self._recording_limit_frames = int(settings.spool.max_message_seconds * RATE_HZ / FRAME_SAMPLES)
         self._playing = False
@@ -238,6 +244,8 @@ class AudioEngine:
             io = self.io
             now = loop.time()
             if io is None:
+                if self._close_at is not None:
+                    self._close_gate()  # no device: nothing more will come
                 continue
             if io.pump():
                 self._last_capture_seconds = now
@@ -251,6 +259,8 @@ class AudioEngine:
                 pending -= 1
                 self._frame(pair[0], pair[1], now - _TICK_SECONDS * max(pending, 0))
             self._playout_events(io)
+            if self._close_at is not None and now - self._close_at > _DRAIN_MAX_SECONDS:
+                self._close_gate()  # the capture path stalled: what it still holds is not waited for
             # Sound servers take a while to settle after opening (a first block, then a gap): allow more then.
             settled = self._capturing and now - self._opened_seconds > _SETTLE_SECONDS
             limit = timeout_seconds if settled else max(timeout_seconds, _SETTLE_SECONDS)
@@ -295,6 +305,8 @@ class AudioEngine:
         return True
 
     def _frame(self, mic: Pcm, ref: Pcm, now: float) -> None:
+        if self._close_at is not None and now >= self._close_at:
+            self._close_gate()
         out = self.chain.process(mic, ref, now)
         self.frames_processed += 1
         self.last_frame_seconds = now
@@ -332,12 +344,28 @@ class AudioEngine:
 
     # ------------------------------------------------------------------ ports.AudioEngine
     def set_gate(self, streaming: bool, *, preroll: bool = True) -> None:
-        """Open or close the gate to the room link (pre-roll goes out first on opening, unless dropped)."""
+        """Open or close the gate to the room link (pre-roll goes out first on opening, unless dropped).
+
+        Closing lets the frames captured before this moment through still: on a busy machine the capture path
+        delivers them late, and they hold the visitor's last words (a release ends the turn after them).
+        ``gate_closed`` is set once the last of them has gone out (at most ``_DRAIN_MAX_SECONDS`` later).
+        """
         self._gate = streaming
         if streaming:
+            self._close_at = None
+            self.gate_closed.clear()
             self.chain.open_gate(preroll=preroll)
-        else:
-            self.chain.close_gate()
+        elif self._close_at is None and not self.gate_closed.is_set():
+            self._close_at = asyncio.get_running_loop().time()
+
+    async def wait_gate_closed(self) -> None:
+        """Return once no frame captured before the gate's last close can still go out."""
+        await self.gate_closed.wait()
+
+    def _close_gate(self) -> None:
+        self._close_at = None
+        self.chain.close_gate()
+        self.gate_closed.set()
 
     def clear_playback(self) -> None:
         """Drop queued agent audio at once (barge-in, session end)."""

@@ -77,6 +77,9 @@ INTERRUPT_DISCARD_SECONDS = 0.3
 # The receive stream yields concealment silence every 10 ms while the agent sends nothing; after this long
 # without a non-silent frame such silence is not forwarded (it would keep the playout buffer "playing").
 SILENCE_FORWARD_SECONDS = 0.5
+# After the mute, how long frames captured before it may still be waited for (a busy capture path is late).
+DRAIN_SECONDS = 1.5
+DRAIN_QUIET_SECONDS = 0.1  # no such frame for this long: the engine has delivered them all
 LATENCY_SAMPLES_KEPT = 20000
 # Decoded "silence" is not all zeros (codec noise of +-1 LSB): frames whose peak stays at or below this count
 # as silent (about -66 dBFS).
@@ -151,6 +154,8 @@ class LiveKitRoomLink:
         self.status = status or Status()
         self._clock = clock
         self._publishing = False
+        self._stopped_at: float | None = None  # when the microphone was muted (frames captured before still go)
+        self._pushed_at = 0.0  # when the last frame was taken
         self._queue: deque[tuple[Pcm, float]] = deque(maxlen=self._lk.send_queue_frames)
         self._wake = asyncio.Event()
         self._room: rtc.Room | None = None
@@ -347,7 +352,11 @@ class LiveKitRoomLink:
         await self._turn_rpc(START_TURN_METHOD)
 
     async def end_turn(self, commit: bool) -> None:
-        """Manual turns: the turn ends and is answered (``end_turn``), or dropped without speech (``cancel_turn``)."""
+        """Manual turns: the turn ends and is answered (``end_turn``), or dropped without speech (``cancel_turn``).
+
+        Sent after the visitor's last frames have gone to LiveKit, so the agent answers all that was said.
+        """
+        await self._sent()
         await self._turn_rpc(END_TURN_METHOD if commit else CANCEL_TURN_METHOD)
 
     async def _turn_rpc(self, method: str) -> None:
@@ -393,21 +402,34 @@ class LiveKitRoomLink:
             raise rtc.RpcError(refused.rpc_code, refused.say, refused.data()) from None
 
     def set_publishing(self, on: bool) -> None:
-        """Unmute or mute the published microphone track."""
+        """Unmute or mute the published microphone track.
+
+        Muting keeps what was captured before it: frames stamped earlier (a busy capture path delivers them late)
+        are still taken and sent, and the track is muted once they have gone (``end_turn`` waits for that). Later
+        frames are dropped, so stale audio cannot open the next turn.
+        """
         self._publishing = on
+        self._stopped_at = None if on else self._now()
         if on:
             self._press_at = self._now()
-        else:
-            # Stale microphone audio must not open the next turn: drop what is queued, here and in LiveKit.
-            self._queue.clear()
-            if self._source is not None:
-                self._source.clear_queue()
-        if self._track is not None:
-            if on:
+            if self._track is not None:
                 self._track.unmute()
-            else:
-                self._track.mute()
+        else:
+            self._spawn(self._mute_when_sent())
         self._mark("publishing on" if on else "publishing off")
+
+    async def _mute_when_sent(self) -> None:
+        await self._sent()
+        if not self._publishing and self._track is not None:
+            self._track.mute()
+
+    async def _sent(self) -> None:
+        """Wait (at most ``DRAIN_SECONDS``) until the frames queued before the mute have gone to LiveKit."""
+        deadline = self._now() + DRAIN_SECONDS
+        while (self._queue or self._now() - self._pushed_at < DRAIN_QUIET_SECONDS) and self._now() < deadline:  # noqa: ASYNC110 - polls the send queue and a time stamp
+            await asyncio.sleep(0.01)
+        if not self._publishing:
+            self._queue.clear()
 
     def note_visitor_stopped(self, at_seconds: float | None = None) -> None:
         """The visitor stopped speaking (VoiceStopped): start the time-to-first-agent-audio measurement."""
@@ -416,13 +438,15 @@ class LiveKitRoomLink:
     # ------------------------------------------------------------------ FrameSink
     def push_frame(self, pcm: Pcm, captured_at: float | None = None) -> None:
         """Take one 10 ms frame (``captured_at``: the capture time on the same clock, if the engine knows it)."""
-        if not self._publishing or self._source is None:
+        before_mute = self._stopped_at is not None and captured_at is not None and captured_at < self._stopped_at
+        if (not self._publishing and not before_mute) or self._source is None:
             # Muted or no session: nothing may be streamed (streamed audio is billed), so the frame is dropped.
             return
         if len(self._queue) == self._queue.maxlen:
             # Drop-oldest: LiveKit is behind; fresh audio matters more than old audio.
             self.metrics.mic_frames_dropped.inc()
-        self._queue.append((pcm, captured_at if captured_at is not None else self._now()))
+        self._pushed_at = self._now()
+        self._queue.append((pcm, captured_at if captured_at is not None else self._pushed_at))
         self._wake.set()
 
     async def _send_loop(self, source: rtc.AudioSource) -> None:

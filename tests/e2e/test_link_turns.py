@@ -132,3 +132,34 @@ async def test_an_agent_without_turn_methods_keeps_its_own_turns(stack: LocalSta
         assert report["turn_rpcs"] == [] and len(report["turns"]) == 2 and not report["turns"][0]["manual"]
     finally:
         await kiosk.link.aclose()
+
+
+async def test_the_release_keeps_the_words_a_lagging_capture_path_still_holds(stack: LocalStack,
+                                                                             kiosk: LinkHarness) -> None:
+    """On a busy machine the capture path hands frames over a second late: the release comes before the last
+    words reach the link. They were captured before it, so they still go out, and end_turn follows them."""
+    lag_seconds = 1.2
+    await kiosk.open()
+    loop = asyncio.get_running_loop()
+    await press(kiosk)
+    pcm = (np.clip(QUESTION * 0.5, -1, 1) * 32767).astype(np.int16)
+    frames = pcm.size // 160
+    start = loop.time()
+
+    async def capture() -> None:  # the engine's reader, lag_seconds behind the microphone
+        for i in range(frames):
+            delay = start + i * 0.01 + lag_seconds - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            kiosk.link.push_frame(pcm[i * 160:(i + 1) * 160], captured_at=start + i * 0.01)
+
+    lagging = asyncio.create_task(capture())
+    await asyncio.sleep(start + frames * 0.01 + 0.1 - loop.time())  # let go just after the last word was said
+    released = await release(kiosk, commit=True)
+    await lagging
+    assert await kiosk.playout.wait_voiced(1.0, released, 15) >= 1.0, "no answer after the release"
+    report = kiosk.agent_report()
+    question_seconds = QUESTION.size / 16000
+    # Before: the release dropped what was queued and everything after it; the agent heard the question's
+    # first part only (or nothing, with a longer lag) and its end_turn came before the last words.
+    assert len(report["turns"]) == 1 and report["turns"][0]["speech_seconds"] >= 0.8 * question_seconds, report
