@@ -148,8 +148,10 @@ class Kiosk:
             _LOGGER.warning("spool.recipient_public_key is unset: visitors are not offered to leave a message "
                             "(kiosk doctor security)")
         self.watchdog = HealthWatchdog(self.notifier, [
+            # A lost device (gone, or route none) is a state the kiosk shows and retries, not a hang: withholding
+            # the pings for it had systemd abort the kiosk every 13 s while an array was out (field bench).
             progress_check("capture", lambda: self.engine.frames_processed, max_stall_seconds=MAX_STALL_SECONDS,
-                           now=loop.time),
+                           now=loop.time, excused=lambda: self.engine.lost),
             self._controller_alive,
         ])
         self._tasks.append(asyncio.create_task(self.watchdog.run(), name="watchdog"))

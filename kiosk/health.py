@@ -150,17 +150,23 @@ def progress_check(
     counter: Callable[[], object],
     max_stall_seconds: float,
     now: Callable[[], float],
+    excused: Callable[[], bool] | None = None,
 ) -> HealthCheck:
     """A check that fails once ``counter()`` has not changed for more than ``max_stall_seconds``.
 
     ``counter`` reads something the watched part advances anyway (frames processed, loop ticks), so the
-    hot path does no extra work for the watchdog. The first reading starts the clock.
+    hot path does no extra work for the watchdog. The first reading starts the clock. While ``excused()``
+    is True the counter is not expected to move (a state the kiosk knows and handles, such as a lost device
+    it shows and keeps reopening): the check passes and the clock starts again.
     """
     state = _Progress()
 
     def check() -> CheckResult:
         t = now()
         value = counter()
+        if excused is not None and excused():
+            state.value, state.changed_at = value, t
+            return True, f"{name} not expected (excused)"
         if state.changed_at is None or value != state.value:
             state.value, state.changed_at = value, t
             return True, f"{name} ok"

@@ -124,6 +124,25 @@ def test_pings_only_while_every_check_passes(manager: Manager) -> None:
     assert watchdog.pings == 15
 
 
+def test_a_lost_device_the_kiosk_handles_is_no_reason_to_stop_pinging() -> None:
+    """Field bench: with the array out and no headset, the capture check withheld the pings and systemd aborted
+    the kiosk every 13 s. A lost device is a state the kiosk shows and keeps reopening; a deaf engine that
+    believes its device works still fails the check."""
+    clock = Clock()
+    lost = [False]
+    check = progress_check("capture", lambda: 0, max_stall_seconds=2.0, now=clock, excused=lambda: lost[0])
+    assert check()[0]
+    lost[0] = True
+    for _ in range(10):  # 30 s with the device gone: pings go on
+        clock.t += 3.0
+        assert check() == (True, "capture not expected (excused)")
+    lost[0] = False  # reopened: frames are expected again, the clock starts now
+    clock.t += 1.5
+    assert check()[0]
+    clock.t += 1.0
+    assert check() == (False, "capture stalled for 2.5 s (limit 2 s)")
+
+
 def test_status_names_the_stalled_part(manager: Manager) -> None:
     clock = Clock()
     watchdog = HealthWatchdog(Notifier(manager.sock.getsockname()), [
