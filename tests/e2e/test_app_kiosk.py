@@ -239,6 +239,9 @@ async def open_app(stack: LocalStack, pulse_devices: PulseServer, tmp_path: Path
 
 
 # ---------------------------------------------------------------------------------------------- barge-in
+# On a loaded 2-core machine the interrupt's round trip, the session's open or the agent's answer can each take
+# seconds (seen: sound 0.96 s after the press, no answer within 30 s): one rerun, as for the sound-server tests.
+@pytest.mark.flaky(reruns=1)
 async def test_barge_in_by_press_stops_playback_and_the_agent(open_app: OpenApp) -> None:
     app = await open_app()
     start = app.now
