@@ -33,8 +33,15 @@ def test_timing_figures_are_never_compared() -> None:
 
 def test_a_quality_difference_is_reported() -> None:
     differences, _, _ = compare.compare(_report(50.0, 0.4, 0.95, 600.0), _report(47.5, 0.4, 0.90, 600.0))
-    assert {d.where for d in differences} == {"Echo cancellation / hybrid / ERLE steady dB",
-                                             "Voice detection / white 10 dB / F1"}
+    assert {d.where for d in differences} == {"Echo cancellation / row 1 (hybrid) / ERLE steady dB",
+                                             "Voice detection / row 1 (white 10 dB) / F1"}
+
+
+def test_rows_with_the_same_label_are_all_compared() -> None:
+    a, b = _report(50.0, 0.4, 0.95, 600.0), _report(50.0, 0.4, 0.95, 600.0)
+    for report, f1 in ((a, 0.95), (b, 0.80)):
+        report["sections"][1]["rows"].append(["white 10 dB", f1])
+    assert [d.where for d in compare.compare(a, b)[0]] == ["Voice detection / row 2 (white 10 dB) / F1"]
 
 
 def test_tolerance_dB_absolute_seconds_relative() -> None:
@@ -47,7 +54,7 @@ def test_tolerance_dB_absolute_seconds_relative() -> None:
 def test_a_missing_value_against_a_number_differs() -> None:
     a, b = _report(50.0, 0.4, 0.95, 600.0), _report(50.0, 0.4, 0.95, 600.0)
     b["sections"][0]["rows"][0][1] = None
-    assert [d.where for d in compare.compare(a, b)[0]] == ["Echo cancellation / hybrid / ERLE steady dB"]
+    assert [d.where for d in compare.compare(a, b)[0]] == ["Echo cancellation / row 1 (hybrid) / ERLE steady dB"]
 
 
 def test_diff_command_exit_status(tmp_path: Path) -> None:

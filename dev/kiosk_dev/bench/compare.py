@@ -74,14 +74,15 @@ def _sections(report: Any) -> list[dict[str, Any]]:
 
 
 def figures(report: Any) -> dict[str, tuple[str, Any]]:
-    """Every quality figure of a report: ``section / row key / column`` (and ``target: name``) -> (label, value)."""
+    """Every quality figure of a report: ``section / row N (labels) / column`` and ``section / target: name``."""
     found: dict[str, tuple[str, Any]] = {}
     for section in _sections(report):
         title, columns = section["title"], [str(c) for c in section["columns"]]
-        for row in section["rows"]:
-            key = str(row[0]) if row else ""
-            for column, value in zip(columns[1:], row[1:], strict=False):
-                if not is_timing(column):
+        for number, row in enumerate(section["rows"], start=1):
+            # Rows keep their order on every machine; the labels only make the line readable.
+            key = f"row {number} ({', '.join(str(c) for c in row if isinstance(c, str))})"
+            for column, value in zip(columns, row, strict=False):
+                if not is_timing(column) and not isinstance(value, str):
                     found[f"{title} / {key} / {column}"] = (column, value)
         for target in section.get("targets", []):
             if not is_timing(target["name"]):
