@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from fixtures.units import exec_paths, stub_executables
+
 ROOT = Path(__file__).resolve().parents[2]
 SYSTEMD = ROOT / "systemd"
 SERVICES = ("kiosk.service", "kiosk-provision.service", "kiosk-cooldown.service", "kiosk-update-gate.service",
@@ -18,8 +20,6 @@ UNITS = (*SERVICES, "kiosk-retry.timer")
 # Exposure limits (systemd-analyze security, 0 = locked down, 10 = unrestricted).
 LIMITS = {"kiosk.service": 2.0, "kiosk-provision.service": 3.0, "kiosk-cooldown.service": 3.0,
           "kiosk-update-gate.service": 3.0, "kiosk-update-check.service": 3.0}
-# Executables the units name, made to exist in the scratch root so `verify` checks everything else.
-EXECUTABLES = ("/opt/kiosk/venv/bin/kiosk", "/opt/kiosk/venv/bin/python")
 
 pytestmark = pytest.mark.needs_tool("systemd-analyze")
 
@@ -42,17 +42,13 @@ def _entries(path: Path) -> dict[str, dict[str, list[str]]]:
 
 
 def _scratch_root(tmp_path: Path, units: dict[str, str]) -> Path:
-    """A root with this machine's stock units, our units, and stand-ins for the executables."""
+    """A root with this machine's stock units, our units, and stubs for the programs they run (systemd 257)."""
     root = tmp_path / "root"
     shutil.copytree(Path("/usr/lib/systemd/system"), root / "usr/lib/systemd/system", symlinks=True)
     (root / "etc/systemd/system").mkdir(parents=True)
     for name, text in units.items():
         (root / "etc/systemd/system" / name).write_text(text)
-    for exe in EXECUTABLES:
-        path = root / exe.lstrip("/")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("#!/bin/sh\n")
-        path.chmod(0o755)
+    stub_executables(root, [root / "etc/systemd/system" / name for name in units])
     return root
 
 
@@ -74,6 +70,26 @@ def test_verify_would_catch_a_broken_unit(tmp_path: Path) -> None:
     units["kiosk.service"] = units["kiosk.service"].replace("Restart=always", "Restart=sometimes\nRestartSecs=3")
     result = _verify(_scratch_root(tmp_path, units))
     assert "RestartSecs" in result.stderr and "sometimes" in result.stderr
+
+
+def test_exec_paths_reads_every_exec_key_and_prefix() -> None:
+    """The programs to stub: each Exec*= key, systemd's prefixes stripped, only absolute paths."""
+    unit = ("[Service]\nExecCondition=/opt/kiosk/venv/bin/python -I -m kiosk.update.gate is-trial\n"
+            "ExecStartPre=-/bin/sleep 1\nExecStart=@/usr/bin/true true\nExecStopPost=+!/bin/systemctl stop x\n"
+            "ExecReload=kill -HUP $MAINPID\nEnvironment=PATH=/opt/elsewhere\n")
+    assert exec_paths(unit) == {"/opt/kiosk/venv/bin/python", "/bin/sleep", "/usr/bin/true", "/bin/systemctl"}
+    assert exec_paths((SYSTEMD / "kiosk.service").read_text()) == {"/opt/kiosk/venv/bin/kiosk"}
+
+
+def test_units_running_system_programs_verify(tmp_path: Path) -> None:
+    """A unit that runs programs the scratch root lacks verifies cleanly with systemd 257 as with 252."""
+    units = {u: (SYSTEMD / u).read_text() for u in UNITS}
+    extra = "ExecStartPre=-/bin/sleep 1\nExecStopPost=/bin/systemctl --no-block stop kiosk.service\n"
+    units["kiosk-cooldown.service"] = units["kiosk-cooldown.service"].replace("ExecStart=", extra + "ExecStart=", 1)
+    root = _scratch_root(tmp_path, units)
+    assert (root / "bin/sleep").is_file() and (root / "bin/systemctl").is_file()
+    result = _verify(root)
+    assert result.returncode == 0 and result.stderr.strip() == "", result.stderr
 
 
 def _exposure(unit: Path, threshold: int = 20) -> tuple[int, float]:

@@ -1,0 +1,84 @@
+"""kiosk_dev.bench.compare: two benchmark reports agree on the quality figures, never on the timing ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiosk_dev.bench import compare
+
+
+def _report(erle_db: float, to_20_db_s: float, f1: float, cpu_us: float, delay_ms: float = 43.0) -> dict[str, Any]:
+    return {"command": "kiosk bench audio --quick --no-live --json", "sections": [
+        {"title": "Echo cancellation", "columns": ["configuration", "ERLE steady dB", "to 20 dB s", "CPU us/frame",
+                                                   "delay est. ms"],
+         "rows": [["hybrid", erle_db, to_20_db_s, cpu_us, delay_ms], ["none", None, None, 1.0, None]],
+         "targets": [{"name": "ERLE steady (dB)", "value": erle_db, "target": ">= 45 dB", "met": True},
+                     {"name": "whole chain CPU per 10 ms frame (us)", "value": cpu_us, "target": "<= 200",
+                      "met": False}], "notes": []},
+        {"title": "Voice detection", "columns": ["noise", "F1"], "rows": [["white 10 dB", f1]], "targets": [],
+         "notes": []}]}
+
+
+def test_timing_figures_are_never_compared() -> None:
+    differences, compared, only = compare.compare(_report(50.0, 0.4, 0.95, 600.0), _report(50.0, 0.4, 0.95, 9000.0))
+    assert differences == [] and only == []
+    assert compared == 8  # 2 rows x 3 quality columns, one target, one F1; no CPU figure
+    assert not any("CPU" in where for where in compare.figures(_report(50.0, 0.4, 0.95, 1.0)))
+
+
+def test_a_quality_difference_is_reported() -> None:
+    differences, _, _ = compare.compare(_report(50.0, 0.4, 0.95, 600.0), _report(47.5, 0.4, 0.90, 600.0))
+    assert {d.where for d in differences} == {"Echo cancellation / row 1 (hybrid) / ERLE steady dB",
+                                             "Voice detection / row 1 (white 10 dB) / F1"}
+
+
+def test_rows_with_the_same_label_are_all_compared() -> None:
+    a, b = _report(50.0, 0.4, 0.95, 600.0), _report(50.0, 0.4, 0.95, 600.0)
+    for report, f1 in ((a, 0.95), (b, 0.80)):
+        report["sections"][1]["rows"].append(["white 10 dB", f1])
+    assert [d.where for d in compare.compare(a, b)[0]] == ["Voice detection / row 2 (white 10 dB) / F1"]
+
+
+def test_tolerance_dB_absolute_seconds_relative() -> None:
+    assert compare.within("ERLE steady dB", 50.0, 50.9) and not compare.within("ERLE steady dB", 50.0, 51.1)
+    # A time to reach 20 dB is seconds, relative: 5%.
+    assert compare.within("to 20 dB s", 1.00, 1.04) and not compare.within("to 20 dB s", 1.00, 1.2)
+    assert compare.within("F1", 0.95, 0.96) and not compare.within("F1", 0.95, 0.90)
+
+
+def test_a_missing_value_against_a_number_differs() -> None:
+    a, b = _report(50.0, 0.4, 0.95, 600.0), _report(50.0, 0.4, 0.95, 600.0)
+    b["sections"][0]["rows"][0][1] = None
+    assert [d.where for d in compare.compare(a, b)[0]] == ["Echo cancellation / row 1 (hybrid) / ERLE steady dB"]
+
+
+def test_diff_command_exit_status(tmp_path: Path) -> None:
+    same_a, same_b, other = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    same_a.write_text(json.dumps(_report(50.0, 0.4, 0.95, 600.0)))
+    same_b.write_text(json.dumps(_report(50.3, 0.41, 0.951, 12000.0)))
+    other.write_text(json.dumps(_report(40.0, 0.4, 0.95, 600.0)))
+    assert compare.main(["diff", str(same_a), str(same_b)]) == 0
+    assert compare.main(["diff", str(same_a), str(other)]) == 1
+    (tmp_path / "bad.json").write_text("{not json")
+    assert compare.main(["diff", str(same_a), str(tmp_path / "bad.json")]) == 2
+    empty = tmp_path / "empty.json"
+    empty.write_text('{"sections": []}')
+    assert compare.main(["diff", str(empty), str(empty)]) == 1  # nothing compared is no evidence
+    (tmp_path / "other.json").write_text('{"sections": [{"title": 1}]}')
+    assert compare.main(["diff", str(same_a), str(tmp_path / "other.json")]) == 2
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(st.recursive(st.none() | st.booleans() | st.floats(allow_nan=False) | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                    max_leaves=12))
+def test_diff_of_any_json_never_crashes(tmp_path_factory: Any, data: Any) -> None:
+    """A report that is not a benchmark report gives exit status 1 or 2 with a message, never a traceback."""
+    path = tmp_path_factory.mktemp("r") / "r.json"
+    path.write_text(json.dumps(data))
+    assert compare.main(["diff", str(path), str(path)]) in (0, 1, 2)
