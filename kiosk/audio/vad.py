@@ -36,13 +36,19 @@ _FLOOR_RISE_DB = 0.02  # per frame (2 dB per second) when a frame is louder
 # Peak hold for the level cues: word tails stay "near" for about 300 ms after a loud syllable.
 _PEAK_DECAY_DB = 0.5  # per frame
 _FULL_SCALE_POWER = 32768.0 * 32768.0 * FRAME_SAMPLES
+_SILENCE_POWER = _FULL_SCALE_POWER * 10.0 ** (SILENCE_DBFS / 10.0)
 
 
 def frame_level_dbfs(power_sum: float) -> float:
-    """Level of a 160-sample frame in dBFS (RMS re full scale) from its sum of squared int16 samples."""
-    if power_sum <= 0.0:
+    """Level of a 160-sample frame in dBFS (RMS re full scale) from its sum of squared int16 samples.
+
+    At or below the silence floor it is the floor. A smoothed power that decays through a long run of digital
+    zeros reaches denormal values whose quotient by full scale underflows to 0.0 (log10 then raised, and the
+    audio reader failed on every frame, 70 s into a muted stream).
+    """
+    if power_sum <= _SILENCE_POWER:
         return SILENCE_DBFS
-    return max(SILENCE_DBFS, 10.0 * math.log10(power_sum / _FULL_SCALE_POWER))
+    return 10.0 * math.log10(power_sum / _FULL_SCALE_POWER)
 
 
 class WebRtcVoiceDetector:

@@ -8,6 +8,7 @@ import pytest
 from kiosk.audio.aec import PassThrough
 from kiosk.audio.format import FRAME_SAMPLES, frames, to_int16
 from kiosk.audio.pipeline import CaptureChain
+from kiosk.audio.vad import SILENCE_DBFS, frame_level_dbfs
 from kiosk.events import VoiceStarted, VoiceStopped
 from kiosk.settings import Settings
 from kiosk_dev import roomsim
@@ -148,6 +149,20 @@ def test_restarting_voice_reports_speech_that_goes_on_again_and_nothing_else() -
     # One segment before the restart (its VoiceStopped is never sent), one after it, ended by the silence.
     assert len(starts) == 2 and 3.0 <= starts[1] < 3.5, events
     assert len(stops) == 1 and stops[0] > 5.0, events
+
+
+def test_minutes_of_digital_silence_after_sound_do_not_break_the_chain() -> None:
+    """Field bench: 70 s into a muted stream the chain's smoothed output power decayed to a denormal, its level
+    computation raised, and the audio reader failed on every frame from then on."""
+    chain = CaptureChain(Settings(), echo_canceller=PassThrough())
+    noise = (np.random.default_rng(0).standard_normal(FRAME_SAMPLES) * 3000).astype(np.int16)
+    zeros = np.zeros(FRAME_SAMPLES, dtype=np.int16)
+    for k in range(50):
+        chain.process(noise, zeros, k * 0.01)
+    for k in range(50, 50 + 120 * 100):  # two minutes of exact zeros
+        result = chain.process(zeros, zeros, k * 0.01)
+    assert not result.events
+    assert frame_level_dbfs(5e-324) == frame_level_dbfs(0.0) == SILENCE_DBFS
 
 
 def test_reset_forgets_the_learned_echo_leak() -> None:
