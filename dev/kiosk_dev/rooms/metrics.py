@@ -37,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
+from kiosk_dev.bench.aec import sdr_db
 
 if TYPE_CHECKING:
     from kiosk_dev.rooms.generate import Room
@@ -109,29 +110,6 @@ def room_labels(room: Room) -> RoomLabels:
                       agent_only=agent & silent, echo_dominant=ep >= 10 * npow, spans=spans)
 
 
-def sdr_db(clean: npt.NDArray[np.float64], out: npt.NDArray[np.float64], spans: list[tuple[int, int]],
-           filter_taps: int = 512) -> float:
-    """BSS-Eval SDR of ``out`` against ``clean`` over ``spans`` (the best fixed ``filter_taps`` filter forgiven)."""
-    from scipy.linalg import solve_toeplitz
-    from scipy.signal import fftconvolve, lfilter
-
-    region = np.zeros(len(out), dtype=bool)
-    source = np.zeros(len(clean))
-    for a, b in spans:
-        region[a:min(len(out), b + filter_taps)] = True
-        source[a:b] = clean[a:b]
-    n = len(source)
-    auto = fftconvolve(source, source[::-1])[n - 1: n - 1 + filter_taps]
-    masked_out = np.where(region, out, 0.0)
-    cross = fftconvolve(masked_out, source[::-1])[n - 1: n - 1 + filter_taps]
-    auto[0] *= 1.0 + 1e-9
-    h = solve_toeplitz(auto, cross)  # the best fixed filter from the clean source to the output
-    target = lfilter(h, [1.0], source)
-    error = masked_out - np.where(region, target, 0.0)
-    t_energy = float(np.sum(target[region] ** 2))
-    return 10.0 * math.log10(max(t_energy, 1e-12) / max(float(np.sum(error ** 2)), 1e-12))
-
-
 @dataclass
 class RunOutput:
     """What a system produced on one room."""
@@ -192,7 +170,7 @@ def room_figures(room: Room, labels: RoomLabels, run: RunOutput) -> dict[str, An
     speech = labels.visitor_speech
     tp = float((seg_mask & speech).sum())
     spans = labels.spans
-    sdr = sdr_db(run.target, out / 32768.0, spans)
+    sdr, _ = sdr_db(run.target, out / 32768.0, spans)
     return {
         "seed": room.spec.seed, "class": room.spec.room_class, "split": room.spec.split,
         "ser_db": room.spec.ser_db, "snr_db": room.spec.snr_db, "rt60_s": room.spec.rt60_s,
