@@ -2,7 +2,9 @@
 
 ``AudioEngine`` implements ``kiosk.ports.AudioEngine`` (gate, cues, recording, clearing playback) and
 ``kiosk.ports.PlayoutSink`` (agent audio in). It owns an ``AudioIO``; a reader task on the loop wakes
-every 10 ms, moves what the PortAudio callbacks captured through the ``CaptureChain`` and:
+every 10 ms, moves what the PortAudio callbacks captured through the ``CaptureChain`` (a backlog one frame
+at a time, giving the loop back in between, so a process that waited for the CPU does not then hold up the
+room link and playout for the whole backlog) and:
 
 * posts the chain's VoiceStarted / VoiceStopped to the ``EventSink``;
 * pushes the frames the gate lets through to the ``FrameSink`` (the room link's published track);
@@ -258,6 +260,13 @@ class AudioEngine:
             while (pair := io.pull()) is not None:
                 pending -= 1
                 self._frame(pair[0], pair[1], now - _TICK_SECONDS * max(pending, 0))
+                if pending > 0:
+                    # A backlog (the process waited for the CPU) is worked off a frame at a time, letting the
+                    # loop serve the room link, playout and the buttons in between: one frame's chain work,
+                    # not a second's, is the longest the loop waits for the reader.
+                    await asyncio.sleep(0)
+                    if self.io is not io:
+                        break  # switched or closed meanwhile: what the old device held is not wanted
             self._playout_events(io)
             if self._close_at is not None and now - self._close_at > _DRAIN_MAX_SECONDS:
                 self._close_gate()  # the capture path stalled: what it still holds is not waited for
