@@ -355,9 +355,17 @@ class Controller:
                 raise TypeError(f"no handler for effect {effect!r}")
 
     async def _end_turn(self, commit: bool) -> None:
-        """End the turn after the visitor's last words: the frames captured before the release go out first."""
+        """End the turn after the visitor's last words: the frames captured before the release go out first.
+
+        The state machine decided at the release from the voice heard by then; on a busy machine the visitor's
+        words can be in frames processed after it. Voice in what went out makes the turn one to answer.
+        """
+        heard = False
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._audio.wait_gate_closed(), _DRAIN_WAIT_SECONDS)
+            heard = await asyncio.wait_for(self._audio.wait_gate_closed(), _DRAIN_WAIT_SECONDS)
+        if heard and not commit:
+            _LOGGER.info("the visitor's voice came through after the release: the turn is answered")
+            commit = True
         await self._link.end_turn(commit)
 
     def _start_timer(self, name: Timer, seconds: float) -> None:

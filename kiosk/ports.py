@@ -83,8 +83,12 @@ class AudioControl(Protocol):
         """
         ...
 
-    async def wait_gate_closed(self) -> None:
-        """Return once no frame captured before the gate's last close can still go out."""
+    async def wait_gate_closed(self) -> bool:
+        """Return once no frame captured before the gate's last close can still go out.
+
+        True when the voice detection heard the visitor start speaking in what went out since the gate opened:
+        on a busy machine the last frames before a release are processed after it, and their voice counts.
+        """
         ...
 
     def clear_playback(self) -> None:

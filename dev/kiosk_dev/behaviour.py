@@ -54,6 +54,7 @@ class SimulatedAudio:
         self.voice_follows_gate = voice_follows_gate
         self.cue_seconds = cue_seconds
         self.gate = False
+        self.voice_after_release = False  # what wait_gate_closed says: voice in frames processed after the close
         self.cues: list[str] = []
         self.calls: list[str] = []
         self.recording = False
@@ -67,8 +68,9 @@ class SimulatedAudio:
             self._sink(VoiceStarted(self._clock.now()) if streaming else VoiceStopped(self._clock.now()))
         self.gate = streaming
 
-    async def wait_gate_closed(self) -> None:
-        """Nothing is captured here: a closed gate is closed at once."""
+    async def wait_gate_closed(self) -> bool:
+        """Nothing is captured here: a closed gate is closed at once; ``voice_after_release`` is the answer."""
+        return self.voice_after_release
 
     def clear_playback(self) -> None:
         """Drop queued agent audio."""

@@ -38,7 +38,7 @@ from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
 from kiosk.audio.io import AudioIO, StreamLayout
 from kiosk.audio.pipeline import CaptureChain, ChainFrame
 from kiosk.errors import DeviceError
-from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStarted
+from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStarted, VoiceStarted
 from kiosk.ports import AecStats, EventSink, FrameSink, Pcm, Recording
 from kiosk.settings import AecBackend, Settings
 
@@ -100,6 +100,7 @@ class AudioEngine:
         self._close_at: float | None = None  # the gate closes at the first frame captured from then on
         self.gate_closed = asyncio.Event()  # set while no frame from before the last close can still go out
         self.gate_closed.set()
+        self._voice_in_gate = False  # the chain reported voice in frames that went out since the gate opened
         self._recording: list[Pcm] | None = None
         self._recording_limit_frames = int(settings.spool.max_message_seconds * RATE_HZ / FRAME_SAMPLES)
         self._playing = False
@@ -316,7 +317,10 @@ class AudioEngine:
     def _frame(self, mic: Pcm, ref: Pcm, now: float) -> None:
         if self._close_at is not None and now >= self._close_at:
             self._close_gate()
+        passing = self._gate or self._close_at is not None
         out = self.chain.process(mic, ref, now)
+        if passing and any(isinstance(event, VoiceStarted) for event in out.events):
+            self._voice_in_gate = True
         self.frames_processed += 1
         self.last_frame_seconds = now
         for event in out.events:
@@ -363,13 +367,19 @@ class AudioEngine:
         if streaming:
             self._close_at = None
             self.gate_closed.clear()
+            self._voice_in_gate = self.chain.segmenter.in_speech
             self.chain.open_gate(preroll=preroll)
         elif self._close_at is None and not self.gate_closed.is_set():
             self._close_at = asyncio.get_running_loop().time()
 
-    async def wait_gate_closed(self) -> None:
-        """Return once no frame captured before the gate's last close can still go out."""
+    async def wait_gate_closed(self) -> bool:
+        """Return once no frame captured before the gate's last close can still go out; True if they held voice.
+
+        True when the chain reported the visitor starting to speak (or already speaking as the gate opened) in
+        the frames that went out since the gate opened, including those processed after the close.
+        """
         await self.gate_closed.wait()
+        return self._voice_in_gate
 
     def _close_gate(self) -> None:
         self._close_at = None

@@ -13,7 +13,7 @@ from kiosk.events import DeviceFound, DeviceLost, PlaybackFinished, PlaybackStar
 from kiosk.ports import Pcm
 from kiosk.settings import Settings, load_settings
 from kiosk_dev.behaviour import EventRecorder as Recorder
-from kiosk_dev.pulse import ARRAY_DEVICE, PulseServer
+from kiosk_dev.pulse import ARRAY_DEVICE, ROOM_SINK, PulseServer
 from kiosk_dev.speech import espeak, normalise
 from kiosk_dev.virtual_room import VirtualRoom
 
@@ -126,6 +126,39 @@ async def test_a_backlog_is_worked_off_without_holding_the_loop(pulse_devices: P
     assert not engine.lost
     # The 0.5 s hold leaves about 50 frames waiting; each turn of the loop processes at most a couple.
     assert most_per_turn <= 2, most_per_turn
+
+
+@pytest.mark.parametrize("spoken", [True, False])
+async def test_voice_in_frames_drained_after_the_close_is_reported(pulse_devices: PulseServer, spoken: bool) -> None:
+    """The gate closes (a release) while the visitor's words still wait to be processed, as on a busy machine:
+    they go out, and the engine says they held voice, so the turn they end is answered; without speech, none."""
+    sink = Recorder()
+    engine = AudioEngine(settings_for(), sink, sink)
+    seen = {"frames": 0, "voice_before_close": False}
+
+    def busy_then_release(_out: Any, mic: Pcm, _ref: Pcm, _now: float) -> None:
+        # From the first frame of the words (or after a second of silence) the loop is held for 1.2 s, as
+        # by a busy CPU, while capture goes on; then the visitor's release closes the gate.
+        seen["frames"] += 1
+        loud = int(np.abs(mic.astype(np.int32)).max()) > 1000
+        if engine._gate and (loud if spoken else seen["frames"] > 100):
+            seen["voice_before_close"] = bool(sink.of(VoiceStarted))
+            time.sleep(1.2)
+            engine.set_gate(False)
+
+    await engine.start()
+    try:
+        await until(lambda: engine.frames_processed > 50, 10)
+        engine.set_gate(True)
+        engine.listeners.append(busy_then_release)
+        if spoken:
+            pcm = (speech("Where is the registration desk, please?", -20) * 32767).astype(np.int16)
+            pulse_devices.play(ROOM_SINK, pcm.tobytes())
+        heard = await asyncio.wait_for(engine.wait_gate_closed(), 20)
+    finally:
+        await engine.aclose()
+    assert not seen["voice_before_close"]
+    assert heard is spoken, engine.stats()
 
 
 async def test_device_unplug_posts_lost_and_replug_found(pulse_devices: PulseServer) -> None:

@@ -376,6 +376,18 @@ async def test_push_to_talk_gives_the_agent_its_turns(make_rig: MakeRig) -> None
     assert rig.phase == "speaking"
 
 
+async def test_voice_processed_after_the_release_makes_the_turn_one_to_answer(make_rig: MakeRig) -> None:
+    """A busy machine processes the last frames before a release after it: when they held the visitor's voice
+    (the engine says so once the gate has drained), the turn is answered, not cancelled."""
+    rig = await make_rig(mode=InteractionMode.PUSH_TO_TALK, agent=True)
+    await rig.press()
+    rig.audio.voice_after_release = True
+    await rig.release()  # the state machine has heard no voice yet
+    assert rig.room.turns == ["start_turn", "end_turn"]
+    await rig.advance(2.0)
+    assert rig.phase in ("thinking", "speaking")
+
+
 async def test_turns_agent_setting_sends_no_turns(make_rig: MakeRig) -> None:
     from kiosk.settings import TurnDetection
     from kiosk.state import Policy
