@@ -115,3 +115,59 @@ def test_memory_growth_is_the_slope_of_the_longest_process_after_its_warm_up() -
     figures = resource_figures(result([], [], [], {}, [incarnation(1, 3650.0, True), incarnation(2, None, False)],
                                       samples))
     assert abs(figures["rss_mib_per_hour"] - 1.0) < 0.05 and abs(figures["threads_per_hour"]) < 1e-6
+
+
+def test_a_run_kept_as_json_renders_the_same_report() -> None:
+    """``kiosk bench field --from-json``: a long run's JSON becomes the same docs/field.md section as the run."""
+    import datetime as dt
+    import json
+
+    from kiosk_dev.bench import report
+    from kiosk_dev.bench.field import as_json, render, result_from_json
+
+    steps = conversation(40.0, {"type": "DeviceLost", "device": "kiosk_array"}, "error")
+    faults = [FaultRecord("capture_stall", started=55.0, injected=55.0, cleared=57.0, usable=58.0,
+                          heard=["session_end"], saw=["error", "idle"])]
+    samples = [Sample(float(t), 1, 100 * 1024 * 1024 + t * 10, 40, 20, t * 0.5) for t in range(0, 600, 5)]
+    original = result(steps, faults, [MessageAttempt(1.0, "m1")], {"stored": {"m1": "a"}, "store_count": {"m1": 1},
+                                                                   "posts": {"m1": 1}, "opened": {}},
+                      [incarnation(1, None, False)], samples)
+    summary = summarise(original)
+    when = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    kept = json.loads(report.dumps(as_json(original, summary)))
+    again, summary_again = result_from_json(kept)
+    expected = render(original, summary, command="kiosk bench field", when=when)
+    assert render(again, summary_again, command="kiosk bench field", when=when) == expected
+    assert "capture_stall" in expected and "1.0, 1.0, 1.0" in expected
+
+
+def test_a_file_that_is_no_kept_run_is_refused_by_name(tmp_path: Any) -> None:
+    import json
+
+    import pytest
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from kiosk.errors import InputError
+    from kiosk_dev.bench.cli import _render_field_json
+
+    class Args:
+        json = False
+        write = None
+        from_json = tmp_path / "run.json"
+
+    json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                               lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                                             max_size=4), max_leaves=12)
+
+    @settings(max_examples=60, deadline=None, derandomize=True)
+    @given(st.one_of(st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
+                     json_values.map(json.dumps),
+                     st.fixed_dictionaries({"summary": json_values, "samples": json_values, "config": json_values})
+                     .map(json.dumps)))
+    def check(text: str) -> None:
+        Args.from_json.write_text(text)
+        with pytest.raises(InputError, match="not a run printed by"):
+            _render_field_json(Args())  # type: ignore[arg-type]
+
+    check()

@@ -18,6 +18,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from kiosk.errors import InputError
 from kiosk.settings import Settings
@@ -93,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_field.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     bench_field.add_argument("--write", type=Path, default=None, metavar="PATH",
                              help="replace the '## Measured' section of this markdown file (e.g. docs/field.md)")
+    bench_field.add_argument("--from-json", type=Path, default=None, metavar="FILE",
+                             help="run nothing: render a run kept with --json (with --write: into the docs)")
     bench_field.set_defaults(handler=_cmd_bench_field)
 
 
@@ -169,6 +172,8 @@ def _cmd_bench_field(args: argparse.Namespace, settings: Settings) -> int:
 
     from kiosk_dev.bench import field
 
+    if args.from_json is not None:
+        return _render_field_json(args)
     faults: tuple[str, ...] | None = None
     if args.faults is not None and args.faults.strip() == "none":
         faults = ()
@@ -197,12 +202,40 @@ def _cmd_bench_field(args: argparse.Namespace, settings: Settings) -> int:
     result = field.run(settings, config)
     summary = field.summarise(result)
     if args.json:
-        print(report.dumps(field.as_json(result, summary)))
-    else:
-        print(field.render(result, summary, command=command, when=when))
+        data = field.as_json(result, summary)
+        data["run"]["command"] = command
+        print(report.dumps(data))
+    return _field_report(args, result, summary, command=command, when=when)
+
+
+def _render_field_json(args: argparse.Namespace) -> int:
+    """``kiosk bench field --from-json FILE``: the report of a kept run, printed and optionally written."""
+    from kiosk_dev.bench import field
+
+    try:
+        data = json.loads(args.from_json.read_text())
+        result, summary = field.result_from_json(data)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise InputError(f"--from-json {args.from_json}: not a run printed by 'kiosk bench field --json' "
+                         f"({error!r}); give the file that run's standard output went to") from error
+    when = dt.datetime.fromtimestamp(args.from_json.stat().st_mtime, dt.UTC)
+    command = data.get("run", {}).get("command") or "kiosk bench field (kept with --json)"
+    return _field_report(args, result, summary, command=command, when=when, markdown=True)
+
+
+def _field_report(args: argparse.Namespace, result: Any, summary: dict[str, Any], *, command: str,
+                  when: dt.datetime, markdown: bool = False) -> int:
+    """Print the markdown report (unless --json printed JSON), write it with --write; the exit status.
+
+    1 when an invariant broke (a message lost or duplicated, a stuck fault, a crash, no final answer).
+    """
+    from kiosk_dev.bench import field
+
+    text = field.render(result, summary, command=command, when=when)
+    if markdown or not args.json:
+        print(text)
     if args.write is not None:
-        report.write_section(args.write, field.SECTION_HEADING,
-                             field.render(result, summary, command=command, when=when))
+        report.write_section(args.write, field.SECTION_HEADING, text)
         print(f"wrote the {field.SECTION_HEADING!r} section of {args.write}", file=sys.stderr)
     invariants = summary["invariants"]
     broken = (invariants["messages_lost"] or invariants["messages_duplicated"] or invariants["faults_stuck"]

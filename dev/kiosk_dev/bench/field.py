@@ -1512,7 +1512,30 @@ def as_json(result: FieldResult, summary: dict[str, Any]) -> dict[str, Any]:
             "exchanges": [asdict(e) for e in result.exchanges], "messages": [asdict(m) for m in result.messages],
             "sessions": [asdict(s) for s in result.sessions], "incarnations": result.incarnations,
             "samples": [asdict(s) for s in result.samples],
-            "config": result.config, "unit": result.unit}
+            "config": result.config, "unit": result.unit,
+            "run": {"started": result.started, "ended": result.ended, "load_average": result.load_average,
+                    "skipped_faults": result.skipped_faults}}
+
+
+def result_from_json(data: dict[str, Any]) -> tuple[FieldResult, dict[str, Any]]:
+    """A run printed with ``--json``, back as what ``render`` takes (to write docs/field.md from a kept run).
+
+    The trace-level records (loop lag samples, endpoint, counters) are not in the JSON; the summary holds their
+    figures. Files from before ``run`` was added render the load average as "-".
+    """
+    summary = data["summary"]
+    run = data.get("run", {})
+    samples = [Sample(**s) for s in data["samples"]]
+    invariants = summary["invariants"]
+    result = FieldResult(
+        config=data["config"], unit=data["unit"],
+        started=run.get("started", samples[0].t if samples else 0.0), ended=run.get("ended", 0.0),
+        exchanges=[Exchange(**e) for e in data["exchanges"]], messages=[MessageAttempt(**m) for m in data["messages"]],
+        faults=[FaultRecord(**f) for f in data["faults"]], sessions=[Session(**s) for s in data["sessions"]],
+        incarnations=data["incarnations"], unit_failed=bool(invariants["unit_failed"]), samples=samples, lag_ms=[],
+        endpoint={}, final_exchange_completed=bool(invariants["final_exchange_completed"]), counters={},
+        skipped_faults=run.get("skipped_faults", {}), load_average=run.get("load_average", []))
+    return result, summary
 
 
 def quick_config(seconds: float | None = None, **overrides: Any) -> FieldConfig:
