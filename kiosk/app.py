@@ -36,6 +36,7 @@ from kiosk.controller import Controller
 from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
+from kiosk.fallback.netwatch import NetworkWatch
 from kiosk.fallback.offline import Probe
 from kiosk.fallback.offline import probe_backoff as offline_probe_backoff
 from kiosk.fallback.spool import Spool, publish_stats, run_retention
@@ -109,6 +110,7 @@ class Kiosk:
             if settings.metrics.enabled else None
         self.watchdog: HealthWatchdog | None = None
         self._probe: asyncio.Task[None] | None = None
+        self.netwatch = NetworkWatch()  # the kernel's news of the network coming back: probe and deliver at once
         self._tasks: list[asyncio.Task[Any]] = []
         self.listeners: list[Callable[[KioskState, Event, Transition], None]] = []
 
@@ -137,8 +139,10 @@ class Kiosk:
         self.controller.start()
         if self.metrics_server is not None:
             await self.metrics_server.start()
+        self.netwatch.start()
         if self.deliverer is not None:
             self._tasks.append(asyncio.create_task(self.deliverer.run(), name="delivery"))
+            self._tasks.append(asyncio.create_task(self._deliver_when_the_network_returns(), name="netwatch"))
         self._tasks.append(asyncio.create_task(self._publish(), name="publish-metrics"))
         self._tasks.append(asyncio.create_task(self._watch_barge_ins(), name="barge-ins"))
         # Retention at start and on a timer, not only when a message is stored.
@@ -179,6 +183,7 @@ class Kiosk:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self._tasks.clear()
+        self.netwatch.close()
         if self.deliverer is not None:
             await self.deliverer.aclose()
         if self.controller is not None:
@@ -237,7 +242,7 @@ class Kiosk:
             self.status.last_refusal = event.reason.value
         if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
             last = event.reason if isinstance(event, ApiRefused) else None
-            probe = Probe(self._check_service, self.bus.post, self.probe_backoff)
+            probe = Probe(self._check_service, self.bus.post, self.probe_backoff, sleep=self.netwatch.sleep)
             self._probe = asyncio.create_task(probe.run(last), name="probe")
         if isinstance(event, VoiceStopped):
             self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
@@ -248,6 +253,13 @@ class Kiosk:
                 self.deliverer.wake()
         for listener in self.listeners:
             listener(old, event, transition)
+
+    async def _deliver_when_the_network_returns(self) -> None:
+        """Stored messages go out as soon as the kernel says the network is back, not at the next retry."""
+        assert self.deliverer is not None
+        while True:
+            await self.netwatch.wait()
+            self.deliverer.wake()
 
     async def _publish(self) -> None:
         """Copy the polled figures (AEC, devices, route, spool) into the metrics and the status."""

@@ -115,7 +115,9 @@ class ConnectivityPolicy:
 
 # A probe check asks the API once: None when it answers and would open a session, else the refusal.
 ProbeCheck = Callable[[], Awaitable[RefusalReason | None]]
-Sleep = Callable[[float], Awaitable[None]]
+# Waits the given seconds; a true result means it was cut short by news that the network came back
+# (``NetworkWatch.sleep``): the backoff starts over. ``asyncio.sleep`` returns None.
+Sleep = Callable[[float], Awaitable[bool | None]]
 
 
 def probe_backoff(settings: SessionSettings) -> Backoff:
@@ -147,7 +149,8 @@ class Probe:
         """Probe until the API answers; ``last`` is the refusal already known (not posted again)."""
         self._backoff.reset()
         while True:
-            await self._sleep(self._backoff.next_delay_seconds())
+            if await self._sleep(self._backoff.next_delay_seconds()):
+                self._backoff.reset()  # the network came back: ask now, and soon again if it is not ready yet
             self.attempts += 1
             try:
                 result = await self._check()

@@ -454,8 +454,12 @@ async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, 
 
         # The link comes back: the probe posts LinkUp, the kiosk is idle again and delivers the message.
         restored = app.now
+        changes = app.kiosk.netwatch.changes
         stack.network.set_link(True)
-        await app.wait_event(LinkUp, 20, restored)
+        link_up = await app.wait_event(LinkUp, 20, restored)
+        # The kernel's news of the link coming up woke the probe (instead of its backoff's next turn).
+        assert app.kiosk.netwatch.changes > changes
+        print(f"\nLinkUp {link_up.at - restored:.2f} s after the link came back")
         await app.wait_phase(Phase.IDLE, 5, restored)
         assert await app.until(lambda: not app.kiosk.spool.messages(), 20), app.kiosk.spool.messages()
         summary = await asyncio.to_thread(received, url)
