@@ -154,6 +154,7 @@ def test_a_file_that_is_no_kept_run_is_refused_by_name(tmp_path: Any) -> None:
     class Args:
         json = False
         write = None
+        section = "Measured"
         from_json = tmp_path / "run.json"
 
     json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),

@@ -94,6 +94,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_field.add_argument("--json", action="store_true", help="print JSON instead of markdown")
     bench_field.add_argument("--write", type=Path, default=None, metavar="PATH",
                              help="replace the '## Measured' section of this markdown file (e.g. docs/field.md)")
+    bench_field.add_argument("--section", default="Measured", metavar="TITLE",
+                             help="with --write: the '## TITLE' section to replace (default: Measured)")
     bench_field.add_argument("--from-json", type=Path, default=None, metavar="FILE",
                              help="run nothing: render a run kept with --json (with --write: into the docs)")
     bench_field.set_defaults(handler=_cmd_bench_field)
@@ -231,12 +233,13 @@ def _field_report(args: argparse.Namespace, result: Any, summary: dict[str, Any]
     """
     from kiosk_dev.bench import field
 
-    text = field.render(result, summary, command=command, when=when)
+    heading = f"## {args.section}"
+    text = field.render(result, summary, command=command, when=when, heading=heading)
     if markdown or not args.json:
         print(text)
     if args.write is not None:
-        report.write_section(args.write, field.SECTION_HEADING, text)
-        print(f"wrote the {field.SECTION_HEADING!r} section of {args.write}", file=sys.stderr)
+        report.write_section(args.write, heading, text)
+        print(f"wrote the {heading!r} section of {args.write}", file=sys.stderr)
     invariants = summary["invariants"]
     broken = (invariants["messages_lost"] or invariants["messages_duplicated"] or invariants["faults_stuck"]
               or invariants["unplanned_exits"] or invariants["unit_failed"]

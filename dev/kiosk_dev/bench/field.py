@@ -1499,11 +1499,12 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 2)
 
 
-def render(result: FieldResult, summary: dict[str, Any], *, command: str, when: Any) -> str:
-    """The ``## Measured`` section of docs/field.md."""
+def render(result: FieldResult, summary: dict[str, Any], *, command: str, when: Any,
+           heading: str = SECTION_HEADING) -> str:
+    """The ``## Measured`` section of docs/field.md (or another ``heading``: a soak beside a fault run)."""
     from kiosk_dev.bench import report
 
-    return report.render_markdown(sections(result, summary), command=command, when=when, heading=SECTION_HEADING)
+    return report.render_markdown(sections(result, summary), command=command, when=when, heading=heading)
 
 
 def as_json(result: FieldResult, summary: dict[str, Any]) -> dict[str, Any]:
