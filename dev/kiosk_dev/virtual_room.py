@@ -43,6 +43,7 @@ _NOISE_LOOP_SECONDS = 20
 # Audio waiting in a pipe beyond this means the path is growing (the pulse tools deliver and take in
 # chunks of a few tens of ms, so less is ordinary jitter).
 _MAX_BACKLOG_BYTES = 2 * RATE_HZ * 100 // 1000
+_WRITER_RETRY_SECONDS = 0.5  # a writer that ended by itself is replaced at most this often (the sink may be gone)
 Signal = npt.NDArray[np.float32]
 
 
@@ -93,7 +94,9 @@ class _RoomWorker:
         self.samples_out = 0
         self.skipped_in_samples = 0  # speaker audio dropped because this thread fell behind
         self.skipped_out_samples = 0  # room audio dropped because the room sink's writer fell behind
-        self.writer_restarts = 0
+        self.writer_restarts = 0  # the room sink's writer replaced: fallen behind, or ended by itself
+        self.writers_lost = 0  # ... of those, writers that ended by themselves (a stream error on a busy machine)
+        self._writer_started = 0.0
         self.far_energy = 0.0  # sum of squares of what the speaker played (to check the room hears it)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -114,6 +117,7 @@ class _RoomWorker:
         self._parec = subprocess.Popen(["parec", "-d", f"{self.speaker_sink}.monitor", *common], env=self._env,
                                        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self._pacat = self._start_writer()
+        self._writer_started = time.monotonic()
         self._stop.clear()
         self._thread = threading.Thread(target=self._work, name="virtual-room", daemon=True)
         self._thread.start()
@@ -126,9 +130,25 @@ class _RoomWorker:
     def _restart_writer(self) -> None:
         old = self._pacat
         self._pacat = self._start_writer()
+        self._writer_started = time.monotonic()
+        self.writer_restarts += 1
         if old is not None:
             old.kill()
             old.wait()
+
+    def _replace_lost_writer(self) -> bool:
+        """The writer ended by itself: start another (at most every half second; False until then).
+
+        Seen in a field soak on a loaded machine: a pacat ended without being asked, the write failed, and the
+        room stopped for good, so the kiosk heard none of the visitors' questions for the rest of the run.
+        """
+        if time.monotonic() - self._writer_started < _WRITER_RETRY_SECONDS:
+            return False
+        code = self._pacat.poll() if self._pacat is not None else None
+        self.writers_lost += 1
+        _LOGGER.warning("the room's writer ended (exit status %s); starting another", code)
+        self._restart_writer()
+        return True
 
     def stop(self) -> None:
         """Stop the thread and both processes (by their own ids)."""
@@ -212,7 +232,6 @@ class _RoomWorker:
                     # lengthen the echo path for good. Restarting it discards the backlog (a short gap and a
                     # delay step back, as a re-buffering audio path makes); counted.
                     self.skipped_out_samples += _pipe_bytes(out_fd) // 2
-                    self.writer_restarts += 1
                     self._restart_writer()
                     assert self._pacat is not None and self._pacat.stdin is not None
                     out = self._pacat.stdin
@@ -226,8 +245,18 @@ class _RoomWorker:
                     idx = (start + np.arange(BLOCK_SAMPLES)) % len(self._noise)
                     mix += self._noise[idx]
                 pcm = np.clip(mix * 32768.0, -32768, 32767).astype("<i2")
-                out.write(pcm.tobytes())
-                out.flush()
+                try:
+                    out.write(pcm.tobytes())
+                    out.flush()
+                except (BrokenPipeError, OSError, ValueError):
+                    if self._stop.is_set():
+                        break
+                    # Drop: this block, while no writer takes it (the room's time goes on); counted.
+                    self.skipped_out_samples += BLOCK_SAMPLES
+                    if self._replace_lost_writer():
+                        assert self._pacat is not None and self._pacat.stdin is not None
+                        out = self._pacat.stdin
+                        out_fd = out.fileno()
                 self.samples_out += BLOCK_SAMPLES
         except (BrokenPipeError, OSError, ValueError) as error:
             if not self._stop.is_set():
