@@ -48,6 +48,8 @@ class Timer(StrEnum):
     ERROR_CLEAR = "error_clear"  # how long a recoverable error shows before returning to rest
     HANDOVER = "handover"  # longest wait for the agent to finish speaking before a tool's handover happens
     STAFF_CALLED = "staff_called"  # how long the "staff called" LED pattern shows after call_staff
+    # The talk button held since the microphone went live, without a word: the staff's status request.
+    STATUS_HOLD = "status_hold"
 
 
 class OfflineReason(StrEnum):

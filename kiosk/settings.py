@@ -220,7 +220,8 @@ class InteractionSettings(_Section):
     no_speech_timeout_seconds: float = Field(8.0, gt=0, description="end a hands-free session nobody speaks in")
     idle_end_seconds: float = Field(20.0, gt=0, description="end a session after this long without an exchange")
     max_session_seconds: float = Field(300.0, gt=0, description="hard cap on one session (cost cap)")
-    status_hold_seconds: float = Field(5.0, gt=0, description="holding the button this long speaks the status")
+    status_hold_seconds: float = Field(5.0, gt=0, description="holding the button this long speaks the status (in a "
+                                       "conversation: counted from when the microphone went live)")
     error_hold_seconds: float = Field(
         10.0, gt=0, description="how long a recoverable error shows before the kiosk waits for visitors again"
     )

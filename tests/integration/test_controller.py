@@ -249,6 +249,8 @@ async def test_error_clears_after_its_hold(make_rig: MakeRig) -> None:
 
 
 async def test_status_hold_on_gpiozeros_hold_timer(make_rig: MakeRig) -> None:
+    """A silent hold: gpiozero's hold (real time) starts it; once the session is live the hold time counts on the
+    kiosk's clock from the microphone going live."""
     rig = await make_rig(interaction=InteractionSettings(status_hold_seconds=0.2))
     rig.button_pin().drive_low()
     loop = asyncio.get_running_loop()
@@ -256,7 +258,7 @@ async def test_status_hold_on_gpiozeros_hold_timer(make_rig: MakeRig) -> None:
     while not any(isinstance(e, SpeakStatus) for _, e in rig.controller.executed):
         assert loop.time() < deadline, "no status after a long hold"
         await asyncio.sleep(0.02)  # gpiozero's hold thread runs in real time
-        await rig.settle()
+        await rig.advance(0.02)
     rig.button_pin().drive_high()
     await rig.settle()
     assert rig.phase == "idle" and "close" in rig.room.calls

@@ -6,7 +6,7 @@ trace), then says what should happen instead; each failed before its fix.
 
 from __future__ import annotations
 
-from kiosk.effects import CloseSession, Cue, SpeakStatus, StopRecording
+from kiosk.effects import CloseSession, Cue, SpeakStatus, StartTimer, StopRecording, Timer
 from kiosk.events import (
     ApiRefused,
     ButtonHeld,
@@ -18,6 +18,7 @@ from kiosk.events import (
     RefusalReason,
     SessionOpened,
     Started,
+    TimerExpired,
     VoiceStarted,
     VoiceStopped,
 )
@@ -52,10 +53,30 @@ def test_holding_the_talk_button_until_the_start_tone_is_not_a_status_request() 
     assert not any(isinstance(e, SpeakStatus) for e in effects)
 
 
-def test_a_silent_hold_after_the_start_tone_still_asks_for_the_status() -> None:
+def test_the_hold_time_counts_from_when_the_microphone_went_live() -> None:
+    """Field bench, loaded machine (10 of 67 questions): press at 0, SessionOpened at 3.3 s, start tone done at
+    3.6 s, the visitor starts speaking, ButtonHeld at 5.0 s before the voice detection had reported them: the
+    kiosk closed the session and spoke the staff status. The hold now counts from the gate's opening."""
     state, effects = run(idle(), ButtonPressed(), SessionOpened("s1"), CueFinished(Cue.SESSION_START), ButtonHeld())
+    assert state.phase is Phase.LISTENING and state.publishing and CloseSession() not in effects
+    assert not any(isinstance(e, SpeakStatus) for e in effects)
+    assert StartTimer(Timer.STATUS_HOLD, state.policy.status_hold_seconds) in run(
+        idle(), ButtonPressed(), SessionOpened("s1"))[1]
+    # The visitor speaks: their turn, however long the hold.
+    spoke, effects = run(state, VoiceStarted(), TimerExpired(Timer.STATUS_HOLD))
+    assert spoke.phase is Phase.LISTENING and not any(isinstance(e, SpeakStatus) for e in effects)
+
+
+def test_a_silent_hold_from_when_the_microphone_went_live_still_asks_for_the_status() -> None:
+    """Staff with a one-button panel: held in silence for the hold time once live, the status is spoken."""
+    state, effects = run(idle(), ButtonPressed(), SessionOpened("s1"), CueFinished(Cue.SESSION_START),
+                         ButtonHeld(), TimerExpired(Timer.STATUS_HOLD))
     assert state.phase is Phase.IDLE and CloseSession() in effects
     assert any(isinstance(e, SpeakStatus) for e in effects)
+    # Released in between: the timer that fires later is no status request.
+    state, effects = run(idle(), ButtonPressed(), SessionOpened("s1"), CueFinished(Cue.SESSION_START),
+                         ButtonReleased(), TimerExpired(Timer.STATUS_HOLD))
+    assert not any(isinstance(e, SpeakStatus) for e in effects)
 
 
 def _offered() -> KioskState:
