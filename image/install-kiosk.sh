@@ -14,6 +14,7 @@
 #   - the service user (at build time: the device's root is read-only) and the image's default site
 #     config, which provisioning installs on first boot;
 #   - locked passwords for root and every login account: no console password is shared by every kiosk;
+#   - the SSH server the A/B base brings masked (IGconf_kiosk_ssh=y keeps it): no network login;
 #   - A/B updates (docs/fleet.md): RAUC's system.conf with the tryboot backend, the operator's update CA as its
 #     keyring, a D-Bus policy that lets only root talk to RAUC, the health gate's units, the image's version.
 # --files-only skips the steps that need the target's own programs (the virtual environment and
@@ -23,7 +24,8 @@
 #
 # Environment (rpi-image-gen exports the layer's variables): IGconf_kiosk_api_url, IGconf_kiosk_mode,
 # IGconf_kiosk_language, IGconf_kiosk_hw_watchdog_sec, IGconf_kiosk_operator_key, IGconf_kiosk_wheelhouse,
-# IGconf_kiosk_update_ca, IGconf_kiosk_version; and rpi-image-gen's IGconf_device_class (pi4, pi5, ...).
+# IGconf_kiosk_update_ca, IGconf_kiosk_version, IGconf_kiosk_ssh; and rpi-image-gen's IGconf_device_class
+# (pi4, pi5, ...).
 set -eu
 
 FILES_ONLY=0
@@ -46,6 +48,7 @@ HW_WATCHDOG_SEC=${IGconf_kiosk_hw_watchdog_sec:-15}
 OPERATOR_KEY=${IGconf_kiosk_operator_key:-}
 UPDATE_CA=${IGconf_kiosk_update_ca:-}
 IMAGE_VERSION=${IGconf_kiosk_version:-0.0.0}
+SSH=${IGconf_kiosk_ssh:-n}
 DEVICE_CLASS=${IGconf_device_class:-}
 BUILD_PACKAGES="python3-dev build-essential portaudio19-dev libspeexdsp-dev swig"
 
@@ -98,7 +101,9 @@ install_files() {
   put 0644 systemd/kiosk-retry.timer /etc/systemd/system/kiosk-retry.timer
   put 0644 systemd/kiosk.sysusers.conf /usr/lib/sysusers.d/kiosk.conf
   put 0644 systemd/kiosk.tmpfiles.conf /usr/lib/tmpfiles.d/kiosk.conf
-  put 0644 systemd/journald-kiosk.conf /etc/systemd/journald.conf.d/kiosk.conf
+  # zz-: journald reads its drop-ins in name order and the last one wins; the A/B base's pre-image step writes
+  # persistent.conf (512 MB, no retention limit), which would otherwise override the kiosk's caps.
+  put 0644 systemd/journald-kiosk.conf /etc/systemd/journald.conf.d/zz-kiosk.conf
   put 0644 systemd/system-watchdog.conf /etc/systemd/system.conf.d/kiosk-watchdog.conf
   sed -i "s/^RuntimeWatchdogSec=.*/RuntimeWatchdogSec=${HW_WATCHDOG_SEC}s/" \
     "$ROOT/etc/systemd/system.conf.d/kiosk-watchdog.conf"
@@ -169,6 +174,27 @@ lock_passwords() {
   chown --reference="$shadow" "$tmp"
   mv -f "$tmp" "$shadow"
   log "locked the passwords of: $users"
+}
+
+# The A/B base (trixie-minbase) requires rpi-image-gen's openssh-server layer, which installs the SSH server and
+# enables it with password logins allowed. Unless the builder asks for it (IGconf_kiosk_ssh=y), the kiosk masks it:
+# no network login at all, whatever the firewall says. Runs after the base's hooks (the app layer comes last).
+disable_ssh() {
+  case "$SSH" in
+    y) log "IGconf_kiosk_ssh=y: the SSH server stays enabled; the firewall drops port 22 unless /etc/nftables.d/ssh.nft opens it"
+       return ;;
+    n) ;;
+    *) log "IGconf_kiosk_ssh '$SSH' is not y or n"; exit 1 ;;
+  esac
+  units="ssh.service ssh.socket sshd.service ssh-hostkeys-generate.service"
+  for unit in $units; do
+    find "$ROOT/etc/systemd/system" -path '*.wants/*' -name "$unit" -exec rm -f {} + 2>/dev/null || true
+  done
+  mkdir -p "$ROOT/etc/systemd/system"
+  for unit in ssh.service ssh.socket sshd.service; do
+    ln -sfn /dev/null "$ROOT/etc/systemd/system/$unit"
+  done
+  log "masked the SSH server (ssh.service, ssh.socket): set IGconf_kiosk_ssh=y to keep it"
 }
 
 # RAUC: the board's compatible string (a bundle for another board is refused), the operator's update CA as the
@@ -252,6 +278,7 @@ install_operator_key
 install_updates
 install_default_config
 lock_passwords
+disable_ssh
 enable_units
 if [ "$FILES_ONLY" -eq 0 ]; then
   install_venv

@@ -90,7 +90,7 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 VARIABLES = ("srcdir", "api_url", "mode", "language", "hw_watchdog_sec", "operator_key", "wheelhouse", "update_ca",
-             "version")
+             "version", "ssh")
 
 
 def test_layer_yaml_and_metadata() -> None:
@@ -118,7 +118,7 @@ def test_layer_yaml_and_metadata() -> None:
     assert {"python3-venv", "libportaudio2", "libspeexdsp1", "python3-lgpio", "nftables"} <= set(packages)
     # A/B updates: RAUC's tool and its D-Bus service (rauc install, rauc status mark-good).
     assert {"rauc", "rauc-service"} <= set(packages)
-    # No SSH server in the image: nobody logs in over the network unless the operator adds it on purpose.
+    # The layer adds no SSH server (the base's is masked by install-kiosk.sh unless IGconf_kiosk_ssh=y).
     assert not any("ssh" in p for p in packages)
     assert "--system-site-packages" in (IMAGE / "install-kiosk.sh").read_text()
     hooks = data["mmdebstrap"]["customize-hooks"]
@@ -143,6 +143,7 @@ def _valid(var: str) -> re.Pattern[str]:
     ("wheelhouse", "/srv/wheels", "wheels"),
     ("update_ca", "/home/build/kiosk-update/update-ca.pem", "update-ca.pem"),
     ("version", "2025.3.1", "v1 beta"),
+    ("ssh", "y", "yes"),
 ])
 def test_variable_validation(var: str, good: str, bad: str) -> None:
     assert _valid(var).fullmatch(good) and not _valid(var).fullmatch(bad)
@@ -202,6 +203,7 @@ def _install(tmp_path: Path) -> Path:
     (root / "etc/shadow").chmod(0o640)
     (root / "boot/firmware/config.txt").write_text("arm_64bit=1\n")
     (root / "boot/firmware/cmdline.txt").write_text("console=tty1 root=/dev/disk/by-slot/active/system\n")
+    _enable_ssh_as_the_base_does(root)
     env = {**os.environ, "IGconf_kiosk_api_url": "https://voice.example.org", "IGconf_kiosk_mode": "tap_to_talk",
            "IGconf_kiosk_hw_watchdog_sec": "12", "IGconf_kiosk_operator_key": OPERATOR_KEY,
            "IGconf_kiosk_update_ca": str(_update_ca(tmp_path)), "IGconf_kiosk_version": "2025.3.1",
@@ -209,6 +211,21 @@ def _install(tmp_path: Path) -> Path:
     subprocess.run([str(IMAGE / "install-kiosk.sh"), "--files-only", str(root)], check=True, env=env,
                    capture_output=True, timeout=120)
     return root
+
+
+def _enable_ssh_as_the_base_does(root: Path) -> None:
+    """What the A/B base's openssh-server layer leaves: ssh and its key generator enabled, sshd.service an alias."""
+    system = root / "etc/systemd/system"
+    (system / "multi-user.target.wants").mkdir(parents=True, exist_ok=True)
+    (system / "multi-user.target.wants/ssh.service").symlink_to("/usr/lib/systemd/system/ssh.service")
+    (system / "multi-user.target.wants/ssh-hostkeys-generate.service").symlink_to(
+        "/etc/systemd/system/ssh-hostkeys-generate.service")
+    (system / "sshd.service").symlink_to("/usr/lib/systemd/system/ssh.service")
+
+
+def _ssh_state(root: Path) -> dict[str, str]:
+    system = root / "etc/systemd/system"
+    return {p.relative_to(system).as_posix(): os.readlink(p) for p in system.rglob("ssh*") if p.is_symlink()}
 
 
 def test_every_installed_source_exists() -> None:
@@ -229,8 +246,10 @@ def test_install_into_a_scratch_root(tmp_path: Path) -> None:
     for _, dest in re.findall(r"^\s*put \d{4} (\S+) (\S+)", script, flags=re.M):
         assert (root / dest.lstrip("/")).is_file(), dest
     wants = root / "etc/systemd/system/multi-user.target.wants"
+    # ... and not the base's SSH server: its units are masked, nothing pulls them in.
     assert {p.name for p in wants.iterdir()} == {"kiosk.service", "kiosk-provision.service",
                                                  "kiosk-update-gate.service"}
+    assert _ssh_state(root) == {"ssh.service": "/dev/null", "ssh.socket": "/dev/null", "sshd.service": "/dev/null"}
     # The inbound firewall is loaded early at boot by Debian's nftables.service.
     assert (root / "etc/systemd/system/sysinit.target.wants/nftables.service").is_symlink()
     assert (root / "etc/nftables.conf").read_text() == (IMAGE / "nftables.conf").read_text()
@@ -260,6 +279,33 @@ def test_install_into_a_scratch_root(tmp_path: Path) -> None:
                    timeout=120)
     assert (root / "boot/firmware/config.txt").read_text().count("dtparam=watchdog=on") == 1
     assert (root / "boot/firmware/cmdline.txt").read_text().count("watchdog_disarm=0") == 1
+
+
+@pytest.mark.needs_tool("systemd-sysusers")
+def test_ssh_is_kept_only_when_asked_for(tmp_path: Path) -> None:
+    root = tmp_path / "rootfs"
+    (root / "etc").mkdir(parents=True)
+    for name in ("passwd", "group"):
+        shutil.copy(Path("/etc") / name, root / "etc" / name)
+    _enable_ssh_as_the_base_does(root)
+    before = _ssh_state(root)
+    script = [str(IMAGE / "install-kiosk.sh"), "--files-only", str(root)]
+    subprocess.run(script, check=True, capture_output=True, timeout=120, env={**os.environ, "IGconf_kiosk_ssh": "y"})
+    assert _ssh_state(root) == before
+    bad = subprocess.run(script, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "IGconf_kiosk_ssh": "yes"})
+    assert bad.returncode != 0 and "IGconf_kiosk_ssh 'yes' is not y or n" in bad.stderr
+    assert _ssh_state(root) == before
+
+
+@pytest.mark.needs_tool("systemd-sysusers")
+def test_journal_caps_win_over_the_ab_base(tmp_path: Path) -> None:
+    """journald applies its drop-ins in name order, the last wins: the A/B base's pre-image step writes
+    persistent.conf (512 MB, no retention limit), so the kiosk's caps must sort after it."""
+    root = _install(tmp_path)
+    (root / "etc/systemd/journald.conf.d/persistent.conf").write_text("[Journal]\nSystemMaxUse=512M\n")
+    drop_ins = sorted((root / "etc/systemd/journald.conf.d").iterdir())
+    assert drop_ins[-1].read_text() == (ROOT / "systemd/journald-kiosk.conf").read_text()
 
 
 @pytest.mark.needs_tool("systemd-sysusers")
