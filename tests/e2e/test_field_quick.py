@@ -44,8 +44,9 @@ def test_quick_field_run_loses_nothing_and_gets_stuck_nowhere(tmp_path: Path) ->
     # Nothing stuck: usable again after every fault (the bench's own check after each one).
     assert invariants["faults_stuck"] == [], context
     # Whether the last question was answered is printed, not asserted: under the run's CPU hogs the virtual room's
-    # path into the kiosk's microphone falls seconds behind (seen: the words captured 6 s after the bench let go,
-    # so the kiosk rightly heard an empty turn). That measures the rig; docs/field.md, "Findings".
+    # path into the kiosk's microphone falls seconds behind (seen: the words captured 6-11 s after the bench let go,
+    # so the kiosk rightly heard an empty turn): PortAudio's capture through ALSA's pulse plugin runs below real
+    # time. That measures the rig; docs/field.md, "Findings", item 9 of the second run.
     print(f"\nfinal question answered: {invariants['final_exchange_completed']}")
     # No crash: the kiosk process ended only when the bench killed it, and never hit the start limit.
     assert invariants["unplanned_exits"] == 0 and not invariants["unit_failed"], context
@@ -53,5 +54,6 @@ def test_quick_field_run_loses_nothing_and_gets_stuck_nowhere(tmp_path: Path) ->
     # The run did what it says: every quick fault fired, visitors talked to the kiosk.
     assert set(summary["faults"]) == set(QUICK_FAULTS), context
     assert summary["exchanges"]["attempted"] >= len(QUICK_FAULTS), context
-    assert result.returncode == 0, result.stderr[-3000:]
+    # The bench's exit status is its invariants: 1 for an unanswered last question alone is the rig (above).
+    assert result.returncode == (0 if invariants["final_exchange_completed"] else 1), result.stderr[-3000:]
     print("\n" + json.dumps({k: summary[k] for k in ("exchanges", "sessions", "messages")}, default=str))
