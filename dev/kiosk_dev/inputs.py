@@ -100,7 +100,7 @@ def recorded(name: str, encode: Callable[[Any], Arrays] = _array,
             directory, mode = store
             path = directory / f"{key(name, args, dict(kwargs))}.npz"
             if mode == "replay":
-                return cast(R, decode(_load(path, name)))
+                return cast(R, _load(path, name, decode))
             result = make(*args, **kwargs)
             _save(path, encode(result))
             return result
@@ -108,17 +108,26 @@ def recorded(name: str, encode: Callable[[Any], Arrays] = _array,
     return wrap
 
 
-def _load(path: Path, name: str) -> Arrays:
+def _load(path: Path, name: str, decode: Callable[[Arrays], Any]) -> Any:
+    def damaged(reason: object) -> KioskError:
+        return KioskError("bench_input_damaged", f"recorded input {path} cannot be read ({reason}): record the "
+                          "inputs again (--record-inputs)")
+
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {k: data[k] for k in data.files}
+        loaded = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise KioskError("bench_input_missing", f"no recorded input {path.name} ({name}) in {path.parent}: record "
                          "the inputs again with the same code (--record-inputs) on the machine compared "
                          "against") from None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-        raise KioskError("bench_input_damaged", f"recorded input {path} cannot be read ({error}): record the "
-                         "inputs again (--record-inputs)") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise damaged(error) from None
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise damaged("not an .npz archive")
+    try:
+        with loaded:
+            return decode({k: loaded[k] for k in loaded.files})
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as error:
+        raise damaged(error) from None
 
 
 def _save(path: Path, arrays: Arrays) -> None:
