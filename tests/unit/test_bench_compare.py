@@ -103,6 +103,8 @@ def test_the_target_preset_selects_what_exists() -> None:
     assert TARGET.barge_in_rooms is not None and set(TARGET.barge_in_rooms) <= rooms
     assert TARGET.vad_noises is not None and set(TARGET.vad_noises) <= set(NOISE_KINDS)
     assert TARGET.cpu_frames == 0  # CPU figures under emulation are not evidence
+    # The agent-alone row's label says its length (the target's 20 s is not "0 min").
+    assert [vad.duration_text(p.barge_in_alone_seconds) for p in (FULL, QUICK, TARGET)] == ["3 min", "1 min", "20 s"]
     # The quick and full runs are unchanged by the presets.
     assert (QUICK.aec_seconds, QUICK.aec_seeds, QUICK.vad_utterances, QUICK.barge_in_seeds) == (12.0, (0,), 8, (0, 1))
     assert (FULL.aec_seconds, FULL.aec_seeds, FULL.aec_unaligned, FULL.barge_in_alone_seconds) == (

@@ -389,6 +389,11 @@ def _onsets(scenario: Scenario) -> list[float]:
     return onsets
 
 
+def duration_text(seconds: float) -> str:
+    """A run's length for a row label: whole minutes as minutes ("3 min"), else seconds ("20 s")."""
+    return f"{seconds / 60:.0f} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:.0f} s"
+
+
 def barge_in_section(settings: Settings, *, preset: AudioPreset) -> BenchSection:
     """Barge-in through the whole chain on offline rooms: interruptions caught, latency, false starts."""
     from kiosk.audio.pipeline import CaptureChain
@@ -425,7 +430,7 @@ def barge_in_section(settings: Settings, *, preset: AudioPreset) -> BenchSection
     echo_seconds = preset.barge_in_alone_seconds
     echo_only = make_scenario(5, seconds=echo_seconds, visitor_spans=[], delay_ms=40.0, drift_ppm=100.0)
     idle_false = len(_starts(CaptureChain(settings), echo_only))
-    section.rows.append([f"agent alone {echo_seconds / 60:.0f} min, 100 ppm", 0, None, None, None, None,
+    section.rows.append([f"agent alone {duration_text(echo_seconds)}, 100 ppm", 0, None, None, None, None,
                          idle_false])
     share = caught_300 / max(total, 1)
     section.targets += [
