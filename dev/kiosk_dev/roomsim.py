@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from scipy.signal import fftconvolve, lfilter
 
+from kiosk_dev.inputs import Arrays, recorded
 from kiosk_dev.speech import SENTENCES, corpus, espeak, normalise
 
 _LOGGER = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ def babble(samples: int, seed: int = 0, talkers: int = 4) -> Signal:
 NOISE_KINDS = ("white", "pink", "music", "babble", "distant_talker")
 
 
+@recorded("background")
 def background(kind: str, samples: int, seed: int = 0) -> Signal:
     """A background of the given kind (one of ``NOISE_KINDS``), unit variance."""
     makers = {"white": white_noise, "pink": pink_noise, "music": music_like, "babble": babble,
@@ -248,6 +250,20 @@ class Scenario:
     near_spans: list[tuple[float, float]] = field(default_factory=list)  # visitor speech, seconds
 
 
+def _scenario_arrays(scenario: Scenario) -> Arrays:
+    spans = np.asarray(scenario.near_spans, dtype=np.float64).reshape(-1, 2)
+    return {"far": scenario.far, "echo": scenario.echo, "near": scenario.near, "noise": scenario.noise,
+            "mic": scenario.mic, "delay_ms": np.array(scenario.delay_ms), "drift_ppm": np.array(scenario.drift_ppm),
+            "near_spans": spans}
+
+
+def _scenario_from_arrays(arrays: Arrays) -> Scenario:
+    return Scenario(far=arrays["far"], echo=arrays["echo"], near=arrays["near"], noise=arrays["noise"],
+                    mic=arrays["mic"], delay_ms=float(arrays["delay_ms"]), drift_ppm=float(arrays["drift_ppm"]),
+                    near_spans=[(float(a), float(b)) for a, b in arrays["near_spans"]])
+
+
+@recorded("scenario", encode=_scenario_arrays, decode=_scenario_from_arrays)
 def make_scenario(seed: int = 0, *, seconds: float = 20.0, delay_ms: float = 40.0, drift_ppm: float = 0.0,
                   echo_dbfs: float = -22.0, visitor_dbfs: float = -26.0,
                   visitor_spans: list[tuple[float, float]] | None = None, noise_kind: str | None = None,

@@ -20,6 +20,7 @@ import numpy.typing as npt
 
 from kiosk.audio.format import WavError, read_wav, resample
 from kiosk.errors import KioskError
+from kiosk_dev.inputs import recorded
 
 RATE_HZ = 16000
 ALSA_SOUNDS = Path("/usr/share/sounds/alsa")
@@ -66,6 +67,7 @@ def to_rate(audio: Signal, rate_hz: int, target_hz: int = RATE_HZ) -> Signal:
 
 
 @functools.lru_cache(maxsize=64)
+@recorded("espeak")
 def espeak(text: str, voice: str = "en-us", speed_wpm: int = 160, *, ssml: bool = False) -> Signal:
     """Render ``text`` with espeak-ng and return it at 16 kHz (cached per process).
 

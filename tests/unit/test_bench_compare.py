@@ -82,3 +82,62 @@ def test_diff_of_any_json_never_crashes(tmp_path_factory: Any, data: Any) -> Non
     path = tmp_path_factory.mktemp("r") / "r.json"
     path.write_text(json.dumps(data))
     assert compare.main(["diff", str(path), str(path)]) in (0, 1, 2)
+
+
+def test_a_moment_in_the_recording_is_compared_to_three_frames() -> None:
+    assert compare.within("starts at s", 5.01, 5.03) and not compare.within("starts at s", 5.01, 5.05)
+    # Not 5% of the value: a segment that starts 0.2 s later at 5 s is a different segment start.
+    assert not compare.within("ends at s", 5.0, 5.2)
+
+
+def test_the_target_preset_selects_what_exists() -> None:
+    """A label that names nothing would silently shrink the comparison: every one must exist."""
+    from kiosk_dev.bench import FULL, PRESETS, QUICK, TARGET, aec, vad
+    from kiosk_dev.roomsim import NOISE_KINDS
+
+    assert set(PRESETS) == {"full", "quick", "target"}
+    labels = {label for label, _, _ in aec.configurations(quick=True)}
+    assert TARGET.aec_configurations is not None and set(TARGET.aec_configurations) <= labels
+    assert "none" in TARGET.aec_configurations  # the baseline row: what the room alone gives
+    rooms = {label for label, _, _ in vad.BARGE_IN_ROOMS}
+    assert TARGET.barge_in_rooms is not None and set(TARGET.barge_in_rooms) <= rooms
+    assert TARGET.vad_noises is not None and set(TARGET.vad_noises) <= set(NOISE_KINDS)
+    assert TARGET.cpu_frames == 0  # CPU figures under emulation are not evidence
+    # The agent-alone row's label says its length (the target's 20 s is not "0 min").
+    assert [vad.duration_text(p.barge_in_alone_seconds) for p in (FULL, QUICK, TARGET)] == ["3 min", "1 min", "20 s"]
+    # The quick and full runs are unchanged by the presets.
+    assert (QUICK.aec_seconds, QUICK.aec_seeds, QUICK.vad_utterances, QUICK.barge_in_seeds) == (12.0, (0,), 8, (0, 1))
+    assert (FULL.aec_seconds, FULL.aec_seeds, FULL.aec_unaligned, FULL.barge_in_alone_seconds) == (
+        20.0, (0, 1, 2), True, 180.0)
+
+
+def test_kiosk_audio_process_figures_on_the_fixed_pair(tmp_path: Path) -> None:
+    """Untouched microphone audio has no ERLE; the chain's output has a lot, and its speech segments are read."""
+    from kiosk.audio.format import read_wav, to_int16, write_wav
+    from kiosk.audio.offline import process_files
+    from kiosk.settings import Settings
+
+    compare.write_process_inputs(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"mic.wav", "ref.wav", "near.wav", "truth.json", "kiosk.toml"}
+    process_files(Settings(), tmp_path / "mic.wav", tmp_path / "ref.wav", tmp_path / "out.wav",
+                  vad_path=tmp_path / "vad.json")
+    figures = {row[0]: row for row in compare.process_section(tmp_path, tmp_path / "out.wav",
+                                                              tmp_path / "vad.json").rows}
+    assert figures["ERLE far end only dB"][1] > 30.0
+    assert figures["speech segments"][1] >= 1 and "segment 1" in figures
+    # The microphone itself as the "output": no echo removed.
+    (tmp_path / "none.json").write_text('{"speech": []}')
+    raw = {row[0]: row for row in compare.process_section(tmp_path, tmp_path / "mic.wav", tmp_path / "none.json").rows}
+    assert abs(raw["ERLE far end only dB"][1]) < 0.1 and raw["speech segments"][1] == 0
+    # The report and its comparison: the same output agrees with itself, a different one does not.
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert compare.main(["process-report", str(tmp_path), str(tmp_path / "out.wav"), str(tmp_path / "vad.json"),
+                         str(a)]) == 0
+    write_wav(tmp_path / "louder.wav", to_int16(read_wav(tmp_path / "out.wav").samples[:, 0] * 4.0))
+    assert compare.main(["process-report", str(tmp_path), str(tmp_path / "louder.wav"), str(tmp_path / "vad.json"),
+                         str(b), "--against", str(tmp_path / "out.wav")]) == 0
+    assert compare.main(["diff", str(a), str(a)]) == 0
+    assert compare.main(["diff", str(a), str(b)]) == 1  # 12 dB more residual echo
+    (tmp_path / "bad.json").write_text('{"speech": [[1.0]]}')
+    assert compare.main(["process-report", str(tmp_path), str(tmp_path / "out.wav"), str(tmp_path / "bad.json"),
+                         str(b)]) == 2

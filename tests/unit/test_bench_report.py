@@ -78,7 +78,8 @@ def test_bench_audio_command_wires_parts_and_writes(tmp_path: Path, monkeypatch:
     calls: list[str] = []
 
     def fake(part: str) -> object:
-        def run(settings: Settings, quick: bool = False) -> list[BenchSection]:
+        def run(settings: Settings, quick: bool = False, preset: object = None) -> list[BenchSection]:
+            assert preset is None  # kiosk bench audio sizes by --quick; presets are for the target comparison
             calls.append(part)
             return [BenchSection(title=f"{part} quick={quick}", columns=["x"], rows=[[1]])]
         return run

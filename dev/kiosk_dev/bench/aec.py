@@ -30,7 +30,8 @@ import numpy as np
 import numpy.typing as npt
 
 from kiosk.settings import AecBackend, AecSettings, Settings
-from kiosk_dev.bench import BenchSection, TargetCheck
+from kiosk_dev.bench import FULL, QUICK, AudioPreset, BenchSection, TargetCheck
+from kiosk_dev.inputs import recorded
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ ERLE_DRIFT_DB = 40.0
 CONVERGENCE_SECONDS = 1.0
 DOUBLE_TALK_SDR_DB = 10.0
 CONVERGED_DB = 20.0
-SEEDS = (0, 1, 2)  # rooms, agent speech and visitors; the table shows the worst of them
 Float = npt.NDArray[np.float64]
 
 
@@ -181,6 +181,7 @@ def _scenario(seed: int, seconds: float, delay_ms: float, drift_ppm: float,
 
 
 @functools.lru_cache(maxsize=8)
+@recorded("stepped_echo")
 def _stepped_echo(seed: int, seconds: float) -> Any:
     from kiosk_dev import roomsim
 
@@ -261,9 +262,13 @@ def _worst_time(times: list[float | None]) -> float | None:
     return None if None in times else max(t for t in times if t is not None)
 
 
-def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
-    """Measure every configuration; the target checks are for the configured default (``settings.aec``)."""
-    seconds = 12.0 if quick else 20.0
+def run(settings: Settings, *, quick: bool = False, preset: AudioPreset | None = None) -> list[BenchSection]:
+    """Measure every configuration; the target checks are for the configured default (``settings.aec``).
+
+    ``preset`` says how much (``kiosk_dev.bench.FULL``, ``QUICK``, ``TARGET``); without it ``quick`` chooses.
+    """
+    preset = preset or (QUICK if quick else FULL)
+    seconds = preset.aec_seconds
     section = BenchSection(
         title="Echo cancellation (simulated room, seeded)",
         columns=["configuration", "ERLE steady dB", "ERLE 100 ppm dB", "ERLE +120 ms dB", "to 20 dB s",
@@ -272,8 +277,11 @@ def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
     )
     default_label = "configured"
     default_figures: AecFigures | None = None
-    seeds = (0,) if quick else SEEDS
-    for label, aec, _aligned in configurations(quick):
+    seeds = preset.aec_seeds
+    chosen = configurations(quick=not preset.aec_unaligned)
+    if preset.aec_configurations is not None:
+        chosen = [c for c in chosen if c[0] in preset.aec_configurations]
+    for label, aec, _aligned in chosen:
         figures = worst([measure(aec, seconds=seconds, seed=seed) for seed in seeds])
         figures.name = label
         section.rows.append(_row(label, figures))

@@ -22,7 +22,7 @@ from typing import Any
 
 from kiosk.errors import InputError
 from kiosk.settings import Settings
-from kiosk_dev.bench import BenchSection, report
+from kiosk_dev.bench import AudioPreset, BenchSection, report
 
 
 def _command(default: str) -> str:
@@ -101,11 +101,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_field.set_defaults(handler=_cmd_bench_field)
 
 
-def collect(settings: Settings, *, quick: bool, recordings: Path | None, live: bool) -> list[BenchSection]:
-    """Run every audio benchmark part and return the sections in report order."""
+def collect(settings: Settings, *, quick: bool, recordings: Path | None, live: bool,
+            preset: AudioPreset | None = None) -> list[BenchSection]:
+    """Run every audio benchmark part and return the sections in report order (``preset`` over ``quick``)."""
     from kiosk_dev.bench import aec, vad
 
-    sections: list[BenchSection] = [*aec.run(settings, quick=quick), *vad.run(settings, quick=quick)]
+    sections: list[BenchSection] = [*aec.run(settings, quick=quick, preset=preset),
+                                    *vad.run(settings, quick=quick, preset=preset)]
     if live:
         from kiosk_dev.bench import bargein
 

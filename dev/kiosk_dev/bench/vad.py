@@ -25,7 +25,7 @@ import numpy.typing as npt
 
 from kiosk.audio.aec import PassThrough
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ, Pcm, to_int16
-from kiosk_dev.bench import BenchSection, TargetCheck
+from kiosk_dev.bench import FULL, QUICK, AudioPreset, BenchSection, TargetCheck
 
 if TYPE_CHECKING:
     from kiosk.audio.pipeline import CaptureChain
@@ -180,7 +180,7 @@ def streamed(settings: Settings, pcm: Pcm) -> Flags:
     return out
 
 
-def _configs(settings: Settings, quick: bool) -> list[tuple[str, Callable[[], VoiceDetector]]]:
+def _configs(settings: Settings, alternatives: bool) -> list[tuple[str, Callable[[], VoiceDetector]]]:
     from kiosk.audio.vad import WebRtcVoiceDetector
 
     vad = settings.vad
@@ -189,7 +189,7 @@ def _configs(settings: Settings, quick: bool) -> list[tuple[str, Callable[[], Vo
         (configured, lambda: WebRtcVoiceDetector(vad)),
         (f"webrtcvad mode {vad.mode} alone", lambda: RawWebRtc(vad.mode)),
     ]
-    if not quick:
+    if alternatives:
         alt_mode = 2 if vad.mode != 2 else 3
         alt_frame = 30 if vad.frame_ms != 30 else 10
         items += [
@@ -207,15 +207,15 @@ def _cpu_us_per_frame(step: Callable[[int], object], frames: int) -> float:
     return (time.process_time() - start) / frames * 1e6
 
 
-def accuracy_section(settings: Settings, corpus: Corpus, *, quick: bool) -> BenchSection:
+def accuracy_section(settings: Settings, corpus: Corpus, *, preset: AudioPreset) -> BenchSection:
     """Precision/recall/F1 per noise type and SNR for the configured detector and alternatives."""
     section = BenchSection(
         title="Voice detection: precision / recall / F1 per frame",
         columns=["noise", "SNR dB", "detector", "precision", "recall", "F1", "streamed recall",
                  "streamed precision"])
-    snrs = (10.0,) if quick else SNRS_DB
-    noises = ("white", "pink", "babble") if quick else NOISES
-    configs = _configs(settings, quick)
+    snrs = preset.vad_snrs_db or SNRS_DB
+    noises = preset.vad_noises or NOISES
+    configs = _configs(settings, preset.vad_alternatives)
     segments_at10: list[Scores] = []
     frames_at10: list[Scores] = []
     streamed_at10: list[Scores] = []
@@ -267,13 +267,13 @@ def accuracy_section(settings: Settings, corpus: Corpus, *, quick: bool) -> Benc
     return section
 
 
-def distant_section(settings: Settings, *, quick: bool) -> BenchSection:
+def distant_section(settings: Settings, *, preset: AudioPreset) -> BenchSection:
     """How often a voice a few metres away (reverberant, quieter) counts as the visitor."""
     from kiosk.audio.vad import Segmenter, WebRtcVoiceDetector
     from kiosk.events import VoiceStarted
     from kiosk_dev.roomsim import background, white_noise
 
-    seconds = 20.0 if quick else 60.0
+    seconds = preset.distant_seconds
     samples = int(seconds * RATE_HZ)
     talker = background("distant_talker", samples, _SEED)
     hiss = white_noise(samples, _SEED + 1) * np.float32(10 ** (-70 / 20))
@@ -285,7 +285,7 @@ def distant_section(settings: Settings, *, quick: bool) -> BenchSection:
         (f"webrtcvad mode {vad.mode} alone", None),
         (f"detector, level floor {vad.min_level_dbfs:.0f} dBFS (configured)", vad),
     ]
-    if not quick:
+    if preset.vad_alternatives:
         for floor in (-45.0, -33.0):
             variants.append((f"detector, level floor {floor:.0f} dBFS", vad.model_copy(
                 update={"min_level_dbfs": floor})))
@@ -314,12 +314,12 @@ def distant_section(settings: Settings, *, quick: bool) -> BenchSection:
     return section
 
 
-def cpu_section(settings: Settings, corpus: Corpus, *, quick: bool) -> BenchSection:
+def cpu_section(settings: Settings, corpus: Corpus, *, preset: AudioPreset) -> BenchSection:
     """CPU microseconds per 10 ms frame: webrtcvad, the detector, and the whole chain."""
     from kiosk.audio.pipeline import CaptureChain
     from kiosk.audio.vad import WebRtcVoiceDetector
 
-    frames_n = 1500 if quick else 6000
+    frames_n = preset.cpu_frames
     pcm = mix(corpus.clean, "pink", 10.0)
     count = min(frames_n, len(pcm) // FRAME_SAMPLES)
     frames = pcm[: count * FRAME_SAMPLES].reshape(count, FRAME_SAMPLES)
@@ -389,7 +389,12 @@ def _onsets(scenario: Scenario) -> list[float]:
     return onsets
 
 
-def barge_in_section(settings: Settings, *, quick: bool) -> BenchSection:
+def duration_text(seconds: float) -> str:
+    """A run's length for a row label: whole minutes as minutes ("3 min"), else seconds ("20 s")."""
+    return f"{seconds / 60:.0f} min" if seconds >= 60 and seconds % 60 == 0 else f"{seconds:.0f} s"
+
+
+def barge_in_section(settings: Settings, *, preset: AudioPreset) -> BenchSection:
     """Barge-in through the whole chain on offline rooms: interruptions caught, latency, false starts."""
     from kiosk.audio.pipeline import CaptureChain
     from kiosk_dev.roomsim import make_scenario
@@ -398,9 +403,10 @@ def barge_in_section(settings: Settings, *, quick: bool) -> BenchSection:
         title=f"Barge-in through the chain, offline rooms ({settings.aec.backend} echo canceller)",
         columns=["room", "interruptions", "caught <= 300 ms", "caught at all", "median latency s",
                  "worst latency s", "false VoiceStarted"])
-    seeds = (0, 1) if quick else (0, 1, 2, 3)
+    seeds = preset.barge_in_seeds
+    rooms = [r for r in BARGE_IN_ROOMS if preset.barge_in_rooms is None or r[0] in preset.barge_in_rooms]
     total = caught_300 = false_total = 0
-    for label, delay_ms, drift_ppm in BARGE_IN_ROOMS:
+    for label, delay_ms, drift_ppm in rooms:
         latencies: list[float] = []
         false = 0
         for seed in seeds:
@@ -421,10 +427,10 @@ def barge_in_section(settings: Settings, *, quick: bool) -> BenchSection:
         caught_300 += within
         false_total += false
     # Agent speech with nobody at the kiosk: every VoiceStarted is a false barge-in.
-    echo_seconds = 60.0 if quick else 180.0
+    echo_seconds = preset.barge_in_alone_seconds
     echo_only = make_scenario(5, seconds=echo_seconds, visitor_spans=[], delay_ms=40.0, drift_ppm=100.0)
     idle_false = len(_starts(CaptureChain(settings), echo_only))
-    section.rows.append([f"agent alone {echo_seconds / 60:.0f} min, 100 ppm", 0, None, None, None, None,
+    section.rows.append([f"agent alone {duration_text(echo_seconds)}, 100 ppm", 0, None, None, None, None,
                          idle_false])
     share = caught_300 / max(total, 1)
     section.targets += [
@@ -441,8 +447,12 @@ def barge_in_section(settings: Settings, *, quick: bool) -> BenchSection:
     return section
 
 
-def run(settings: Settings, *, quick: bool = False) -> list[BenchSection]:
-    """All VAD figures as report sections."""
-    corpus = build_corpus(8 if quick else None)
-    return [accuracy_section(settings, corpus, quick=quick), distant_section(settings, quick=quick),
-            barge_in_section(settings, quick=quick), cpu_section(settings, corpus, quick=quick)]
+def run(settings: Settings, *, quick: bool = False, preset: AudioPreset | None = None) -> list[BenchSection]:
+    """All VAD figures as report sections; ``preset`` says how much (without it ``quick`` chooses)."""
+    preset = preset or (QUICK if quick else FULL)
+    corpus = build_corpus(preset.vad_utterances)
+    sections = [accuracy_section(settings, corpus, preset=preset), distant_section(settings, preset=preset),
+                barge_in_section(settings, preset=preset)]
+    if preset.cpu_frames:
+        sections.append(cpu_section(settings, corpus, preset=preset))
+    return sections
