@@ -400,6 +400,9 @@ def received(url: str) -> dict[str, Any]:
         return summary
 
 
+# One rerun: the rig's microphone path runs below real time (docs/field.md, second run, item 9); on a loaded machine
+# the message's words reach the kiosk seconds late and a short noise after the tone ends the recording first.
+@pytest.mark.flaky(reruns=1)
 async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, stack: LocalStack,
                                                              tmp_path: Path) -> None:
     import time
