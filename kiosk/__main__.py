@@ -16,9 +16,11 @@ import importlib
 import importlib.metadata
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from kiosk.errors import ConfigError, InputError, KioskError
 from kiosk.logs import setup_logging
@@ -94,5 +96,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The ``kiosk`` program: ``main``, then leave without finalising the interpreter once the rtc SDK was loaded.
+
+    The SDK's native threads (its tokio runtime; AEC3 is its audio processing module) can still call into
+    Python while the interpreter finalises, and the process then aborts with a panic after its work is done:
+    seen in the suite after ``kiosk audio process`` had written its output (exit status -6 instead of 0).
+    Everything the commands opened is closed by the time ``main`` returns; the log handlers and standard
+    streams are flushed here.
+    """
+    status = main()
+    if "livekit.rtc" not in sys.modules:
+        sys.exit(status)
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -146,6 +146,7 @@ async def test_voice_in_frames_drained_after_the_close_is_reported(pulse_devices
             time.sleep(1.2)
             engine.set_gate(False)
 
+    player = None
     await engine.start()
     try:
         await until(lambda: engine.frames_processed > 50, 10)
@@ -153,10 +154,13 @@ async def test_voice_in_frames_drained_after_the_close_is_reported(pulse_devices
         engine.listeners.append(busy_then_release)
         if spoken:
             pcm = (speech("Where is the registration desk, please?", -20) * 32767).astype(np.int16)
-            pulse_devices.play(ROOM_SINK, pcm.tobytes())
+            player = pulse_devices.play(ROOM_SINK, pcm.tobytes())
         heard = await asyncio.wait_for(engine.wait_gate_closed(), 20)
     finally:
         await engine.aclose()
+        if player is not None:
+            player.kill()  # the words must not go on into the next test's room (the sound server is shared)
+            player.wait()
     assert not seen["voice_before_close"]
     assert heard is spoken, engine.stats()
 
