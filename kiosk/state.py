@@ -460,8 +460,7 @@ def _dispatch(b: _Builder, event: Event) -> None:
             return
         case TimerExpired(name=Timer.STATUS_HOLD):
             waiting = s.consent_playing or s.start_tone_playing
-            if (s.phase in SESSION_PHASES and s.talk_held and s.publishing and not s.heard_voice and not waiting
-                    and s.message is not MessageStep.SAVING):
+            if s.phase in SESSION_PHASES and s.talk_held and s.publishing and not s.heard_voice and not waiting:
                 _speak_status(b)
             return
         case ButtonPressed(button=Button.TALK) if s.phase is Phase.RECORDING_MESSAGE:

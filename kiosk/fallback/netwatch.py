@@ -35,6 +35,7 @@ RTM_NEWADDR = 20
 RTM_NEWROUTE = 24
 IFF_UP = 0x1
 IFF_RUNNING = 0x40
+_UP_AND_RUNNING = IFF_UP | IFF_RUNNING
 
 _NLMSGHDR = struct.Struct("=IHHII")  # length, type, flags, sequence, port id
 _IFINFOMSG = struct.Struct("=BxHiII")  # family, (pad), device type, index, flags, change
@@ -52,7 +53,7 @@ def comings_up(datagram: bytes) -> int:
         if kind == RTM_NEWLINK:
             if length >= _NLMSGHDR.size + _IFINFOMSG.size:
                 flags = _IFINFOMSG.unpack_from(datagram, body)[3]
-                count += (flags & IFF_UP) and (flags & IFF_RUNNING) and 1 or 0
+                count += (flags & _UP_AND_RUNNING) == _UP_AND_RUNNING
         elif kind in (RTM_NEWADDR, RTM_NEWROUTE):
             count += 1
         offset += (length + 3) & ~3  # messages are 4-byte aligned
