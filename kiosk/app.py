@@ -47,8 +47,9 @@ from kiosk.link.session_api import SessionApi, SessionRefused
 from kiosk.metrics import Metrics, MetricsServer, Status
 from kiosk.panel.gpio import GpioPanel, open_panel
 from kiosk.ports import Panel, Pcm, StaffSignal
+from kiosk.recycle import MemoryRecycle, resident_mib
 from kiosk.settings import Settings
-from kiosk.state import KioskState, Phase, Policy, Transition
+from kiosk.state import KioskState, MessageStep, Phase, Policy, Transition
 from kiosk.tools import KioskSnapshot, ToolRunner
 from kiosk.update.status import read_status
 
@@ -60,6 +61,10 @@ PUBLISH_INTERVAL_SECONDS = 5.0
 MAX_STALL_SECONDS = 3.0
 # How often the capture chain's echo-rejection count is sampled for the barge-in judge (kiosk.bargein).
 BARGE_IN_SAMPLE_SECONDS = 0.25
+# How often the memory restart (kiosk.recycle) looks at the resident memory.
+RECYCLE_CHECK_SECONDS = 15.0
+# Phases in which nobody is using the kiosk (a pre-warmed session, muted, may be open in IDLE).
+QUIET_PHASES = frozenset({Phase.IDLE, Phase.OFFLINE})
 
 
 class _Frames:
@@ -113,6 +118,9 @@ class Kiosk:
         self.netwatch = NetworkWatch()  # the kernel's news of the network coming back: probe and deliver at once
         self._tasks: list[asyncio.Task[Any]] = []
         self.listeners: list[Callable[[KioskState, Event, Transition], None]] = []
+        self.recycle = MemoryRecycle(settings.livekit.recycle_above_mib, settings.livekit.recycle_idle_seconds)
+        # Set when the kiosk should end so systemd starts it again (kiosk.recycle); ``run_until_stopped`` waits on it.
+        self.restart_requested = asyncio.Event()
 
     # ------------------------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -145,6 +153,9 @@ class Kiosk:
             self._tasks.append(asyncio.create_task(self._deliver_when_the_network_returns(), name="netwatch"))
         self._tasks.append(asyncio.create_task(self._publish(), name="publish-metrics"))
         self._tasks.append(asyncio.create_task(self._watch_barge_ins(), name="barge-ins"))
+        if settings.livekit.recycle_above_mib > 0 and self.notifier.enabled:
+            # Only under systemd: run by hand, nobody would start the kiosk again.
+            self._tasks.append(asyncio.create_task(self._recycle_when_idle(), name="recycle"))
         # Retention at start and on a timer, not only when a message is stored.
         self._tasks.append(asyncio.create_task(
             run_retention(self.spool, settings.spool.retention_check_seconds), name="retention"))
@@ -238,6 +249,7 @@ class Kiosk:
         self.metrics.voice_barge_in.set(1.0 if new.voice_barge_in else 0.0)
         self.status.state = new.phase.value
         self.status.route = new.route.value
+        self.recycle.note(self._quiet(new), now)
         if isinstance(event, ApiRefused):
             self.status.last_refusal = event.reason.value
         if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
@@ -253,6 +265,27 @@ class Kiosk:
                 self.deliverer.wake()
         for listener in self.listeners:
             listener(old, event, transition)
+
+    def _quiet(self, state: KioskState) -> bool:
+        """Nobody is using the kiosk: idle or offline, no button held, no voice, no message being recorded."""
+        return (state.phase in QUIET_PHASES and not state.talk_held and not state.voice_active
+                and state.message is MessageStep.NONE)
+
+    async def _recycle_when_idle(self) -> None:
+        """End the kiosk at a quiet moment once the rtc SDK's kept memory passed the budget (kiosk.recycle)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            controller = self.controller
+            sending = self.deliverer is not None and self.deliverer.passing
+            self.recycle.note(controller is not None and self._quiet(controller.state) and not sending, now)
+            why = self.recycle.due(now, resident_mib())
+            if why is not None:
+                _LOGGER.warning("restarting to hand back memory the rtc SDK keeps: %s", why)
+                self.notifier.status("restarting to hand back memory")
+                self.restart_requested.set()
+                return
+            await asyncio.sleep(RECYCLE_CHECK_SECONDS)
 
     async def _deliver_when_the_network_returns(self) -> None:
         """Stored messages go out as soon as the kernel says the network is back, not at the next retry."""
@@ -339,7 +372,7 @@ def kiosk_id(settings: Settings) -> str:
 
 
 async def run_until_stopped(settings: Settings) -> int:
-    """Run the kiosk until SIGTERM or SIGINT."""
+    """Run the kiosk until SIGTERM or SIGINT, or until it asks systemd to start it again (kiosk.recycle)."""
     kiosk = Kiosk(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -348,7 +381,7 @@ async def run_until_stopped(settings: Settings) -> int:
     try:
         await kiosk.start()
         controller_task = kiosk.controller.start() if kiosk.controller is not None else None
-        waiters = [asyncio.ensure_future(stop.wait())]
+        waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(kiosk.restart_requested.wait())]
         if controller_task is not None:
             waiters.append(controller_task)  # type: ignore[arg-type]
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)

@@ -512,6 +512,13 @@ class LiveKitSettings(_Section):
         TurnDetection.AUTO, description="auto (manual in push_to_talk, the agent's own hands-free), manual, agent")
     turn_rpc_timeout_seconds: float = Field(
         2.0, gt=0, le=15, description="wait this long for the agent to answer start_turn/end_turn/cancel_turn")
+    recycle_above_mib: int = Field(
+        192, ge=0, le=4096, description="the rtc SDK keeps about 0.5 MiB of native memory for every session "
+        "it opened; once the process has grown this much since it started, it restarts when idle (systemd "
+        "starts it again; 0: never)")
+    recycle_idle_seconds: float = Field(
+        300.0, ge=10, le=86400, description="a memory restart waits until nobody has used the kiosk and no "
+        "message was sending for this long")
 
 
 # ------------------------------------------------------------------------------------------ tools

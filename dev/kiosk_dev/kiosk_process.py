@@ -10,7 +10,10 @@ over ``$NOTIFY_SOCKET``, SIGTERM to stop, a programming error ending the process
   LED pattern and values read back from the pins). ``PanelClient`` is the other end;
 - a trace on a file descriptor (``$KIOSK_TRACE_FD``): one JSON line per controller step (the event's
   type and its plain fields, the phase before and after, the effects), the event loop's lag every
-  ``LAG_REPORT_SECONDS`` and the audio engine's counters every ``STATS_REPORT_SECONDS``. Times are
+  ``LAG_REPORT_SECONDS``, the audio engine's counters every ``STATS_REPORT_SECONDS``, and every loop callback
+  that used ``SLOW_CALLBACK_CPU_MS`` or more of the loop thread's own CPU time (``slow``: what ran, by function
+  name). Lag is what a visitor feels, CPU time per callback is the kiosk's own part of it: a busy machine makes
+  the first long, never the second. Times are
   ``time.monotonic()``, the clock the bench reads too. No visitor's words or audio ever go into it: events
   carry none (captions stay in the link).
 
@@ -44,6 +47,7 @@ TRACE_FD_ENV = "KIOSK_TRACE_FD"
 LAG_INTERVAL_SECONDS = 0.1  # how often the loop's lag is sampled (a sleep that should last this long)
 LAG_REPORT_SECONDS = 5.0
 STATS_REPORT_SECONDS = 10.0
+SLOW_CALLBACK_CPU_MS = 10.0  # a loop callback that used this much of the thread's CPU time is reported
 _MAX_FIELD_CHARS = 240
 
 
@@ -173,6 +177,40 @@ async def _sample_lag(trace: Trace) -> None:
             reported = now
 
 
+def _callback_name(handle: asyncio.Handle) -> str:
+    """What a loop callback ran: a task's coroutine and where it now waits, else the callback's name."""
+    callback = getattr(handle, "_callback", None)
+    task = getattr(callback, "__self__", None)
+    if isinstance(task, asyncio.Task):
+        coro = task.get_coro()
+        name = getattr(coro, "__qualname__", type(coro).__name__)
+        stack = task.get_stack(limit=1)
+        return f"{name} (at {stack[-1].f_code.co_qualname})" if stack else name
+    return getattr(callback, "__qualname__", repr(callback))
+
+
+@contextlib.contextmanager
+def _timed_callbacks(trace: Trace) -> Any:
+    """Report every loop callback that used ``SLOW_CALLBACK_CPU_MS`` of the thread's CPU (``time.thread_time``)."""
+    handle_class: Any = asyncio.Handle
+    original = handle_class._run
+
+    def timed(handle: asyncio.Handle) -> None:
+        started = time.thread_time()
+        try:
+            original(handle)
+        finally:
+            spent_ms = (time.thread_time() - started) * 1000.0
+            if spent_ms >= SLOW_CALLBACK_CPU_MS:
+                trace.write("slow", ms=round(spent_ms, 1), what=_callback_name(handle))
+
+    handle_class._run = timed
+    try:
+        yield
+    finally:
+        handle_class._run = original
+
+
 async def _report_stats(trace: Trace, kiosk: Any) -> None:
     while True:
         await asyncio.sleep(STATS_REPORT_SECONDS)
@@ -199,12 +237,16 @@ async def run(settings: Settings, *, panel_socket: Path, trace_fd: int | None) -
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     helpers: list[asyncio.Task[None]] = []
+    timing = contextlib.ExitStack()
+    timing.enter_context(_timed_callbacks(trace))
     try:
         await kiosk.start()
         trace.write("started", pid=os.getpid(), route=kiosk.route.route.value)
         helpers = [asyncio.create_task(_sample_lag(trace)), asyncio.create_task(_report_stats(trace, kiosk))]
         controller_task = kiosk.controller.start() if kiosk.controller is not None else None
-        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait())]
+        # As ``kiosk run``: a memory restart (kiosk.recycle) ends the process cleanly; the supervisor restarts it.
+        waiters: list[asyncio.Future[Any]] = [asyncio.ensure_future(stop.wait()),
+                                              asyncio.ensure_future(kiosk.restart_requested.wait())]
         if controller_task is not None:
             waiters.append(controller_task)
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
@@ -215,6 +257,7 @@ async def run(settings: Settings, *, panel_socket: Path, trace_fd: int | None) -
             task.cancel()
         await kiosk.aclose()
         await server.aclose()
+        timing.close()
         trace.write("stopped")
     return 0
 

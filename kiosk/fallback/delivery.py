@@ -179,6 +179,7 @@ class Deliverer:
         self._wake = asyncio.Event()
         self.delivered_total = 0
         self.failed_attempts_total = 0
+        self.passing = False  # a delivery pass is under way (the memory restart waits for its end)
 
     @classmethod
     def from_settings(cls, settings: Settings, spool: Spool,
@@ -208,12 +209,15 @@ class Deliverer:
         """Deliver, back off on failure, sleep until woken when the spool is empty."""
         while True:
             self._wake.clear()
+            self.passing = True
             try:
                 results = await deliver_pass(self._spool, self._upload)
             except KioskError as error:
                 # The spool itself failed (card error): keep the loop alive and try again after a backoff.
                 _LOGGER.error("delivery pass failed: %s", error)
                 results = [UploadResult(MessageId(""), False, None, error.message)]
+            finally:
+                self.passing = False
             self.delivered_total += sum(r.acknowledged for r in results)
             if results and self._on_pass is not None:
                 self._on_pass(results)

@@ -663,3 +663,37 @@ async def test_the_agent_uses_tools_mid_answer_and_takes_a_message(open_app: Ope
     # The visitor's words were recorded (how well VAD end-pointing cuts a message: the offline message test).
     assert message.duration_seconds >= 1.0, message.as_dict()
     assert answered.at < handed.at
+
+
+# ---------------------------------------------------------------------------------------------- memory restart
+async def test_a_memory_restart_waits_until_nobody_uses_the_kiosk(open_app: OpenApp, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Over its memory budget the kiosk asks systemd for a restart, but only after a quiet spell (kiosk.recycle)."""
+    import socket
+
+    import kiosk.app
+
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.setblocking(False)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))  # as under systemd: someone starts it again
+    monkeypatch.setattr(kiosk.app, "RECYCLE_CHECK_SECONDS", 0.2)
+    quiet_seconds = 8.0
+    app = await open_app(livekit={"recycle_above_mib": 1, "recycle_idle_seconds": quiet_seconds},
+                         interaction={"idle_end_seconds": 4.0})
+    released = await app.ask(QUESTION)
+    await app.wait_event(SessionOpened, 30)
+    closed = await app.wait_event(SessionClosed, 90, since=released)
+    assert not app.kiosk.restart_requested.is_set()  # a whole conversation over the budget, and no restart in it
+    assert await app.until(app.kiosk.restart_requested.is_set, 60)
+    asked_at = app.now
+    assert app.state.phase is Phase.IDLE
+    assert asked_at - closed.at >= quiet_seconds
+    assert all(e.at < closed.at or e.new.phase is Phase.IDLE for e in app.entries)
+    assert app.kiosk.recycle.baseline_mib is not None  # measured at the start
+    said = b""
+    with contextlib.suppress(BlockingIOError):
+        while True:
+            said += notify.recv(4096) + b"\n"
+    notify.close()
+    assert b"READY=1" in said and b"STATUS=restarting to hand back memory" in said

@@ -31,7 +31,7 @@ def _command(default: str) -> str:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``bench audio`` and ``bench link``."""
+    """Add ``bench audio``, ``bench link``, ``bench sessions`` and ``bench field``."""
     bench = subparsers.add_parser("bench", help="benchmarks that print figures and write docs/performance.md")
     bench_sub = bench.add_subparsers(dest="bench_command", metavar="WHAT", required=True)
     bench_audio = bench_sub.add_parser(
@@ -69,6 +69,21 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     bench_link.add_argument("--write", type=Path, default=None, metavar="PATH",
                             help="replace the '## Link' section of this markdown file (e.g. docs/performance.md)")
     bench_link.set_defaults(handler=_cmd_bench_link)
+
+    bench_sessions = bench_sub.add_parser(
+        "sessions", help="memory each session leaves behind in one process (local stack, root)",
+        description="Open and close sessions in one process on the local stack and print the resident memory "
+                    "kept per session (after a garbage collection and malloc_trim), threads and live FFI handles "
+                    "(docs/field.md, 'Memory').")
+    bench_sessions.add_argument("--mode", choices=("link", "connect", "publish", "subscribe"), default="link",
+                                help="link: the kiosk's room link with a question and answer (the default); "
+                                     "connect/publish/subscribe: a bare rtc.Room, with a microphone track, and "
+                                     "receiving the agent's audio")
+    bench_sessions.add_argument("--count", type=int, default=40, help="sessions (default 40)")
+    bench_sessions.add_argument("--tracemalloc", action="store_true",
+                                help="also print where Python's heap grew (slower)")
+    bench_sessions.add_argument("--json", action="store_true", help="print JSON instead of text")
+    bench_sessions.set_defaults(handler=_cmd_bench_sessions)
 
     from kiosk_dev.bench.field import FAULTS
 
@@ -167,6 +182,15 @@ def _cmd_bench_link(args: argparse.Namespace, settings: Settings) -> int:
     if args.write is not None:
         link.write_section(args.write, link.render_section(sections, command=command, when=when))
         print(f"wrote the {link.SECTION_HEADING!r} section of {args.write}", file=sys.stderr)
+    return 0
+
+
+def _cmd_bench_sessions(args: argparse.Namespace, settings: Settings) -> int:
+    """``kiosk bench sessions``."""
+    from kiosk_dev.bench import sessions
+
+    result = sessions.run(args.mode, args.count, trace=args.tracemalloc)
+    print(sessions.to_json(result) if args.json else sessions.render(result))
     return 0
 
 
