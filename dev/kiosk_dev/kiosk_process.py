@@ -182,10 +182,14 @@ def _callback_name(handle: asyncio.Handle) -> str:
     callback = getattr(handle, "_callback", None)
     task = getattr(callback, "__self__", None)
     if isinstance(task, asyncio.Task):
-        coro = task.get_coro()
+        coro: Any = task.get_coro()
         name = getattr(coro, "__qualname__", type(coro).__name__)
-        stack = task.get_stack(limit=1)
-        return f"{name} (at {stack[-1].f_code.co_qualname})" if stack else name
+        frame = None
+        while coro is not None and getattr(coro, "cr_frame", None) is not None:
+            if "asyncio" not in coro.cr_frame.f_code.co_filename:
+                frame = coro.cr_frame  # the deepest of the kiosk's own coroutines in the chain of awaits
+            coro = getattr(coro, "cr_await", None)
+        return f"{name} (then waiting in {frame.f_code.co_qualname}:{frame.f_lineno})" if frame is not None else name
     return getattr(callback, "__qualname__", repr(callback))
 
 

@@ -33,6 +33,10 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+# Imported with the module, not at the first delay estimate: importing scipy.fft took 280 ms of the loop
+# thread's CPU at the first session's first echo (the field bench's loop-callback timing found it).
+from scipy import fft
+
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
 from kiosk.audio.speex import EchoState, Preprocessor, Resampler
 from kiosk.errors import KioskError
@@ -359,8 +363,6 @@ def estimate_delay(far: npt.NDArray[Any], near: npt.NDArray[Any], max_lag_sample
     ``far`` holds ``max_lag_samples`` more samples than ``near`` and ends at the same instant, so
     ``near[i]`` lines up with ``far[i + max_lag_samples - lag]``.
     """
-    from scipy import fft
-
     x = np.asarray(far, dtype=np.float32)
     y = np.asarray(near, dtype=np.float32)
     nfft = fft.next_fast_len(len(x) + len(y), real=True)

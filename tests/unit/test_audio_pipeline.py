@@ -236,3 +236,29 @@ def test_echo_coherence_finds_the_echo_at_a_moved_lag_and_not_a_visitor() -> Non
     assert moved.measure(None) > 0.9  # delay unknown: the whole range
     assert moved.measure(300 * 16) < 0.4  # the echo's lag is outside the searched range
     assert other.measure(40 * 16) < 0.3
+
+
+_FIRST_USE = """
+import sys
+import numpy as np
+from kiosk.audio.pipeline import CaptureChain
+from kiosk.settings import Settings
+chain = CaptureChain(Settings())  # what the engine builds before the kiosk says READY
+before = set(sys.modules)
+rng = np.random.default_rng(1)
+for i in range(800):
+    ref = np.zeros(160, np.int16) if i < 200 else (rng.standard_normal(160) * 3000).astype(np.int16)
+    mic = (ref * 0.3 + rng.standard_normal(160) * 30).astype(np.int16)
+    chain.process(mic, ref, i * 0.01)
+print(sorted(set(sys.modules) - before))
+"""
+
+
+def test_the_chain_imports_nothing_while_it_runs() -> None:
+    """A module imported on first use runs on the loop thread mid-session (scipy.fft: 280 ms at the first echo)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", _FIRST_USE], capture_output=True, text=True, timeout=120,
+                          check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -1503,7 +1503,7 @@ def sections(result: FieldResult, summary: dict[str, Any]) -> list[BenchSection]
     slow_rows = resources.get("slow_callbacks", [])
     slow = BenchSection(
         title="Loop callbacks that used 10 ms of CPU or more (the kiosk's own part of the loop lag)",
-        columns=["what ran (task coroutine, where it then waited)", "times", "longest (ms CPU)"],
+        columns=["what ran (task coroutine, and where it then waited)", "times", "longest (ms CPU)"],
         rows=slow_rows or [["none", 0, None]],
         notes=["CPU time of the loop thread per callback (time.thread_time), so waiting for a busy CPU does not "
                "count; recorded by kiosk_dev.kiosk_process."])
