@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -96,6 +96,9 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry if registry is not None else CollectorRegistry()
+        # process_resident_memory_bytes, process_start_time_seconds, ...: the memory the rtc SDK keeps per session
+        # and the restarts that hand it back (kiosk.recycle) show on the fleet's graphs.
+        ProcessCollector(registry=r)
         # Sessions and the link.
         self.sessions = Counter("kiosk_sessions", "Sessions opened", registry=r)
         self.session_duration_seconds = Histogram(

@@ -49,9 +49,9 @@ def documented_names() -> set[str]:
     section = text.split("## Metrics and status", 1)[1].split("\n## ", 1)[0]
     names: set[str] = set()
     for line in section.splitlines():
-        if line.startswith("| `kiosk_"):
+        if line.startswith(("| `kiosk_", "| `process_")):
             first_cell = line.split("|")[1]
-            names.update(re.findall(r"`(kiosk_[a-z0-9_]+)", first_cell))
+            names.update(re.findall(r"`((?:kiosk|process)_[a-z0-9_]+)", first_cell))
     return names
 
 
