@@ -255,8 +255,8 @@ def recorded_tests(series: Sequence[Series], interval_seconds: float,
     - the scrapes failed (``up`` 0): KioskUnreachable not yet at 5 minutes minus two steps, firing at 5 minutes
       plus a step;
     - KioskCreditsExhausted at every later moment within its 15-minute look-back;
-    - the other alerts (messages pending, AEC degraded, device loss, update rolled back): silent at every one of
-      those moments, as the demo gives them no cause.
+    - the other alerts (messages pending, AEC degraded, device loss, update rolled back, memory high): silent at
+      every one of those moments, as the demo gives them no cause.
     """
     step = interval_seconds
     offline = _find(series, "kiosk_offline_reason", reason="offline")
@@ -447,6 +447,12 @@ def synthetic_groups(rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rb_b = _s("kiosk_update_last_rolled_back", B, "0+0x10")
     groups.append(_group("update rolled back", 60, [rb_a, rb_b], checks(
         "KioskUpdateRolledBack", [("0m", fire("KioskUpdateRolledBack", rb_a)), ("7m", [])])))
+    # Memory over 640 MiB: A climbs past it at minute 19 and stays there until minute 40, then restarts; B stays
+    # just under it.
+    mem_a = _s("process_resident_memory_bytes", A, "300000000+20000000x20 700000000+0x20 300000000+0x5")
+    mem_b = _s("process_resident_memory_bytes", B, "600000000+0x45")
+    groups.append(_group("memory close to the unit's limit", 60, [mem_a, mem_b], checks(
+        "KioskMemoryHigh", [("33m", []), ("35m", fire("KioskMemoryHigh", mem_a)), ("43m", [])])))
     return groups
 
 
