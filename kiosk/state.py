@@ -74,6 +74,7 @@ from kiosk.events import (
     VoiceStarted,
     VoiceStopped,
 )
+from kiosk.link.backoff import Backoff
 from kiosk.personal import PersonalText
 from kiosk.settings import (
     InteractionMode,
@@ -146,9 +147,11 @@ class Policy:
     handover_wait_seconds: float = 10.0  # tools.handover_wait_seconds
     staff_pattern_seconds: float = 30.0  # panel.staff_output.pattern_seconds
     # A session lost to a transient room failure (LinkLost(transient=True)) is opened afresh this many times,
-    # after reopen_delay_seconds doubling each try, before the kiosk goes offline (livekit.reopen_*).
-    reopen_attempts: int = 4
+    # after reopen_delay_seconds doubling each try up to reopen_max_delay_seconds, before the kiosk goes offline
+    # (livekit.reopen_*).
+    reopen_attempts: int = 5
     reopen_delay_seconds: float = 0.5
+    reopen_max_delay_seconds: float = 2.0
 
     @classmethod
     def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None, *,
@@ -170,8 +173,9 @@ class Policy:
             turns=livekit.turns if livekit is not None else TurnDetection.AUTO,
             handover_wait_seconds=tools.handover_wait_seconds if tools is not None else 10.0,
             staff_pattern_seconds=staff.pattern_seconds if staff is not None else 30.0,
-            reopen_attempts=livekit.reopen_attempts if livekit is not None else 4,
+            reopen_attempts=livekit.reopen_attempts if livekit is not None else 5,
             reopen_delay_seconds=livekit.reopen_delay_seconds if livekit is not None else 0.5,
+            reopen_max_delay_seconds=livekit.reopen_max_delay_seconds if livekit is not None else 2.0,
         )
 
     @property
@@ -180,8 +184,13 @@ class Policy:
         return self.mode is not InteractionMode.PUSH_TO_TALK
 
     def reopen_delay(self, attempt: int) -> float:
-        """The wait before fresh session ``attempt`` (0-based): ``reopen_delay_seconds`` doubling each try."""
-        return self.reopen_delay_seconds * 2.0 ** attempt
+        """The wait before fresh session ``attempt`` (0-based): doubling from ``reopen_delay_seconds`` to the cap.
+
+        No jitter (the machine is pure): only a kiosk with a visitor waiting tries, a few times.
+        """
+        backoff = Backoff(base_seconds=self.reopen_delay_seconds,
+                          max_seconds=max(self.reopen_delay_seconds, self.reopen_max_delay_seconds), attempt=attempt)
+        return backoff.ceiling_seconds()
 
     @property
     def manual_turns(self) -> bool:

@@ -666,14 +666,14 @@ def test_reopen_a_session_lost_to_the_room_then_go_on_as_after_a_press() -> None
 
 
 def test_reopen_backs_off_and_goes_offline_when_the_attempts_are_used_up() -> None:
-    policy = Policy(reopen_attempts=3, reopen_delay_seconds=1.0)
+    policy = Policy(reopen_attempts=3, reopen_delay_seconds=1.0, reopen_max_delay_seconds=3.0)
     s, _ = run(KioskState(policy=policy, phase=Phase.IDLE), ButtonPressed(), ButtonReleased())
     delays = []
     for _ in range(3):
         s, fx = run(s, LinkLost("cannot connect"))
         delays += [e.seconds for e in fx if isinstance(e, StartTimer) and e.name is Timer.REOPEN]
         s, _ = run(s, TimerExpired(Timer.REOPEN))
-    assert delays == [1.0, 2.0, 4.0]
+    assert delays == [1.0, 2.0, 3.0]
     s, fx = run(s, LinkLost("cannot connect"))
     assert s.phase is Phase.OFFLINE and not s.online and s.reopens == 0
     assert PlayCue(Cue.OFFLINE) in fx and PlayCue(Cue.LEAVE_MESSAGE) in fx
