@@ -50,6 +50,8 @@ class Timer(StrEnum):
     STAFF_CALLED = "staff_called"  # how long the "staff called" LED pattern shows after call_staff
     # The talk button held since the microphone went live, without a word: the staff's status request.
     STATUS_HOLD = "status_hold"
+    # A session lost to a transient room failure: the wait before a fresh one is opened (livekit.reopen_*).
+    REOPEN = "reopen"
 
 
 class OfflineReason(StrEnum):

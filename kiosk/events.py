@@ -159,9 +159,16 @@ class LinkUp(Event):
 
 @dataclass(frozen=True, slots=True)
 class LinkLost(Event):
-    """The room link dropped for good, or the session API is unreachable."""
+    """The room link dropped for good, or the session API is unreachable.
+
+    ``transient``: the room itself failed (its server refused the connection, the SDK gave up, a reconnect did
+    not succeed), so a fresh session may open at once and the state machine tries again a few times before
+    going offline; False when the session opened but no agent came, where another try would keep the visitor
+    waiting as long again.
+    """
 
     reason: str = ""
+    transient: bool = True
 
 
 @dataclass(frozen=True, slots=True)

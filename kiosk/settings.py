@@ -508,6 +508,14 @@ class LiveKitSettings(_Section):
     reconnect_give_up_seconds: float = Field(
         20.0, gt=0, le=600, description="end a session whose SDK reconnect has not succeeded after this long"
     )
+    reopen_attempts: int = Field(
+        5, ge=0, le=10, description="a session lost to a room failure is opened afresh this many times before "
+                                    "the kiosk goes offline (0: offline at once)")
+    reopen_delay_seconds: float = Field(
+        0.5, gt=0, le=30, description="wait before the first fresh session; each further try waits twice as long, "
+                                      "up to reopen_max_delay_seconds")
+    reopen_max_delay_seconds: float = Field(
+        2.0, gt=0, le=60, description="longest wait between two fresh sessions (the gap after a server is back)")
     turns: TurnDetection = Field(
         TurnDetection.AUTO, description="auto (manual in push_to_talk, the agent's own hands-free), manual, agent")
     turn_rpc_timeout_seconds: float = Field(

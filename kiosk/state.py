@@ -74,6 +74,7 @@ from kiosk.events import (
     VoiceStarted,
     VoiceStopped,
 )
+from kiosk.link.backoff import Backoff
 from kiosk.personal import PersonalText
 from kiosk.settings import (
     InteractionMode,
@@ -145,6 +146,12 @@ class Policy:
     turns: TurnDetection = TurnDetection.AUTO  # livekit.turns
     handover_wait_seconds: float = 10.0  # tools.handover_wait_seconds
     staff_pattern_seconds: float = 30.0  # panel.staff_output.pattern_seconds
+    # A session lost to a transient room failure (LinkLost(transient=True)) is opened afresh this many times,
+    # after reopen_delay_seconds doubling each try up to reopen_max_delay_seconds, before the kiosk goes offline
+    # (livekit.reopen_*).
+    reopen_attempts: int = 5
+    reopen_delay_seconds: float = 0.5
+    reopen_max_delay_seconds: float = 2.0
 
     @classmethod
     def from_settings(cls, interaction: InteractionSettings, spool: SpoolSettings | None = None, *,
@@ -166,12 +173,24 @@ class Policy:
             turns=livekit.turns if livekit is not None else TurnDetection.AUTO,
             handover_wait_seconds=tools.handover_wait_seconds if tools is not None else 10.0,
             staff_pattern_seconds=staff.pattern_seconds if staff is not None else 30.0,
+            reopen_attempts=livekit.reopen_attempts if livekit is not None else 5,
+            reopen_delay_seconds=livekit.reopen_delay_seconds if livekit is not None else 0.5,
+            reopen_max_delay_seconds=livekit.reopen_max_delay_seconds if livekit is not None else 2.0,
         )
 
     @property
     def hands_free(self) -> bool:
         """Tap-to-talk and open-mic: voice activity, not the button, gates the microphone."""
         return self.mode is not InteractionMode.PUSH_TO_TALK
+
+    def reopen_delay(self, attempt: int) -> float:
+        """The wait before fresh session ``attempt`` (0-based): doubling from ``reopen_delay_seconds`` to the cap.
+
+        No jitter (the machine is pure): only a kiosk with a visitor waiting tries, a few times.
+        """
+        backoff = Backoff(base_seconds=self.reopen_delay_seconds,
+                          max_seconds=max(self.reopen_delay_seconds, self.reopen_max_delay_seconds), attempt=attempt)
+        return backoff.ceiling_seconds()
 
     @property
     def manual_turns(self) -> bool:
@@ -207,6 +226,8 @@ class KioskState:
     message_note: PersonalText | None = None  # take_message's summary, until it goes to the store with the audio
     staff_called: bool = False  # call_staff pulsed the output: the LEDs say so for a while
     agent_busy: bool = False  # the agent's last lk.agent.state was thinking or speaking (it has more to say)
+    reopens: int = 0  # fresh sessions tried since a session was lost to a room failure (reset once one opens)
+    reopen_wait: bool = False  # connecting: the reopen timer runs; OpenSession follows when it expires
 
     def with_(self, **changes: Any) -> KioskState:
         """A copy with ``changes``."""
@@ -337,7 +358,10 @@ class _Builder:
             self.drop_handover()
             # A tool still running belongs to the session being left: its silence no longer matters.
             self.set(playing=False, consent_playing=False, start_tone_playing=False, tool_running=False,
-                     agent_busy=False)
+                     agent_busy=False, reopens=0)
+            if s.reopen_wait:
+                self.cancel(Timer.REOPEN)
+                self.set(reopen_wait=False)
         elif s.phase is Phase.RECORDING_MESSAGE and s.message is MessageStep.RECORDING:
             self.do(StopRecording(keep=keep_message, note=s.message_note if keep_message else None))
             self.cancel(Timer.MAX_MESSAGE, Timer.NO_SPEECH)
@@ -405,6 +429,9 @@ def _dispatch(b: _Builder, event: Event) -> None:
             return
         case ErrorOccurred(code=code):
             b.error(code or "error", device=False)
+            return
+        case LinkLost(transient=True) if s.phase in SESSION_PHASES and s.reopens < s.policy.reopen_attempts:
+            _reopen(b)
             return
         case LinkLost():
             b.go_offline(OfflineReason.OFFLINE, visitor_present=True)
@@ -589,10 +616,30 @@ def _starting(b: _Builder, event: Event) -> None:
         b.rest()
 
 
+def _reopen(b: _Builder) -> None:
+    """A session was lost to a room failure (a server restarting, a reconnect that failed): try a fresh one.
+
+    The session is left as any other, the kiosk shows ``connecting`` and opens a fresh session after a short,
+    doubling wait; ``SessionOpened`` goes on as a press would (the start tone, the microphone if the button is
+    held), ``ApiRefused`` or the last attempt's ``LinkLost`` takes the kiosk offline as before. Only while a
+    visitor is there, and at most ``reopen_attempts`` times: a service that is really down is not hammered.
+    """
+    attempt = b.s.reopens
+    b.leave(keep_message=False)
+    b.timer(Timer.REOPEN, b.s.policy.reopen_delay(attempt))
+    b.set(phase=Phase.CONNECTING, reopens=attempt + 1, reopen_wait=True, heard_voice=False)
+
+
 def _connecting(b: _Builder, event: Event) -> None:
     s = b.s
     p = s.policy
     match event:
+        case TimerExpired(name=Timer.REOPEN) if s.reopen_wait:
+            b.set(reopen_wait=False)
+            _open(b)
+        case SessionOpened() if s.reopen_wait:
+            # Not the fresh session (that is not asked for yet): a late one, closed as any unwanted session.
+            b.do(CloseSession())
         case SessionOpened() if p.consent_notice:
             # The visitor hears that an AI processes what they say before anything is streamed; the LED shows
             # the notice. Its end (CueFinished) goes live as a session without the notice does here.

@@ -25,8 +25,10 @@
   back as an ``RpcError`` (code, a sentence the agent can speak, JSON data naming the error);
 - SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
   during a reconnect does not end it. A reconnect that has not succeeded after
-  ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; the controller then
-  calls ``open()`` again for a fresh session.
+  ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; so does a connect
+  that fails (a server restarting refuses it). Those are ``transient``: the state machine opens a fresh session
+  after a short wait, a few times (``livekit.reopen_attempts``), before it goes offline; a room the agent never
+  joined is not (``transient=False``: offline at once).
 
 rtc SDK event callbacks run on the kiosk's loop (the SDK hands its events over from its own threads), so
 they only update state and start tasks. Latency stamps come from the injected clock (the loop's by default).
@@ -303,8 +305,9 @@ class LiveKitRoomLink:
             await self._teardown()
             self.metrics.links_lost.inc()
             self._mark("agent missing")
+            # Not transient: a fresh session would keep the visitor waiting as long again for an agent.
             self._post(LinkLost(f"no agent joined room {grant.session_id} within {self._lk.agent_wait_seconds} s; "
-                                "check the agent deployment"))
+                                "check the agent deployment", transient=False))
             return
         if self._room is not room:  # lost while waiting; already reported
             return

@@ -94,7 +94,7 @@ EVENTS: list[Event] = [
     PlaybackStarted(), PlaybackFinished(),
     *(CueFinished(c) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START,
                                Cue.CONSENT_NOTICE)),
-    LinkUp(), LinkLost("down"), LinkReconnecting(),
+    LinkUp(), LinkLost("down"), LinkLost("no agent", transient=False), LinkReconnecting(),
     DeviceLost("array"), DeviceFound("array"), HeadsetPlugged(), HeadsetUnplugged(),
     *(RouteChanged(r, v) for r in Route for v in (True, False)),
     *(TimerExpired(t) for t in Timer),
@@ -112,10 +112,10 @@ def _canonical(state: KioskState) -> KioskState:
     """Fold fields that only change what is said or shown (not what happens next) to keep the search small.
 
     Also folded, and put back where they matter: ``staff_called`` (only what is shown: checked by
-    test_the_staff_pattern_changes_nothing_else), ``agent_busy`` without a pending handover (it matters for
-    nothing else: test_agent_busy_matters_only_for_a_handover) and ``tool_running`` (it only holds transitions
-    back, so a state with a tool running is a reachable state plus the flag: ``_variants`` checks every
-    session state with it).
+    test_the_staff_pattern_changes_nothing_else), ``reopens`` (``_fold_reopens``), ``agent_busy`` without a
+    pending handover (it matters for nothing else: test_agent_busy_matters_only_for_a_handover) and
+    ``tool_running`` (it only holds transitions back, so a state with a tool running is a reachable state plus
+    the flag: ``_variants`` checks every session state with it).
     """
     return replace(
         state,
@@ -126,7 +126,14 @@ def _canonical(state: KioskState) -> KioskState:
         staff_called=False,
         agent_busy=state.agent_busy and state.handover is not Handover.NONE,
         tool_running=False,
+        reopens=_fold_reopens(state),
     )
+
+
+def _fold_reopens(state: KioskState) -> int:
+    """Fresh sessions tried: none, some left (all alike but the delay), or used up; three values cover it."""
+    attempts = state.policy.reopen_attempts
+    return state.reopens if state.reopens in (0, attempts) else attempts - 1
 
 
 def _variants(state: KioskState) -> list[KioskState]:
@@ -220,7 +227,7 @@ def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskSt
             assert not new.consent_playing or new.phase is Phase.LISTENING, _w(state, event, t)
             if state.policy.consent_notice and isinstance(event, SessionOpened):
                 assert _count(fx, StartPublishing) == 0, _w(state, event, t)
-                if state.phase is Phase.CONNECTING:
+                if state.phase is Phase.CONNECTING and not state.reopen_wait:
                     assert PlayCue(Cue.CONSENT_NOTICE) in fx and new.consent_playing, _w(state, event, t)
             if PlayCue(Cue.CONSENT_NOTICE) in fx:
                 assert state.policy.consent_notice, _w(state, event, t)
@@ -230,8 +237,20 @@ def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskSt
             if state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES:
                 assert _count(fx, CloseSession) == 1 and _count(fx, ClearPlayback) == 1, _w(state, event, t)
                 assert {e.name for e in fx if isinstance(e, CancelTimer)} >= {Timer.MAX_SESSION, Timer.IDLE_END}
-            if new.phase is Phase.CONNECTING and state.phase is not Phase.CONNECTING:
+            if new.phase is Phase.CONNECTING and state.phase is not Phase.CONNECTING and not new.reopen_wait:
                 assert OpenSession() in fx and StartTimer(Timer.MAX_SESSION, state.policy.max_session_seconds) in fx
+            # A fresh session after a room failure: only from a session, after its timer, a bounded number of times.
+            assert new.reopens <= state.policy.reopen_attempts, _w(state, event, t)
+            assert not new.reopen_wait or new.phase is Phase.CONNECTING, _w(state, event, t)
+            if new.reopen_wait and not state.reopen_wait:
+                assert isinstance(event, LinkLost) and event.transient and state.phase in SESSION_PHASES
+                assert CloseSession() in fx and OpenSession() not in fx, _w(state, event, t)
+                assert StartTimer(Timer.REOPEN, state.policy.reopen_delay(state.reopens)) in fx, _w(state, event, t)
+                assert new.reopens == state.reopens + 1 and not new.publishing, _w(state, event, t)
+            if state.reopen_wait and not new.reopen_wait and new.phase is Phase.CONNECTING:
+                assert event == TimerExpired(Timer.REOPEN) and OpenSession() in fx, _w(state, event, t)
+            if state.reopen_wait and new.phase is not Phase.CONNECTING:
+                assert CancelTimer(Timer.REOPEN) in fx, _w(state, event, t)
             if _count(fx, OpenSession):
                 assert new.phase is Phase.CONNECTING, _w(state, event, t)
             # One pattern effect exactly when the pattern changes, naming a known pattern.
@@ -246,8 +265,10 @@ def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskSt
                 assert new.phase is Phase.ERROR and not new.device_ok, _w(state, event, t)
             if isinstance(event, ErrorOccurred):
                 assert new.phase is Phase.ERROR and new.last_error == "boom", _w(state, event, t)
-            if isinstance(event, LinkLost):
+            if isinstance(event, LinkLost) and not new.reopen_wait:
                 assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
+                assert not (event.transient and state.phase in SESSION_PHASES
+                            and state.reopens < state.policy.reopen_attempts), _w(state, event, t)
             if isinstance(event, ApiRefused):
                 assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
             # Recording starts only after the tone, stops whenever a recording phase is left.
@@ -280,7 +301,9 @@ def _check_turns(state: KioskState, event: Event, new: KioskState, fx: tuple[Eff
     if not manual:
         assert not begins and not ends, _w(state, event, fx)
         return
-    left = state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES
+    # A session lost to the room and about to be opened afresh is left too.
+    left = (state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES) or (
+        new.reopen_wait and not state.reopen_wait)
     assert len(begins) == int(new.turn_open and not state.turn_open), _w(state, event, fx)
     # Leaving the session ends the turn with it: no end_turn RPC into a room being left.
     assert len(ends) == int(state.turn_open and not new.turn_open and not left), _w(state, event, fx)
@@ -372,8 +395,10 @@ def test_every_tool_steps_alike(reachable_per_mode: list[KioskState]) -> None:
 @pytest.mark.parametrize("event", [DeviceLost("array"), LinkLost("x"), ErrorOccurred("e", "m")],
                          ids=["DeviceLost", "LinkLost", "ErrorOccurred"])
 def test_every_phase_handles_failures(phase: Phase, event: Event) -> None:
+    # With the fresh sessions used up (a transient LinkLost in a session tries one first: test_reopen_*).
     state = KioskState(phase=phase, publishing=phase in (Phase.LISTENING, Phase.SPEAKING),
-                       message=MessageStep.RECORDING if phase is Phase.RECORDING_MESSAGE else MessageStep.NONE)
+                       message=MessageStep.RECORDING if phase is Phase.RECORDING_MESSAGE else MessageStep.NONE,
+                       reopens=Policy().reopen_attempts)
     t = step(state, event)
     if isinstance(event, LinkLost):
         assert not t.state.online
@@ -622,6 +647,63 @@ def test_link_up_returns_to_idle_and_recording_survives_it() -> None:
     assert s.phase is Phase.IDLE
 
 
+def test_reopen_a_session_lost_to_the_room_then_go_on_as_after_a_press() -> None:
+    """A room failure (a server restarting) in a conversation: a fresh session shortly, not the offline path."""
+    s, _ = run(idle(), ButtonPressed(), SessionOpened("s"), VoiceStarted())
+    assert s.publishing
+    s, fx = run(s, LinkLost("disconnected by the SDK"))
+    assert s.phase is Phase.CONNECTING and s.online and s.reopen_wait and not s.publishing
+    assert fx[:3] == [StopPublishing(), ClearPlayback(), CloseSession()]
+    assert StartTimer(Timer.REOPEN, 0.5) in fx and ShowPattern("connecting") in fx
+    assert not any(isinstance(e, (PlayCue, OpenSession, EndTurn)) for e in fx)  # nothing said, nothing sent
+    s, fx = run(s, SessionClosed("closed"))  # the lost session's close: still waiting
+    assert s.phase is Phase.CONNECTING and s.reopen_wait and fx == []
+    s, fx = run(s, TimerExpired(Timer.REOPEN))
+    assert fx == [OpenSession(), StartTimer(Timer.MAX_SESSION, 300.0)] and not s.reopen_wait
+    # The visitor still holds the button: the fresh session goes live at once, as after a press.
+    s, fx = run(s, SessionOpened("s2"))
+    assert s.phase is Phase.LISTENING and s.publishing and BeginTurn() in fx
+
+
+def test_reopen_backs_off_and_goes_offline_when_the_attempts_are_used_up() -> None:
+    policy = Policy(reopen_attempts=3, reopen_delay_seconds=1.0, reopen_max_delay_seconds=3.0)
+    s, _ = run(KioskState(policy=policy, phase=Phase.IDLE), ButtonPressed(), ButtonReleased())
+    delays = []
+    for _ in range(3):
+        s, fx = run(s, LinkLost("cannot connect"))
+        delays += [e.seconds for e in fx if isinstance(e, StartTimer) and e.name is Timer.REOPEN]
+        s, _ = run(s, TimerExpired(Timer.REOPEN))
+    assert delays == [1.0, 2.0, 3.0]
+    s, fx = run(s, LinkLost("cannot connect"))
+    assert s.phase is Phase.OFFLINE and not s.online and s.reopens == 0
+    assert PlayCue(Cue.OFFLINE) in fx and PlayCue(Cue.LEAVE_MESSAGE) in fx
+    # The next visitor's session has the whole budget again.
+    s, _ = run(s, ButtonPressed(Button.CANCEL), LinkUp(), ButtonPressed(), LinkLost("x"))
+    assert s.phase is Phase.CONNECTING and s.reopens == 1
+
+
+def test_no_reopen_for_a_refusal_a_missing_agent_or_an_idle_kiosk() -> None:
+    connecting, _ = run(idle(), ButtonPressed())
+    for event in (ApiRefused(RefusalReason.UNREACHABLE), LinkLost("no agent", transient=False)):
+        s, fx = run(connecting, event)
+        assert s.phase is Phase.OFFLINE and not any(isinstance(e, StartTimer) for e in fx), event
+    s, _ = run(idle(), LinkLost("x"))
+    assert s.phase is Phase.OFFLINE
+    s, _ = run(KioskState(policy=Policy(reopen_attempts=0), phase=Phase.IDLE), ButtonPressed(), LinkLost("x"))
+    assert s.phase is Phase.OFFLINE
+
+
+def test_cancel_or_a_refusal_while_waiting_to_reopen_stops_it() -> None:
+    waiting, _ = run(idle(), ButtonPressed(), SessionOpened("s"), LinkLost("x"))
+    s, fx = run(waiting, ButtonPressed(Button.CANCEL))
+    assert s.phase is Phase.IDLE and CancelTimer(Timer.REOPEN) in fx and s.reopens == 0 and not s.reopen_wait
+    s, fx = run(waiting, TimerExpired(Timer.REOPEN), ApiRefused(RefusalReason.MAINTENANCE))
+    assert s.phase is Phase.OFFLINE and s.offline_reason is OfflineReason.MAINTENANCE
+    # A late session while waiting is not ours: closed, and the fresh one still follows.
+    s, fx = run(waiting, SessionOpened("late"))
+    assert fx == [CloseSession()] and s.phase is Phase.CONNECTING and s.reopen_wait
+
+
 def test_route_change_keeps_the_session_and_sets_barge_in_policy() -> None:
     s, _ = run(idle(InteractionMode.TAP_TO_TALK, verified=True), ButtonPressed(), SessionOpened("s"))
     s, fx = run(s, RouteChanged(Route.HEADSET, echo_path_verified=False))
@@ -794,10 +876,12 @@ def _representatives(mode: InteractionMode) -> list[tuple[str, KioskState]]:
                 ] if mode is not InteractionMode.PUSH_TO_TALK else []
     tool, _ = run(thinking, ToolStarted(Tool.KIOSK_STATUS))
     handover, _ = run(speaking, MessageRequested(NOTE), AgentStateChanged(AgentState.LISTENING))
+    reopening, _ = run(speaking, LinkLost())
     return [
         ("starting", initial_state(Policy(mode=mode))), ("idle", base), ("connecting", run(base, ButtonPressed())[0]),
         ("listening (talking)", listening), ("thinking", thinking), ("thinking (tool running)", tool),
         ("speaking", speaking), *verified, ("speaking (take_message asked, last words playing)", handover),
+        ("connecting (room lost, fresh session in a moment)", reopening),
         ("offline", offline),
         ("offline (message offered)", offered), ("recording_message (recording)", recording),
         ("recording_message (saving)", saving), ("error", error),
@@ -809,7 +893,8 @@ TABLE_EVENTS: list[Event] = [
     VoiceStopped(), SessionOpened("s"), SessionClosed(), ApiRefused(RefusalReason.MAINTENANCE),
     AgentStateChanged(AgentState.SPEAKING), AgentStateChanged(AgentState.LISTENING), PlaybackStarted(),
     PlaybackFinished(), CueFinished(Cue.LEAVE_MESSAGE), CueFinished(Cue.RECORDING_TONE), LinkUp(),
-    LinkLost(), DeviceLost(), DeviceFound(), RouteChanged(Route.HEADSET, False), RouteChanged(Route.NONE, False),
+    LinkLost(), LinkLost(transient=False), DeviceLost(), DeviceFound(), RouteChanged(Route.HEADSET, False),
+    RouteChanged(Route.NONE, False),
     *(TimerExpired(t) for t in Timer), RecordingStored("m"), RecordingFailed("x"), ErrorOccurred("e"),
     # EndRequested behaves as MessageRequested up to the handover, and StaffCalled the same in every state (it
     # starts the staff_called timer): docs/behaviour.md says so in words.
@@ -822,6 +907,8 @@ def _fmt_event(event: Event) -> str:
     detail = {ButtonPressed: "button", ButtonReleased: "button", ButtonHeld: "button", AgentStateChanged: "state",
               ApiRefused: "reason", CueFinished: "cue", TimerExpired: "name", RouteChanged: "route"}
     field = detail.get(type(event))
+    if isinstance(event, LinkLost) and not event.transient:
+        return "LinkLost(not transient)"
     return f"{name}({getattr(event, field)})" if field else name
 
 
