@@ -68,7 +68,7 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
     out = out if out is not None else sys.stdout  # looked up at call time (a default would pin the import's)
     from kiosk.clock import LoopClock
     from kiosk.controller import Controller
-    from kiosk.events import Button, Event, LinkLost, LinkUp, Route, Started
+    from kiosk.events import Button, Event, LinkLost, LinkUp, RefusalReason, Route, Started
     from kiosk.state import Policy
     from kiosk_dev.behaviour import MemoryMessageStore, SimulatedAudio, SimulatedRoom
     from kiosk_dev.terminal import Key, KeyboardControl, StatusTerminal, VirtualPanel
@@ -105,6 +105,9 @@ async def run_panel(settings: Settings, *, echo_verified: bool, toggle: bool, in
     quit_event = asyncio.Event()
 
     def network(on: bool) -> None:
+        # As a real network: the session in progress is lost, and fresh ones are refused (the API is unreachable)
+        # until it is back; the kiosk tries a fresh session after a lost room, then goes offline.
+        room.refuse = None if on else RefusalReason.UNREACHABLE
         controller.post(LinkUp() if on else LinkLost("virtual panel: network switched off"))
 
     try:
