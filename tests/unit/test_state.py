@@ -112,8 +112,8 @@ def _canonical(state: KioskState) -> KioskState:
     """Fold fields that only change what is said or shown (not what happens next) to keep the search small.
 
     Also folded, and put back where they matter: ``staff_called`` (only what is shown: checked by
-    test_the_staff_pattern_changes_nothing_else), ``reopens`` (``_fold_reopens``), ``agent_busy`` without a
-    pending handover (it matters for nothing else: test_agent_busy_matters_only_for_a_handover) and
+    test_the_staff_pattern_changes_nothing_else), ``agent_busy`` without a pending handover (it matters for
+    nothing else: test_agent_busy_matters_only_for_a_handover) and
     ``tool_running`` (it only holds transitions back, so a state with a tool running is a reachable state plus
     the flag: ``_variants`` checks every session state with it).
     """
@@ -126,14 +126,7 @@ def _canonical(state: KioskState) -> KioskState:
         staff_called=False,
         agent_busy=state.agent_busy and state.handover is not Handover.NONE,
         tool_running=False,
-        reopens=_fold_reopens(state),
     )
-
-
-def _fold_reopens(state: KioskState) -> int:
-    """Fresh sessions tried: none, some left (all alike but the delay), or used up; three values cover it."""
-    attempts = state.policy.reopen_attempts
-    return state.reopens if state.reopens in (0, attempts) else attempts - 1
 
 
 def _variants(state: KioskState) -> list[KioskState]:
