@@ -502,8 +502,8 @@ class LiveKitSettings(_Section):
     receive_capacity_frames: int = Field(50, ge=0, le=1000, description="rtc.AudioStream queue (0: unbounded)")
     agent_wait_seconds: float = Field(10.0, gt=0, le=120, description="wait this long for the agent's audio")
     reconnect_grace_seconds: float = Field(
-        15.0, gt=0, le=300, description="after a reconnect, wait this long for the agent to come back"
-    )
+        5.0, gt=0, le=300, description="an agent absent after a reconnect, or lost without hanging up, has this "
+                                       "long to come back before a fresh session is opened")
     interrupt_rpc_method: str = Field("kiosk.interrupt", description="RPC the agent registers to stop speaking")
     reconnect_give_up_seconds: float = Field(
         20.0, gt=0, le=600, description="end a session whose SDK reconnect has not succeeded after this long"

@@ -26,9 +26,11 @@
 - SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
   during a reconnect does not end it. A reconnect that has not succeeded after
   ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; so does a connect
-  that fails (a server restarting refuses it). Those are ``transient``: the state machine opens a fresh session
-  after a short wait, a few times (``livekit.reopen_attempts``), before it goes offline; a room the agent never
-  joined is not (``transient=False``: offline at once).
+  that fails (a server restarting refuses it), and an agent absent after a reconnect, or lost without hanging
+  up, that has not come back within ``livekit.reconnect_grace_seconds``. Those are ``transient``: the state
+  machine opens a fresh session after a short wait, a few times (``livekit.reopen_attempts``), before it goes
+  offline; a room the agent never joined is not (``transient=False``: offline at once). An agent that hangs up
+  (it disconnected itself) ends the session at once with ``SessionClosed``.
 
 rtc SDK event callbacks run on the kiosk's loop (the SDK hands its events over from its own threads), so
 they only update state and start tasks. Latency stamps come from the injected clock (the loop's by default).
@@ -574,6 +576,10 @@ class LiveKitRoomLink:
             if self._reconnecting:
                 # A full reconnect removes and re-adds every participant: not the end of the session.
                 return
+            if who.disconnect_reason == rtc.DisconnectReason.CLIENT_INITIATED:
+                # The agent hung up (it ended the conversation): the session ends now, a press opens the next.
+                self._end_session("agent ended the session")
+                return
             self._start_agent_grace()
 
         @room.on("participant_attributes_changed")
@@ -630,11 +636,17 @@ class LiveKitRoomLink:
         self._agent_gone = None
         if self._room is None or any(self._trusted(p) for p in self._room.remote_participants.values()):
             return
-        self._mark("agent left")
+        # Lost, not gone on purpose: a restarted server lost the room and the agent's job with it, or the agent
+        # crashed. A fresh session brings a fresh agent (transient: the state machine reopens while a visitor
+        # is there), where ending the session would leave the visitor to start over after a long silence.
+        self._spawn(self._lost(f"the agent did not come back within {self._lk.reconnect_grace_seconds} s"))
+
+    def _end_session(self, reason: str) -> None:
+        self._mark(reason)
 
         async def end() -> None:
             await self._teardown()
-            self._post(SessionClosed("agent left"))
+            self._post(SessionClosed(reason))
 
         self._spawn(end())
 

@@ -1329,8 +1329,9 @@ def message_figures(result: FieldResult) -> dict[str, Any]:
     }
 
 
-# A fault's consequences can come after the kiosk looked usable again (an agent that left is waited for
-# livekit.reconnect_grace_seconds, 15 s): a loss this long after is still put down to the latest fault.
+# A fault's consequences can come after the kiosk looked usable again (an agent lost in a reconnect is waited
+# for livekit.reconnect_grace_seconds, after the SDK's own reconnect): a loss this long after is still put down
+# to the latest fault.
 ATTRIBUTION_SECONDS = 30.0
 
 
