@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -76,6 +77,7 @@ from kiosk.state import (
     MessageStep,
     Phase,
     Policy,
+    Transition,
     initial_state,
     pattern_key,
     step,
@@ -134,29 +136,54 @@ def _variants(state: KioskState) -> list[KioskState]:
     return [state, replace(state, tool_running=True)] if state.phase in SESSION_PHASES else [state]
 
 
-def _reachable(policy: Policy, limit: int = 20000) -> list[KioskState]:
-    """Every state reachable from start-up by any sequence of the events above (breadth first, canonical)."""
+@dataclass
+class _Search:
+    """The states a search reached, and what the invariants said of every step it took (``_check``)."""
+
+    states: list[KioskState]
+    steps_checked: int
+    failures: list[str]
+
+
+def _reachable(policy: Policy, check: Callable[[KioskState, Event, Transition, int], None] | None = None,
+               limit: int = 20000) -> _Search:
+    """Every state reachable from start-up by any sequence of the events above (breadth first, canonical).
+
+    Each step the search takes is checked on the way with ``check`` (by default the invariants, ``_check``):
+    stepping every state with every event once more for them would double the time. The first failures are
+    kept for the test to report.
+    """
+    check = check or _check
     start = initial_state(policy)
     seen = {start}
     queue = deque([start])
+    failures: list[str] = []
+    checked = 0
     while queue:
         state = queue.popleft()
         for event in EVENTS:
-            nxt = _canonical(step(state, event).state)
+            t = step(state, event)
+            checked += 1
+            if len(failures) < 5:
+                try:
+                    check(state, event, t, checked)
+                except AssertionError as error:
+                    failures.append(str(error) or _w(state, event, t))
+            nxt = _canonical(t.state)
             if nxt not in seen:
                 seen.add(nxt)
                 queue.append(nxt)
                 assert len(seen) < limit, "state space exploded: a field grows without bound"
-    return list(seen)
+    return _Search(list(seen), checked, failures)
 
 
-_SEARCHED: dict[Policy, list[KioskState]] = {}
+_SEARCHED: dict[Policy, _Search] = {}
 # One fresh session after a lost room, then offline: both branches of the rule, with a third fewer states than
 # the default's five (whose doubling schedule the reopen tests below step through one by one).
 SEARCH_REOPEN_ATTEMPTS = 1
 
 
-def _searched(policy: Policy) -> list[KioskState]:
+def _searched(policy: Policy) -> _Search:
     """``_reachable(policy)``, searched once per test run (the fixtures below share it)."""
     if policy not in _SEARCHED:
         _SEARCHED[policy] = _reachable(policy)
@@ -165,7 +192,7 @@ def _searched(policy: Policy) -> list[KioskState]:
 
 @pytest.fixture(scope="module", params=[(m, c) for m in MODES for c in (False, True)],
                 ids=lambda p: p[0].value + ("+consent" if p[1] else ""))
-def reachable(request: pytest.FixtureRequest) -> list[KioskState]:
+def search(request: pytest.FixtureRequest) -> _Search:
     mode, consent = request.param
     return _searched(Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS))
 
@@ -173,7 +200,7 @@ def reachable(request: pytest.FixtureRequest) -> list[KioskState]:
 @pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
 def reachable_per_mode(request: pytest.FixtureRequest) -> list[KioskState]:
     """The reachable states of each mode without the AI notice (for checks the notice has no part in)."""
-    return _searched(Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS))
+    return _searched(Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)).states
 
 
 def test_every_event_class_is_tabled() -> None:
@@ -184,8 +211,8 @@ def test_every_event_class_is_tabled() -> None:
     assert defined == EVENT_CLASSES
 
 
-def test_every_phase_is_reachable(reachable: list[KioskState]) -> None:
-    assert {s.phase for s in reachable} == set(Phase)
+def test_every_phase_is_reachable(search: _Search) -> None:
+    assert {s.phase for s in search.states} == set(Phase)
 
 
 def _w(state: KioskState, event: Event, t: object) -> str:
@@ -202,90 +229,97 @@ _FAILURES = (DeviceLost, ErrorOccurred, LinkLost, ApiRefused)
 
 
 @pytest.mark.slow
-def test_invariants_over_reachable_states_and_all_events(reachable: list[KioskState]) -> None:
-    checked = 0
-    for state in (variant for base in reachable for variant in _variants(base)):
+def test_invariants_over_reachable_states_and_all_events(search: _Search) -> None:
+    """Every step from every reachable state: those the search took (checked on its way), and the same states
+    with a tool running (the flag ``_canonical`` folds)."""
+    assert not search.failures, "\n\n".join(search.failures)
+    checked = search.steps_checked
+    for state in (variant for base in search.states for variant in _variants(base)[1:]):
         for event in EVENTS:
-            t = step(state, event)
-            new, fx = t.state, t.effects
             checked += 1
-            if checked % 97 == 0:
-                assert step(state, event) == t, _w(state, event, t)  # pure: same input, same output
-                # The agent's note is personal: no repr (what the controller logs) ever shows it.
-                assert NOTE.text not in repr(new) + repr(fx) + repr(event), _w(state, event, t)
-            _check_turns(state, event, new, fx)
-            _check_tools(state, event, new, fx)
-            # The microphone streams only inside a session, and the gate effects match the flag.
-            assert not new.publishing or new.phase in (Phase.LISTENING, Phase.SPEAKING), _w(state, event, t)
-            # The AI notice plays before anything streams: never the gate while it plays, and a session
-            # with the notice never streams on its opening.
-            assert not (new.consent_playing and new.publishing), _w(state, event, t)
-            assert not new.consent_playing or new.phase is Phase.LISTENING, _w(state, event, t)
-            if state.policy.consent_notice and isinstance(event, SessionOpened):
-                assert _count(fx, StartPublishing) == 0, _w(state, event, t)
-                if state.phase is Phase.CONNECTING and not state.reopen_wait:
-                    assert PlayCue(Cue.CONSENT_NOTICE) in fx and new.consent_playing, _w(state, event, t)
-            if PlayCue(Cue.CONSENT_NOTICE) in fx:
-                assert state.policy.consent_notice, _w(state, event, t)
-            assert _count(fx, StartPublishing) - _count(fx, StopPublishing) == int(new.publishing) - int(
-                state.publishing), _w(state, event, t)
-            # Leaving a session always closes it; entering one always opens it.
-            if state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES:
-                assert _count(fx, CloseSession) == 1 and _count(fx, ClearPlayback) == 1, _w(state, event, t)
-                assert {e.name for e in fx if isinstance(e, CancelTimer)} >= {Timer.MAX_SESSION, Timer.IDLE_END}
-            if new.phase is Phase.CONNECTING and state.phase is not Phase.CONNECTING and not new.reopen_wait:
-                assert OpenSession() in fx and StartTimer(Timer.MAX_SESSION, state.policy.max_session_seconds) in fx
-            # A fresh session after a room failure: only from a session, after its timer, a bounded number of times.
-            assert new.reopens <= state.policy.reopen_attempts, _w(state, event, t)
-            assert not new.reopen_wait or new.phase is Phase.CONNECTING, _w(state, event, t)
-            if new.reopen_wait and not state.reopen_wait:
-                assert isinstance(event, LinkLost) and event.transient and state.phase in SESSION_PHASES
-                assert CloseSession() in fx and OpenSession() not in fx, _w(state, event, t)
-                assert StartTimer(Timer.REOPEN, state.policy.reopen_delay(state.reopens)) in fx, _w(state, event, t)
-                assert new.reopens == state.reopens + 1 and not new.publishing, _w(state, event, t)
-            if state.reopen_wait and not new.reopen_wait and new.phase is Phase.CONNECTING:
-                assert event == TimerExpired(Timer.REOPEN) and OpenSession() in fx, _w(state, event, t)
-            if state.reopen_wait and new.phase is not Phase.CONNECTING:
-                assert CancelTimer(Timer.REOPEN) in fx, _w(state, event, t)
-            if _count(fx, OpenSession):
-                assert new.phase is Phase.CONNECTING, _w(state, event, t)
-            # One pattern effect exactly when the pattern changes, naming a known pattern.
-            shown = [e for e in fx if isinstance(e, ShowPattern)]
-            if pattern_key(new) != pattern_key(state):
-                assert shown == [ShowPattern(pattern_key(new))], _w(state, event, t)
-                assert shown[0].name in PATTERNS
-            else:
-                assert shown == [], _w(state, event, t)
-            # Failures: every state handles them.
-            if isinstance(event, DeviceLost) or (isinstance(event, RouteChanged) and event.route is Route.NONE):
-                assert new.phase is Phase.ERROR and not new.device_ok, _w(state, event, t)
-            if isinstance(event, ErrorOccurred):
-                assert new.phase is Phase.ERROR and new.last_error == "boom", _w(state, event, t)
-            if isinstance(event, LinkLost) and not new.reopen_wait:
-                assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
-                assert not (event.transient and state.phase in SESSION_PHASES
-                            and state.reopens < state.policy.reopen_attempts), _w(state, event, t)
-            if isinstance(event, ApiRefused):
-                assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
-            # Recording starts only after the tone, stops whenever a recording phase is left.
-            if _count(fx, StartRecording):
-                assert isinstance(event, CueFinished) and event.cue == Cue.RECORDING_TONE, _w(state, event, t)
-                assert new.message is MessageStep.RECORDING
-            was_recording = state.phase is Phase.RECORDING_MESSAGE and state.message is MessageStep.RECORDING
-            now_recording = new.phase is Phase.RECORDING_MESSAGE and new.message is MessageStep.RECORDING
-            assert _count(fx, StopRecording) == int(was_recording and not now_recording), _w(state, event, t)
-            # The confirmation plays only once the message is stored.
-            if PlayCue(Cue.MESSAGE_STORED) in fx:
-                assert isinstance(event, RecordingStored), _w(state, event, t)
-            # The agent is interrupted only while it speaks, and voice interrupts only on a verified path.
-            if _count(fx, InterruptAgent):
-                assert state.phase is Phase.SPEAKING, _w(state, event, t)
-                if isinstance(event, VoiceStarted):
-                    assert state.echo_path_verified and state.policy.hands_free and state.policy.barge_in
-            # Status is spoken only for a hold (in a conversation: timed from when the microphone went live).
-            if _count(fx, SpeakStatus):
-                assert isinstance(event, ButtonHeld) or event == TimerExpired(Timer.STATUS_HOLD), _w(state, event, t)
+            _check(state, event, step(state, event), checked)
     assert checked > 1000
+
+
+def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None:
+    """The invariants of one step (``checked`` counts the steps: some checks run on every 97th only)."""
+    new, fx = t.state, t.effects
+    if checked % 97 == 0:
+        assert step(state, event) == t, _w(state, event, t)  # pure: same input, same output
+        # The agent's note is personal: no repr (what the controller logs) ever shows it.
+        assert NOTE.text not in repr(new) + repr(fx) + repr(event), _w(state, event, t)
+    _check_turns(state, event, new, fx)
+    _check_tools(state, event, new, fx)
+    # The microphone streams only inside a session, and the gate effects match the flag.
+    assert not new.publishing or new.phase in (Phase.LISTENING, Phase.SPEAKING), _w(state, event, t)
+    # The AI notice plays before anything streams: never the gate while it plays, and a session
+    # with the notice never streams on its opening.
+    assert not (new.consent_playing and new.publishing), _w(state, event, t)
+    assert not new.consent_playing or new.phase is Phase.LISTENING, _w(state, event, t)
+    if state.policy.consent_notice and isinstance(event, SessionOpened):
+        assert _count(fx, StartPublishing) == 0, _w(state, event, t)
+        if state.phase is Phase.CONNECTING and not state.reopen_wait:
+            assert PlayCue(Cue.CONSENT_NOTICE) in fx and new.consent_playing, _w(state, event, t)
+    if PlayCue(Cue.CONSENT_NOTICE) in fx:
+        assert state.policy.consent_notice, _w(state, event, t)
+    assert _count(fx, StartPublishing) - _count(fx, StopPublishing) == int(new.publishing) - int(
+        state.publishing), _w(state, event, t)
+    # Leaving a session always closes it; entering one always opens it.
+    if state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES:
+        assert _count(fx, CloseSession) == 1 and _count(fx, ClearPlayback) == 1, _w(state, event, t)
+        assert {e.name for e in fx if isinstance(e, CancelTimer)} >= {Timer.MAX_SESSION, Timer.IDLE_END}
+    if new.phase is Phase.CONNECTING and state.phase is not Phase.CONNECTING and not new.reopen_wait:
+        assert OpenSession() in fx and StartTimer(Timer.MAX_SESSION, state.policy.max_session_seconds) in fx
+    # A fresh session after a room failure: only from a session, after its timer, a bounded number of times.
+    assert new.reopens <= state.policy.reopen_attempts, _w(state, event, t)
+    assert not new.reopen_wait or new.phase is Phase.CONNECTING, _w(state, event, t)
+    if new.reopen_wait and not state.reopen_wait:
+        assert isinstance(event, LinkLost) and event.transient and state.phase in SESSION_PHASES
+        assert CloseSession() in fx and OpenSession() not in fx, _w(state, event, t)
+        assert StartTimer(Timer.REOPEN, state.policy.reopen_delay(state.reopens)) in fx, _w(state, event, t)
+        assert new.reopens == state.reopens + 1 and not new.publishing, _w(state, event, t)
+    if state.reopen_wait and not new.reopen_wait and new.phase is Phase.CONNECTING:
+        assert event == TimerExpired(Timer.REOPEN) and OpenSession() in fx, _w(state, event, t)
+    if state.reopen_wait and new.phase is not Phase.CONNECTING:
+        assert CancelTimer(Timer.REOPEN) in fx, _w(state, event, t)
+    if _count(fx, OpenSession):
+        assert new.phase is Phase.CONNECTING, _w(state, event, t)
+    # One pattern effect exactly when the pattern changes, naming a known pattern.
+    shown = [e for e in fx if isinstance(e, ShowPattern)]
+    if pattern_key(new) != pattern_key(state):
+        assert shown == [ShowPattern(pattern_key(new))], _w(state, event, t)
+        assert shown[0].name in PATTERNS
+    else:
+        assert shown == [], _w(state, event, t)
+    # Failures: every state handles them.
+    if isinstance(event, DeviceLost) or (isinstance(event, RouteChanged) and event.route is Route.NONE):
+        assert new.phase is Phase.ERROR and not new.device_ok, _w(state, event, t)
+    if isinstance(event, ErrorOccurred):
+        assert new.phase is Phase.ERROR and new.last_error == "boom", _w(state, event, t)
+    if isinstance(event, LinkLost) and not new.reopen_wait:
+        assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
+        assert not (event.transient and state.phase in SESSION_PHASES
+                    and state.reopens < state.policy.reopen_attempts), _w(state, event, t)
+    if isinstance(event, ApiRefused):
+        assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
+    # Recording starts only after the tone, stops whenever a recording phase is left.
+    if _count(fx, StartRecording):
+        assert isinstance(event, CueFinished) and event.cue == Cue.RECORDING_TONE, _w(state, event, t)
+        assert new.message is MessageStep.RECORDING
+    was_recording = state.phase is Phase.RECORDING_MESSAGE and state.message is MessageStep.RECORDING
+    now_recording = new.phase is Phase.RECORDING_MESSAGE and new.message is MessageStep.RECORDING
+    assert _count(fx, StopRecording) == int(was_recording and not now_recording), _w(state, event, t)
+    # The confirmation plays only once the message is stored.
+    if PlayCue(Cue.MESSAGE_STORED) in fx:
+        assert isinstance(event, RecordingStored), _w(state, event, t)
+    # The agent is interrupted only while it speaks, and voice interrupts only on a verified path.
+    if _count(fx, InterruptAgent):
+        assert state.phase is Phase.SPEAKING, _w(state, event, t)
+        if isinstance(event, VoiceStarted):
+            assert state.echo_path_verified and state.policy.hands_free and state.policy.barge_in
+    # Status is spoken only for a hold (in a conversation: timed from when the microphone went live).
+    if _count(fx, SpeakStatus):
+        assert isinstance(event, ButtonHeld) or event == TimerExpired(Timer.STATUS_HOLD), _w(state, event, t)
 
 
 def _check_turns(state: KioskState, event: Event, new: KioskState, fx: tuple[Effect, ...]) -> None:
@@ -979,12 +1013,12 @@ def test_without_an_operator_key_the_reason_is_said_and_no_message_offered() -> 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_without_an_operator_key_nothing_is_ever_recorded(mode: InteractionMode) -> None:
     """Over every reachable state and event: no offer, no recording, so no voice to store in the clear."""
-    states = _reachable(Policy(mode=mode, messages=False))
-    assert Phase.RECORDING_MESSAGE not in {s.phase for s in states}
-    for state in states:
-        for event in EVENTS:
-            effects = step(state, event).effects
-            assert StartRecording() not in effects and PlayCue(Cue.LEAVE_MESSAGE) not in effects, (state, event)
+    def nothing_recorded(state: KioskState, event: Event, t: Transition, checked: int) -> None:
+        assert StartRecording() not in t.effects and PlayCue(Cue.LEAVE_MESSAGE) not in t.effects
+
+    search = _reachable(Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS), nothing_recorded)
+    assert not search.failures, "\n\n".join(search.failures)
+    assert Phase.RECORDING_MESSAGE not in {s.phase for s in search.states}
 
 
 def test_the_policy_offers_messages_only_with_a_recipient_key() -> None:
