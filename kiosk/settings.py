@@ -502,7 +502,7 @@ class LiveKitSettings(_Section):
     receive_capacity_frames: int = Field(50, ge=0, le=1000, description="rtc.AudioStream queue (0: unbounded)")
     agent_wait_seconds: float = Field(10.0, gt=0, le=120, description="wait this long for the agent's audio")
     reconnect_grace_seconds: float = Field(
-        5.0, gt=0, le=300, description="an agent absent after a reconnect, or lost without hanging up, has this "
+        5.0, gt=0, le=300, description="an agent absent after a reconnect, or lost without leaving, has this "
                                        "long to come back before a fresh session is opened")
     interrupt_rpc_method: str = Field("kiosk.interrupt", description="RPC the agent registers to stop speaking")
     reconnect_give_up_seconds: float = Field(

@@ -22,6 +22,7 @@ import select
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -149,10 +150,11 @@ class LocalStack:
         left: dict[str, Any] = self._admin("POST", "/_stub/agents/leave", {})
         return int(left["left"])
 
-    def restart_livekit(self) -> None:
-        """Kill the LiveKit server (SIGKILL) and start it again with the same keys (blocks until it is healthy)."""
+    def restart_livekit(self, down_seconds: float = 0.0) -> None:
+        """Kill the LiveKit server (SIGKILL), leave it down a while, start it again with the same keys (blocks)."""
         assert self.server is not None, "start the stack first"
         self.server.kill()
+        time.sleep(down_seconds)
         self.server.start()
 
     def agent_reports(self) -> dict[str, Any]:

@@ -26,11 +26,11 @@
 - SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
   during a reconnect does not end it. A reconnect that has not succeeded after
   ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; so does a connect
-  that fails (a server restarting refuses it), and an agent absent after a reconnect, or lost without hanging
-  up, that has not come back within ``livekit.reconnect_grace_seconds``. Those are ``transient``: the state
-  machine opens a fresh session after a short wait, a few times (``livekit.reopen_attempts``), before it goes
-  offline; a room the agent never joined is not (``transient=False``: offline at once). An agent that hangs up
-  (it disconnected itself) ends the session at once with ``SessionClosed``.
+  that fails (a server restarting refuses it), and an agent absent after a reconnect, or lost without leaving,
+  that has not come back within ``livekit.reconnect_grace_seconds``, and at once an agent that left by
+  itself. Those are ``transient``: the state machine opens a fresh session (a fresh agent) after a short wait,
+  a few times (``livekit.reopen_attempts``), before it goes offline; a room the agent never joined is not
+  (``transient=False``: offline at once).
 
 rtc SDK event callbacks run on the kiosk's loop (the SDK hands its events over from its own threads), so
 they only update state and start tasks. Latency stamps come from the injected clock (the loop's by default).
@@ -216,6 +216,11 @@ class LiveKitRoomLink:
     def session_id(self) -> str:
         """The open session's id ('' when none)."""
         return self._grant.session_id if self._grant is not None and self._room is not None else ""
+
+    @property
+    def server_url(self) -> str | None:
+        """The LiveKit server of the latest session the API granted (kept after it ended; None before one)."""
+        return self._grant.livekit_url if self._grant is not None else None
 
     @property
     def room(self) -> rtc.Room | None:
@@ -577,8 +582,9 @@ class LiveKitRoomLink:
                 # A full reconnect removes and re-adds every participant: not the end of the session.
                 return
             if who.disconnect_reason == rtc.DisconnectReason.CLIENT_INITIATED:
-                # The agent hung up (it ended the conversation): the session ends now, a press opens the next.
-                self._end_session("agent ended the session")
+                # It left by itself (its job ended or failed; an agent ends a conversation with the kiosk's
+                # end_conversation tool, not by leaving): it will not come back, so no wait for it.
+                self._spawn(self._lost("the agent left the room"))
                 return
             self._start_agent_grace()
 
@@ -640,15 +646,6 @@ class LiveKitRoomLink:
         # crashed. A fresh session brings a fresh agent (transient: the state machine reopens while a visitor
         # is there), where ending the session would leave the visitor to start over after a long silence.
         self._spawn(self._lost(f"the agent did not come back within {self._lk.reconnect_grace_seconds} s"))
-
-    def _end_session(self, reason: str) -> None:
-        self._mark(reason)
-
-        async def end() -> None:
-            await self._teardown()
-            self._post(SessionClosed(reason))
-
-        self._spawn(end())
 
     def _on_give_up(self) -> None:
         self._give_up = None

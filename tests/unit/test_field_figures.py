@@ -8,6 +8,7 @@ from kiosk_dev.bench.field import (
     Exchange,
     FaultRecord,
     FieldResult,
+    KioskView,
     MessageAttempt,
     Sample,
     Step,
@@ -172,3 +173,32 @@ def test_a_file_that_is_no_kept_run_is_refused_by_name(tmp_path: Any) -> None:
             _render_field_json(Args())  # type: ignore[arg-type]
 
     check()
+
+
+def test_a_conversation_whose_room_is_down_is_not_usable() -> None:
+    """Usable again is when the room is back (LinkUp) or a fresh session opened, not when the phase is a
+    conversation phase: a reconnecting room or one being opened afresh serves nobody."""
+    view = KioskView()
+
+    def feed(t: float, event: str, old: str, new: str) -> None:
+        view._record({"kind": "step", "t": t, "event": {"type": event}, "old": old, "new": new, "effects": []}, 1)
+
+    feed(1.0, "Started", "starting", "idle")
+    assert view.usable and view.serving_since == 1.0
+    feed(2.0, "ButtonPressed", "idle", "connecting")
+    feed(2.5, "SessionOpened", "connecting", "listening")
+    assert view.usable and view.serving_since == 1.0  # a press and a session serve the visitor all along
+    feed(3.0, "LinkReconnecting", "listening", "listening")
+    assert not view.usable and not view.serving
+    feed(9.0, "LinkUp", "listening", "listening")
+    assert view.usable and view.serving_since == 9.0
+    feed(14.0, "LinkLost", "listening", "connecting")  # the agent did not come back: a fresh session
+    feed(14.5, "TimerExpired", "connecting", "connecting")
+    assert not view.serving
+    feed(14.8, "SessionOpened", "connecting", "listening")
+    assert view.usable and view.serving_since == 14.8
+    feed(20.0, "LinkReconnecting", "listening", "listening")
+    feed(25.0, "LinkLost", "listening", "offline")
+    assert not view.usable and not view.room_down  # offline: not usable, for the phase's sake
+    feed(30.0, "LinkUp", "offline", "idle")
+    assert view.usable and view.serving_since == 30.0

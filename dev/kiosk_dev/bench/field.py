@@ -23,8 +23,9 @@ the endpoint's record of what it stored, and psutil samples of the kiosk process
 
 Definitions used in the report:
 
-- *usable*: the kiosk is idle (online, a device open, waiting for a visitor) and stays so for
-  ``STABLE_SECONDS``; *fault -> usable* runs from the fault's injection, *clear -> usable* from its end;
+- *usable*: the kiosk is idle (online, a device open, waiting for a visitor), or in a conversation whose room
+  is up (not reconnecting, not lost and being opened afresh), and stays so for ``STABLE_SECONDS``; *fault ->
+  usable* runs from the fault's injection, *clear -> usable* from its end;
 - *session lost*: a session (connecting .. speaking) that ended other than by the visitor's cancel or a
   session timer; its cause is the event that ended it, or the process's end;
 - *exchange completed*: after the press, the agent began speaking, finished, and the answer's playback ran
@@ -91,7 +92,7 @@ FAULTS: dict[str, str] = {
     "api_402": "the session API answers 402 (credits exhausted) for 20-40 s",
     "maintenance": "the catalog says maintenance for 10-30 s",
     "api_malformed": "the session API answers 201 with a malformed or non-JSON body for 10-30 s",
-    "livekit_restart": "livekit-server killed (SIGKILL) and started again",
+    "livekit_restart": "livekit-server killed (SIGKILL) and started again 0-10 s later",
     "agent_leaves": "the agent leaves the room mid-answer",
     "headset_plug": "the headset plugged in mid-answer, unplugged 15-30 s later",
     "array_removed": "the microphone array removed for 2-10 s and returned",
@@ -172,6 +173,11 @@ class KioskView:
         self.steps: list[Step] = []
         self.phase: str | None = None  # None while no process is up
         self.phase_since = time.monotonic()
+        # The conversation's room is reconnecting, or was lost and a fresh session is on its way: a session
+        # phase is not usable meanwhile (the visitor talks to nobody).
+        self.room_down = False
+        self.serving = False  # usable, or on its way there (TRANSIT_PHASES), with the room up
+        self.serving_since = self.phase_since
         self.lag_ms: list[float] = []
         self.slow: list[tuple[float, str]] = []  # loop callbacks that used 10 ms or more of CPU: (ms, what)
         self.stats: dict[int, dict[str, Any]] = {}  # incarnation -> its last counters
@@ -212,6 +218,10 @@ class KioskView:
         if kind == "step":
             step = Step(t, incarnation, item["event"], item["old"], item["new"], item["effects"])
             self.steps.append(step)
+            if step.kind == "LinkReconnecting" or (step.kind == "LinkLost" and step.new == "connecting"):
+                self.room_down = True
+            elif step.kind in ("LinkUp", "SessionOpened") or step.new not in SESSION_PHASE_NAMES:
+                self.room_down = False
             self._set_phase(step.new, t)
         elif kind == "lag":
             self.lag_ms.extend(float(v) for v in item["ms"])
@@ -232,7 +242,18 @@ class KioskView:
         if phase != self.phase:
             self.phase = phase
             self.phase_since = t
+        if phase is None:
+            self.room_down = False
+        serving = phase in USABLE_PHASES | TRANSIT_PHASES and not self.room_down
+        if serving and not self.serving:
+            self.serving_since = t
+        self.serving = serving
         self.changed.set()
+
+    @property
+    def usable(self) -> bool:
+        """In a usable phase with the room up."""
+        return self.phase in USABLE_PHASES and not self.room_down
 
     async def wait(self, condition: Callable[[], bool], timeout_seconds: float) -> bool:
         """Wait until ``condition()`` holds, re-checked at every trace line (False on timeout)."""
@@ -752,12 +773,18 @@ def _api(mode: str, low: float, high: float) -> FaultRun:
     return run
 
 
+LIVEKIT_DOWN_SECONDS = (0.0, 10.0)
+
+
 async def _livekit_restart(rig: Rig, record: FaultRecord) -> None:
     record.moment_reached = await _moment(rig, ("listening", "thinking", "speaking"), 30.0)
+    # Down for a while, as a crash and a restart by its supervisor are: a bare restart takes under a second here,
+    # which the SDK's resume hides, and would never show what a longer outage does to the conversation.
+    down = rig.rng.uniform(*LIVEKIT_DOWN_SECONDS)
     record.injected = time.monotonic()
-    await asyncio.to_thread(rig.stack.restart_livekit)
+    await asyncio.to_thread(rig.stack.restart_livekit, down)
     record.cleared = time.monotonic()
-    record.params = f"back after {record.cleared - record.injected:.1f} s"
+    record.params = f"down {down:.1f} s, back after {record.cleared - record.injected:.1f} s"
 
 
 async def _agent_leaves(rig: Rig, record: FaultRecord) -> None:
@@ -886,13 +913,7 @@ FAULT_RUNS: dict[str, FaultRun] = {
 USABLE_PHASES = frozenset({"idle", "listening", "thinking", "speaking"})
 # Serving a visitor on the way back to a usable phase: a connection that opens, a message being left.
 TRANSIT_PHASES = frozenset({"connecting", "recording_message"})
-
-
-def _usable_since(view: KioskView, since: float) -> float:
-    """When the kiosk last entered a usable phase (from a phase that is not), but not before ``since``."""
-    inside = USABLE_PHASES | TRANSIT_PHASES
-    entered = next((s.t for s in reversed(view.steps) if s.new in inside and s.old not in inside), since)
-    return max(entered, since)
+SESSION_PHASE_NAMES = frozenset({"connecting", "listening", "thinking", "speaking"})
 
 
 async def _usable(view: KioskView, supervisor: Any, since: float, limit_seconds: float) -> float | None:
@@ -902,15 +923,14 @@ async def _usable(view: KioskView, supervisor: Any, since: float, limit_seconds:
     must lead into a conversation.
     """
     deadline = since + limit_seconds
-    inside = USABLE_PHASES | TRANSIT_PHASES
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return None
-        if not await view.wait(lambda: view.phase in USABLE_PHASES and supervisor.ready, remaining):
+        if not await view.wait(lambda: view.usable and supervisor.ready, remaining):
             return None
-        candidate = _usable_since(view, since)
-        if await view.wait(lambda: view.phase not in inside, STABLE_SECONDS):
+        candidate = max(view.serving_since, since)
+        if await view.wait(lambda: not view.serving, STABLE_SECONDS):
             continue
         if view.phase in TRANSIT_PHASES:
             await view.wait(lambda: view.phase not in TRANSIT_PHASES, max(0.0, deadline - time.monotonic()))
