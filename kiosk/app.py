@@ -37,7 +37,7 @@ from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.netwatch import NetworkWatch
-from kiosk.fallback.offline import Probe
+from kiosk.fallback.offline import Probe, reachable_check
 from kiosk.fallback.offline import probe_backoff as offline_probe_backoff
 from kiosk.fallback.spool import Spool, publish_stats, run_retention
 from kiosk.health import HealthWatchdog, Notifier, progress_check
@@ -229,7 +229,11 @@ class Kiosk:
         return stalled <= MAX_STALL_SECONDS, f"controller loop stalled for {stalled:.1f} s"
 
     async def _check_service(self) -> RefusalReason | None:
-        """Ask the catalog whether the first profile's model is available (None: it is)."""
+        """Whether the model is available (the catalog) and the latest session's LiveKit server answers (None).
+
+        The session API answering is not enough: with the LiveKit server down (restarting, its host unreachable)
+        every visitor would wait through a connect and its retries before hearing that the kiosk is offline.
+        """
         try:
             status = await self.session_api.model_status(self.settings.session.profiles[0].llm_model)
         except SessionRefused as error:
@@ -237,7 +241,12 @@ class Kiosk:
         except (TimeoutError, KioskError, OSError) as error:
             _LOGGER.warning("session API check failed: %s", error)
             return RefusalReason.UNREACHABLE
-        return RefusalReason.MAINTENANCE if status == "maintenance" else None
+        if status == "maintenance":
+            return RefusalReason.MAINTENANCE
+        server = self.link.server_url
+        if server is None:
+            return None
+        return await reachable_check(server, self.settings.session.request_timeout_seconds)()
 
     def _observe(self, old: KioskState, event: Event, transition: Transition) -> None:
         """Keep the status endpoint current, run the offline probe while offline, wake delivery online."""

@@ -12,9 +12,11 @@ changes, e.g. maintenance ended but credits are exhausted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from kiosk.effects import OfflineReason
 from kiosk.events import ApiRefused, Event, LinkLost, LinkUp, RefusalReason, SessionOpened
@@ -165,6 +167,34 @@ class Probe:
                 _LOGGER.info("still unavailable, now: %s", result.value)
                 self._sink(ApiRefused(result, "probe"))
                 last = result
+
+
+_DEFAULT_PORTS = {"ws": 80, "http": 80, "wss": 443, "https": 443}
+
+
+def reachable_check(url: str, timeout_seconds: float = 5.0) -> ProbeCheck:
+    """A probe check that a server takes TCP connections at ``url``'s host and port (``UNREACHABLE`` if not).
+
+    For the LiveKit server: whether it runs and its host can be reached. Only that: its TLS and the SDK's
+    protocol are the session's business, and a check stricter than the session would keep a working kiosk
+    offline.
+    """
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or _DEFAULT_PORTS.get(parts.scheme)
+    if not host or port is None:
+        raise ValueError(f"{url!r} names no host and port to check")
+
+    async def check() -> RefusalReason | None:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_seconds)
+        except (OSError, TimeoutError):
+            return RefusalReason.UNREACHABLE
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return None
+
+    return check
 
 
 def http_check(url: str, timeout_seconds: float = 5.0) -> ProbeCheck:

@@ -400,6 +400,29 @@ def received(url: str) -> dict[str, Any]:
         return summary
 
 
+async def test_offline_until_the_livekit_server_answers_again(open_app: OpenApp, stack: LocalStack) -> None:
+    """The session API answers but the LiveKit server is down: the kiosk stays offline (the probe checks the
+    server of the latest session too) until it is back, instead of going online and making the next visitor
+    wait through a connect and its retries before hearing that it is offline."""
+    assert stack.server is not None
+    app = await open_app(livekit={"reopen_attempts": 1})
+    stack.server.kill()
+    try:
+        pressed = await app.tap()
+        await app.wait_phase(Phase.OFFLINE, 20, pressed)
+        assert app.kiosk.link.server_url is not None
+        # The probe asks every 0.2-1 s here: several turns, none of which may call the kiosk online.
+        await asyncio.sleep(4.0)
+        assert app.kiosk._probe is not None and not app.kiosk._probe.done()
+        assert not app.events(LinkUp, pressed) and app.state.phase is Phase.OFFLINE, app.cues(pressed)
+        refused = app.events(ApiRefused, pressed)
+        assert refused and all(e.reason is RefusalReason.UNREACHABLE for e in refused), refused  # type: ignore[attr-defined]
+    finally:
+        back = app.now
+        await asyncio.to_thread(stack.server.start)
+    await app.wait_event(LinkUp, 15, back)
+
+
 # One rerun: the rig's microphone path runs below real time (docs/field.md, second run, item 9); on a loaded machine
 # the message's words reach the kiosk seconds late and a short noise after the tone ends the recording first.
 @pytest.mark.flaky(reruns=1)

@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kiosk.audio.cues import CUE_NAMES
 from kiosk.events import (
@@ -22,6 +26,7 @@ from kiosk.fallback.offline import (
     Verdict,
     http_check,
     probe_backoff,
+    reachable_check,
 )
 from kiosk.link.backoff import Backoff
 from kiosk.settings import SessionSettings
@@ -154,3 +159,28 @@ async def test_http_check_against_a_real_server(unused_tcp_port: int) -> None:
     finally:
         await runner.cleanup()
     assert await check() is RefusalReason.UNREACHABLE
+
+
+async def test_reachable_check_asks_only_whether_the_server_takes_connections(unused_tcp_port: int) -> None:
+    """The LiveKit server's check: a TCP connection to its URL's host and port (ws/wss defaults 80/443)."""
+    async def hang_up(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", unused_tcp_port)
+    check = reachable_check(f"ws://127.0.0.1:{unused_tcp_port}/rtc?x=1", timeout_seconds=2)
+    try:
+        assert await check() is None
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert await check() is RefusalReason.UNREACHABLE
+    with pytest.raises(ValueError, match="no host"):
+        reachable_check("wss:///rtc")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80) | st.from_regex(r"\A(ws|wss|http|https|ftp)://[^\s]{0,40}\Z"))
+def test_reachable_check_takes_any_url_apart_or_names_what_is_missing(url: str) -> None:
+    """The URL comes from the session API: any string gives a check or a ValueError, nothing else."""
+    with contextlib.suppress(ValueError):
+        reachable_check(url)
