@@ -34,7 +34,7 @@ from kiosk.bus import EventBus
 from kiosk.clock import LoopClock
 from kiosk.controller import Controller
 from kiosk.errors import KioskError
-from kiosk.events import ApiRefused, Event, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
+from kiosk.events import ApiRefused, Event, LinkLost, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.netwatch import NetworkWatch
 from kiosk.fallback.offline import Probe, reachable_check
@@ -115,6 +115,7 @@ class Kiosk:
             if settings.metrics.enabled else None
         self.watchdog: HealthWatchdog | None = None
         self._probe: asyncio.Task[None] | None = None
+        self._room_failed = False  # offline since a room failed (LinkLost): the probe checks its server too
         self.netwatch = NetworkWatch()  # the kernel's news of the network coming back: probe and deliver at once
         self._tasks: list[asyncio.Task[Any]] = []
         self.listeners: list[Callable[[KioskState, Event, Transition], None]] = []
@@ -229,10 +230,11 @@ class Kiosk:
         return stalled <= MAX_STALL_SECONDS, f"controller loop stalled for {stalled:.1f} s"
 
     async def _check_service(self) -> RefusalReason | None:
-        """Whether the model is available (the catalog) and the latest session's LiveKit server answers (None).
+        """Whether the model is available, and (offline since a room failed) its LiveKit server answers.
 
-        The session API answering is not enough: with the LiveKit server down (restarting, its host unreachable)
-        every visitor would wait through a connect and its retries before hearing that the kiosk is offline.
+        None: all is well. The session API answering is not enough: with the LiveKit server down (restarting,
+        its host unreachable) every visitor would wait through a connect and its retries before hearing that the
+        kiosk is offline.
         """
         try:
             status = await self.session_api.model_status(self.settings.session.profiles[0].llm_model)
@@ -244,7 +246,7 @@ class Kiosk:
         if status == "maintenance":
             return RefusalReason.MAINTENANCE
         server = self.link.server_url
-        if server is None:
+        if server is None or not self._room_failed:
             return None
         return await reachable_check(server, self.settings.session.request_timeout_seconds)()
 
@@ -261,6 +263,8 @@ class Kiosk:
         self.recycle.note(self._quiet(new), now)
         if isinstance(event, ApiRefused):
             self.status.last_refusal = event.reason.value
+        if isinstance(event, LinkLost) and not new.online:
+            self._room_failed = True
         if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
             last = event.reason if isinstance(event, ApiRefused) else None
             probe = Probe(self._check_service, self.bus.post, self.probe_backoff, sleep=self.netwatch.sleep)
@@ -268,6 +272,7 @@ class Kiosk:
         if isinstance(event, VoiceStopped):
             self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
         if isinstance(event, (LinkUp, SessionOpened)):
+            self._room_failed = False
             if self._probe is not None:
                 self._probe.cancel()
             if self.deliverer is not None:
