@@ -149,9 +149,29 @@ class ControlledKiosk:
         await self.controller.aclose()
         await self.link.aclose()
 
+    @property
+    def names(self) -> list[str]:
+        """The stepped events' type names, in order."""
+        return [name for name, _, _ in self.steps]
+
+    async def in_conversation(self) -> None:
+        """Started, a press, the session open, the button released (held on without a word, it would ask for
+        the staff status)."""
+        await self.started()
+        self.bus.post(ButtonPressed(Button.TALK))
+        await self.until(lambda: self.controller.phase is Phase.LISTENING, 20)
+        self.bus.post(ButtonReleased(Button.TALK))
+
     def assert_never_offline(self) -> None:
         assert "offline" not in [new for _, _, new in self.steps], self.steps
         assert "offline" not in self.audio.cues and "leave_message" not in self.audio.cues, self.audio.cues
+
+    def assert_reopened(self, lost_in: str) -> None:
+        """Never offline: the room lost in phase ``lost_in`` led to ``connecting`` and then a fresh session."""
+        self.assert_never_offline()
+        lost = self.names.index("LinkLost")
+        assert self.steps[lost][1:] == (lost_in, "connecting"), self.steps
+        assert ("SessionOpened", "connecting", "listening") in self.steps[lost:], self.steps
 
 
 async def test_a_press_while_the_server_restarts_opens_a_session_once_it_is_back(stack: LocalStack) -> None:
@@ -168,7 +188,7 @@ async def test_a_press_while_the_server_restarts_opens_a_session_once_it_is_back
         stack.server.kill()
         down = True
         k.bus.post(ButtonPressed(Button.TALK))  # and held
-        await k.until(lambda: any(name == "LinkLost" for name, _, _ in k.steps), 20)
+        await k.until(lambda: "LinkLost" in k.names, 20)
         await asyncio.to_thread(stack.server.start)
         down = False
         # Generous: the outcome is asserted, not the speed (docs/field.md reports that).
@@ -177,11 +197,7 @@ async def test_a_press_while_the_server_restarts_opens_a_session_once_it_is_back
         if down:  # the test failed while the server was down: the next test needs it
             await asyncio.to_thread(stack.server.start)
         await k.aclose()
-    k.assert_never_offline()
-    steps = k.steps
-    lost = next(i for i, (name, _, _) in enumerate(steps) if name == "LinkLost")
-    assert steps[lost][1:] == ("connecting", "connecting"), steps
-    assert ("SessionOpened", "connecting", "listening") in steps[lost:], steps
+    k.assert_reopened("connecting")
     assert k.audio.cues[-1] == "session_start" and k.audio.gate  # the held button goes live as after a press
 
 
@@ -196,10 +212,7 @@ async def test_a_server_restart_in_a_conversation_opens_a_fresh_session(stack: L
     k = ControlledKiosk(stack, patient=True)
     down = False
     try:
-        await k.started()
-        k.bus.post(ButtonPressed(Button.TALK))
-        await k.until(lambda: k.controller.phase is Phase.LISTENING, 20)
-        k.bus.post(ButtonReleased(Button.TALK))  # held on, without a word, it would ask for the staff status
+        await k.in_conversation()
         stack.server.kill()
         down = True
         # Whether the stand-in agent's own reconnect makes it back before it gives up is a race: make it leave.
@@ -208,17 +221,13 @@ async def test_a_server_restart_in_a_conversation_opens_a_fresh_session(stack: L
         await asyncio.to_thread(stack.server.start)
         down = False
         await k.until(lambda: ("LinkUp", "listening", "listening") in k.steps, 40)
-        await k.until(lambda: [name for name, _, _ in k.steps].count("SessionOpened") == 2, 40)
+        await k.until(lambda: k.names.count("SessionOpened") == 2, 40)
     finally:
         if down:
             await asyncio.to_thread(stack.server.start)
         await k.aclose()
-    k.assert_never_offline()
-    steps = k.steps
-    lost = next(i for i, (name, _, _) in enumerate(steps) if name == "LinkLost")
-    assert steps[lost][1:] == ("listening", "connecting"), steps
-    assert "SessionClosed" not in [name for name, _, _ in steps], steps
-    assert ("SessionOpened", "connecting", "listening") in steps[lost:], steps
+    k.assert_reopened("listening")
+    assert "SessionClosed" not in k.names, k.steps
 
 
 async def test_an_agent_that_leaves_brings_a_fresh_session_at_once(stack: LocalStack) -> None:
@@ -227,18 +236,15 @@ async def test_an_agent_that_leaves_brings_a_fresh_session_at_once(stack: LocalS
     with a fresh agent, and the visitor is in a conversation again."""
     k = ControlledKiosk(stack, patient=True)
     try:
-        await k.started()
-        k.bus.post(ButtonPressed(Button.TALK))
-        await k.until(lambda: k.controller.phase is Phase.LISTENING, 20)
-        k.bus.post(ButtonReleased(Button.TALK))
+        await k.in_conversation()
         loop = asyncio.get_running_loop()
         left_at = loop.time()
         assert await asyncio.to_thread(stack.agents_leave) >= 1  # ours, and any an earlier test left behind
-        await k.until(lambda: any(name == "LinkLost" for name, _, _ in k.steps), 10)
+        await k.until(lambda: "LinkLost" in k.names, 10)
         lost_after = loop.time() - left_at
-        await k.until(lambda: [name for name, _, _ in k.steps].count("SessionOpened") == 2, 20)
+        await k.until(lambda: k.names.count("SessionOpened") == 2, 20)
     finally:
         await k.aclose()
     k.assert_never_offline()
-    assert "SessionClosed" not in [name for name, _, _ in k.steps], k.steps
+    assert "SessionClosed" not in k.names, k.steps
     assert lost_after < k.settings.livekit.reconnect_grace_seconds  # not waited for

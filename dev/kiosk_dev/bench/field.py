@@ -61,6 +61,7 @@ import numpy as np
 
 from kiosk.events import Button
 from kiosk.settings import Settings
+from kiosk.state import SESSION_PHASES as STATE_SESSION_PHASES
 from kiosk_dev.bench import BenchSection, TargetCheck
 
 _LOGGER = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ SECTION_HEADING = "## Measured"
 SLOW_CALLBACKS_SHOWN = 8  # the loop callbacks that most often used 10 ms of CPU or more, in the report
 ROOT = Path(__file__).resolve().parents[3]
 UNIT_FILE = ROOT / "systemd" / "kiosk.service"
-SESSION_PHASES = frozenset({"connecting", "listening", "thinking", "speaking"})
+SESSION_PHASES = frozenset(phase.value for phase in STATE_SESSION_PHASES)  # as the trace names them
 STABLE_SECONDS = 1.0  # idle this long counts as usable (a fault's DeviceLost may still be on its way)
 ENDPOINT_PORT = 8097
 OPERATOR_KEY = "operator.key"  # in the run directory: the private half the stand-in endpoint opens messages with
@@ -220,7 +221,7 @@ class KioskView:
             self.steps.append(step)
             if step.kind == "LinkReconnecting" or (step.kind == "LinkLost" and step.new == "connecting"):
                 self.room_down = True
-            elif step.kind in ("LinkUp", "SessionOpened") or step.new not in SESSION_PHASE_NAMES:
+            elif step.kind in ("LinkUp", "SessionOpened") or step.new not in SESSION_PHASES:
                 self.room_down = False
             self._set_phase(step.new, t)
         elif kind == "lag":
@@ -913,7 +914,6 @@ FAULT_RUNS: dict[str, FaultRun] = {
 USABLE_PHASES = frozenset({"idle", "listening", "thinking", "speaking"})
 # Serving a visitor on the way back to a usable phase: a connection that opens, a message being left.
 TRANSIT_PHASES = frozenset({"connecting", "recording_message"})
-SESSION_PHASE_NAMES = frozenset({"connecting", "listening", "thinking", "speaking"})
 
 
 async def _usable(view: KioskView, supervisor: Any, since: float, limit_seconds: float) -> float | None:
