@@ -28,19 +28,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kiosk.audio.format import frames as cut
+from kiosk.audio.pipeline import _MAX_TALK_ATTENUATION_DB, CaptureChain
 from kiosk.audio.vad import WebRtcVoiceDetector, frame_level_dbfs
 from kiosk_dev.rooms import generate
 from kiosk_dev.rooms.metrics import DETECT_S, FRAME, FRAME_S, room_labels
 
 if TYPE_CHECKING:
-    from kiosk.audio.pipeline import CaptureChain
     from kiosk.settings import Settings
     from kiosk_dev.rooms.generate import Room
 
 REASONS = ("detector, main path", "detector, linear path", "level cue", "attenuation", "leak, main path",
            "leak, linear path", "echo veto", "counted")
-# As kiosk.audio.pipeline decides (its _MAX_TALK_ATTENUATION_DB).
-_MAX_ATTENUATION_DB = 12.0
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def _reason(chain: CaptureChain, speech: bool, margin_db: float, leak_before_db:
         if not detector.near:
             return "level cue"
     out_dbfs = frame_level_dbfs(chain._out_power)
-    if frame_level_dbfs(chain._mic_power) - out_dbfs >= _MAX_ATTENUATION_DB:
+    if frame_level_dbfs(chain._mic_power) - out_dbfs >= _MAX_TALK_ATTENUATION_DB:
         return "attenuation"
     if out_dbfs - chain._echo_envelope_dbfs() <= leak_before_db + margin_db:
         return f"leak, {path}"
@@ -81,8 +79,6 @@ def _reason(chain: CaptureChain, speech: bool, margin_db: float, leak_before_db:
 
 def explain(room: Room, settings: Settings) -> list[Interruption]:
     """Run a fresh configured chain over ``room``; one ``Interruption`` per interruption."""
-    from kiosk.audio.pipeline import CaptureChain
-
     labels = room_labels(room)
     chain = CaptureChain(settings)
     mic = cut(room.mics[0])
