@@ -23,8 +23,8 @@
 - tools: with a ``ToolHandler``, the methods ``kiosk.<tool>`` (``kiosk.tools.TOOL_METHODS``) are registered in
   each room and every invocation goes to the handler with ``trusted`` from ``trusts(caller)``; a refusal goes
   back as an ``RpcError`` (code, a sentence the agent can speak, JSON data naming the error);
-- SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp``; the session goes on, and the agent leaving
-  during a reconnect does not end it. A reconnect that has not succeeded after
+- SDK resume/reconnect posts ``LinkReconnecting`` then ``LinkUp`` (once the agent is in the room again); the
+  session goes on, and the agent leaving during a reconnect does not end it. A reconnect that has not succeeded after
   ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; so does a connect
   that fails (a server restarting refuses it), and an agent absent after a reconnect, or lost without leaving,
   that has not come back within ``livekit.reconnect_grace_seconds``, and at once an agent that left by
@@ -174,6 +174,7 @@ class LiveKitRoomLink:
         self._sender: asyncio.Task[None] | None = None
         self._closing = False
         self._reconnecting = False
+        self._awaiting_agent = False  # reconnected, the agent not back yet: no LinkUp until it is
         self._give_up: asyncio.TimerHandle | None = None
         self._agent_gone: asyncio.TimerHandle | None = None
         self._opened_at = 0.0
@@ -530,6 +531,10 @@ class LiveKitRoomLink:
         if self._agent_gone is not None:
             self._agent_gone.cancel()
             self._agent_gone = None
+        if self._awaiting_agent:
+            self._awaiting_agent = False
+            self.status.reconnecting = False
+            self._post(LinkUp())
         if room is not None and not known and (self._grant is None or self._grant.agent_identity is None):
             try:
                 self._restrict_subscribers(room)
@@ -619,11 +624,15 @@ class LiveKitRoomLink:
                 self._spawn(self._lost(f"cannot restrict who may hear the microphone after a reconnect: "
                                       f"{describe_error(error)}"))
                 return
+            # The session is up again once the agent is in the room (LinkUp from _adopt), perhaps at once; until
+            # then nothing says it is up (the status, the field bench's "usable"), and it is lost if the agent has
+            # not come back when the grace ends.
+            self._awaiting_agent = True
             for participant in list(room.remote_participants.values()):
                 self._adopt(participant)
-            if not any(self._trusted(p) for p in room.remote_participants.values()):
+            if self._awaiting_agent:
+                self.status.reconnecting = True
                 self._start_agent_grace()
-            self._post(LinkUp())
 
         @room.on("disconnected")
         def _disconnected(reason: Any) -> None:
@@ -711,7 +720,7 @@ class LiveKitRoomLink:
             if handle is not None:
                 handle.cancel()
         self._give_up = self._agent_gone = None
-        self._reconnecting = False
+        self._reconnecting = self._awaiting_agent = False
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
