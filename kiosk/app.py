@@ -115,7 +115,9 @@ class Kiosk:
             if settings.metrics.enabled else None
         self.watchdog: HealthWatchdog | None = None
         self._probe: asyncio.Task[None] | None = None
-        self._room_failed = False  # offline since a room failed (LinkLost): the probe checks its server too
+        # Offline since a room failed (LinkLost), since when (loop time): the probe checks its server too, for at
+        # most session.livekit_check_max_seconds.
+        self._room_failed_at: float | None = None
         self.netwatch = NetworkWatch()  # the kernel's news of the network coming back: probe and deliver at once
         self._tasks: list[asyncio.Task[Any]] = []
         self.listeners: list[Callable[[KioskState, Event, Transition], None]] = []
@@ -246,9 +248,18 @@ class Kiosk:
         if status == "maintenance":
             return RefusalReason.MAINTENANCE
         server = self.link.server_url
-        if server is None or not self._room_failed:
+        if server is None or self._room_failed_at is None:
             return None
-        return await reachable_check(server, self.settings.session.request_timeout_seconds)()
+        if await reachable_check(server, self.settings.session.request_timeout_seconds)() is None:
+            return None
+        failed_for = asyncio.get_running_loop().time() - self._room_failed_at
+        if failed_for < self.settings.session.livekit_check_max_seconds:
+            return RefusalReason.UNREACHABLE
+        # A deployment may grant another LiveKit server next time: a dead old one must not keep the kiosk offline
+        # for good. The next session finds out; if it fails too, the check starts over.
+        _LOGGER.warning("the last session's LiveKit server still takes no connections after %.0f s, but the session "
+                        "API answers: online again on the API's word", failed_for)
+        return None
 
     def _observe(self, old: KioskState, event: Event, transition: Transition) -> None:
         """Keep the status endpoint current, run the offline probe while offline, wake delivery online."""
@@ -263,8 +274,8 @@ class Kiosk:
         self.recycle.note(self._quiet(new), now)
         if isinstance(event, ApiRefused):
             self.status.last_refusal = event.reason.value
-        if isinstance(event, LinkLost) and not new.online:
-            self._room_failed = True
+        if isinstance(event, LinkLost) and not new.online and self._room_failed_at is None:
+            self._room_failed_at = now
         if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
             last = event.reason if isinstance(event, ApiRefused) else None
             probe = Probe(self._check_service, self.bus.post, self.probe_backoff, sleep=self.netwatch.sleep)
@@ -272,7 +283,7 @@ class Kiosk:
         if isinstance(event, VoiceStopped):
             self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
         if isinstance(event, (LinkUp, SessionOpened)):
-            self._room_failed = False
+            self._room_failed_at = None
             if self._probe is not None:
                 self._probe.cancel()
             if self.deliverer is not None:

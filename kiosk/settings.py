@@ -353,6 +353,11 @@ class SessionSettings(_Section):
         10.0, ge=1, le=300, description="offline: longest wait between checks whether the API answers again (the "
         "kiosk is usable again at most this long after it does)"
     )
+    livekit_check_max_seconds: float = Field(
+        120.0, ge=0, le=3600, description="offline since a room failed: how long the probe also waits for that "
+        "room's LiveKit server to take connections; after it the session API answering is enough (its next grant "
+        "may name another server)"
+    )
     rate_limit_wait_max_seconds: float = Field(
         2.0, ge=0, le=60, description="wait out a shorter Retry-After and try again; longer ones refuse"
     )

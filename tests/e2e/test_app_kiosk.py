@@ -423,6 +423,25 @@ async def test_offline_until_the_livekit_server_answers_again(open_app: OpenApp,
     await app.wait_event(LinkUp, 15, back)
 
 
+
+async def test_a_dead_livekit_server_keeps_the_kiosk_offline_only_so_long(open_app: OpenApp,
+                                                                         stack: LocalStack) -> None:
+    """The next grant may name another LiveKit server: past ``session.livekit_check_max_seconds`` the session API
+    answering is enough, even with the last session's server still dead."""
+    assert stack.server is not None
+    app = await open_app(livekit={"reopen_attempts": 1}, session={"livekit_check_max_seconds": 5.0})
+    stack.server.kill()
+    try:
+        pressed = await app.tap()
+        offline = (await app.wait_phase(Phase.OFFLINE, 20, pressed)).at
+        await asyncio.sleep(2.0)
+        assert not app.events(LinkUp, pressed)  # within the limit: still offline, as above
+        up = await app.wait_event(LinkUp, 15, pressed)
+        assert up.at - offline >= 5.0, (up.at, offline)  # not before the limit
+        assert not await asyncio.to_thread(stack.server.healthy)  # the old server is still dead
+    finally:
+        await asyncio.to_thread(stack.server.start)
+
 # One rerun: the rig's microphone path runs below real time (docs/field.md, second run, item 9); on a loaded machine
 # the message's words reach the kiosk seconds late and a short noise after the tone ends the recording first.
 @pytest.mark.flaky(reruns=1)
