@@ -276,7 +276,9 @@ class Kiosk:
             self.status.last_refusal = event.reason.value
         if isinstance(event, LinkLost) and not new.online and self._room_failed_at is None:
             self._room_failed_at = now
-        if new.phase is Phase.OFFLINE and (self._probe is None or self._probe.done()):
+        # Offline and not known to be back: a LinkUp while a visitor hears the message offer or leaves a message
+        # leaves the kiosk offline until that ends (then idle), and asking again meanwhile would only be load.
+        if new.phase is Phase.OFFLINE and not new.online and (self._probe is None or self._probe.done()):
             last = event.reason if isinstance(event, ApiRefused) else None
             probe = Probe(self._check_service, self.bus.post, self.probe_backoff, sleep=self.netwatch.sleep)
             self._probe = asyncio.create_task(probe.run(last), name="probe")

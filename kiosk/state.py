@@ -648,6 +648,10 @@ def _connecting(b: _Builder, event: Event) -> None:
         case SessionOpened():
             b.set(phase=Phase.LISTENING)
             _go_live(b, start_tone=not s.voice_active)
+        case ButtonPressed(button=Button.TALK) if p.hands_free and s.reopens:
+            # The kiosk is bringing a lost conversation back: a visitor who taps now most likely means "I am still
+            # here" (the answer stopped), so the tap does not end it; the cancel button does.
+            pass
         case ButtonPressed(button=Button.TALK) if p.hands_free:
             # The next tap ends it, even before it opened.
             b.end_session(None)
@@ -796,7 +800,8 @@ def _offline(b: _Builder, event: Event) -> None:
             b.timer(Timer.MESSAGE_OFFER, s.policy.idle_end_seconds)
             b.set(message=MessageStep.OFFERED)
         case TimerExpired(name=Timer.MESSAGE_OFFER) if s.message is MessageStep.OFFERED:
-            b.set(message=MessageStep.NONE)
+            # Idle again if the service came back while the offer stood (a LinkUp then leaves the offer be).
+            b.rest()
 
 
 def _recording(b: _Builder, event: Event) -> None:

@@ -575,6 +575,12 @@ async def test_credits_exhausted_keeps_the_message_offer(open_app: OpenApp, stac
     await app.wait_event(ApiRefused, 15, pressed)
     offered = await app.wait_cue_finished(Cue.LEAVE_MESSAGE, 30, pressed)
     assert offered.new.phase is Phase.OFFLINE and offered.new.message is MessageStep.OFFERED, offered.new
+    # The catalog answers during a 402 (the credits are the account's, not the service's), so the probe's first
+    # ask posts LinkUp while the offer stands: the offer stays for the visitor, and nothing asks again meanwhile
+    # (before: about once a second while it stood, every ask a request to the API).
+    await asyncio.sleep(4.0)
+    assert len(app.events(LinkUp, pressed)) == 1, app.events(LinkUp, pressed)
+    assert app.state.phase is Phase.OFFLINE and app.state.message is MessageStep.OFFERED and app.state.online
 
 
 async def test_a_message_left_while_the_network_is_up_is_delivered_at_once(open_app: OpenApp,

@@ -284,6 +284,9 @@ def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None
         assert CancelTimer(Timer.REOPEN) in fx, _w(state, event, t)
     if _count(fx, OpenSession):
         assert new.phase is Phase.CONNECTING, _w(state, event, t)
+    # Hands-free, a tap does not end the fresh session that brings a lost conversation back.
+    if state.phase is Phase.CONNECTING and state.reopens and event == ButtonPressed(Button.TALK):
+        assert new.phase is Phase.CONNECTING and CloseSession() not in fx, _w(state, event, t)
     # One pattern effect exactly when the pattern changes, naming a known pattern.
     shown = [e for e in fx if isinstance(e, ShowPattern)]
     if pattern_key(new) != pattern_key(state):
@@ -665,7 +668,19 @@ def test_silent_message_is_discarded_and_offer_expires() -> None:
     assert StopRecording(keep=False) in fx and s.phase is Phase.OFFLINE
     s, _ = run(s, ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE))
     s, _ = run(s, TimerExpired(Timer.MESSAGE_OFFER))
-    assert s.message is MessageStep.NONE
+    assert s.message is MessageStep.NONE and s.phase is Phase.OFFLINE
+
+
+def test_an_offer_the_service_came_back_during_ends_idle() -> None:
+    """The offer stands for the visitor who heard it; when it runs out with the service back, the kiosk is idle
+    (not offline until some later LinkUp: the app asks no more once one came)."""
+    offered, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE))
+    s, fx = run(offered, LinkUp())
+    assert s.phase is Phase.OFFLINE and s.message is MessageStep.OFFERED and s.online and fx == []
+    s, fx = run(s, TimerExpired(Timer.MESSAGE_OFFER))
+    assert s.phase is Phase.IDLE and s.message is MessageStep.NONE and fx == [ShowPattern("idle")]
+    s, _ = run(offered, LinkUp(), ButtonPressed())  # the visitor takes the offer all the same
+    assert s.phase is Phase.RECORDING_MESSAGE
 
 
 def test_link_up_returns_to_idle_and_recording_survives_it() -> None:
@@ -733,6 +748,23 @@ def test_cancel_or_a_refusal_while_waiting_to_reopen_stops_it() -> None:
     s, fx = run(waiting, SessionOpened("late"))
     assert fx == [CloseSession()] and s.phase is Phase.CONNECTING and s.reopen_wait
 
+
+
+@pytest.mark.parametrize("mode", [InteractionMode.TAP_TO_TALK, InteractionMode.OPEN_MIC])
+def test_a_tap_while_a_lost_conversation_comes_back_does_not_end_it(mode: InteractionMode) -> None:
+    """Hands-free, a tap ends a session the visitor opened, even while it connects; not the fresh session that
+    brings a lost one back (the visitor taps because the answer stopped: "I am still here")."""
+    s, fx = run(idle(mode), ButtonPressed(), ButtonReleased(), ButtonPressed())
+    assert s.phase is Phase.IDLE and CloseSession() in fx  # the visitor's own connect: the tap ends it
+    waiting, _ = run(idle(mode), ButtonPressed(), ButtonReleased(), SessionOpened("s"), LinkLost("x"))
+    s, fx = run(waiting, ButtonPressed(), ButtonReleased())
+    assert s.phase is Phase.CONNECTING and s.reopen_wait and fx == []
+    s, fx = run(s, TimerExpired(Timer.REOPEN), ButtonPressed(), ButtonReleased())
+    assert s.phase is Phase.CONNECTING and fx == [OpenSession(), StartTimer(Timer.MAX_SESSION, 300.0)]
+    s, fx = run(s, SessionOpened("s2"), ButtonPressed())
+    assert s.phase is Phase.IDLE and CloseSession() in fx  # once it is open, a tap ends it as ever
+    s, fx = run(waiting, ButtonPressed(Button.CANCEL))
+    assert s.phase is Phase.IDLE and CancelTimer(Timer.REOPEN) in fx  # the cancel button still ends it
 
 def test_route_change_keeps_the_session_and_sets_barge_in_policy() -> None:
     s, _ = run(idle(InteractionMode.TAP_TO_TALK, verified=True), ButtonPressed(), SessionOpened("s"))
