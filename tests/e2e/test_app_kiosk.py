@@ -423,7 +423,6 @@ async def test_offline_until_the_livekit_server_answers_again(open_app: OpenApp,
     await app.wait_event(LinkUp, 15, back)
 
 
-
 async def test_a_dead_livekit_server_keeps_the_kiosk_offline_only_so_long(open_app: OpenApp,
                                                                          stack: LocalStack) -> None:
     """The next grant may name another LiveKit server: past ``session.livekit_check_max_seconds`` the session API
@@ -441,6 +440,7 @@ async def test_a_dead_livekit_server_keeps_the_kiosk_offline_only_so_long(open_a
         assert not await asyncio.to_thread(stack.server.healthy)  # the old server is still dead
     finally:
         await asyncio.to_thread(stack.server.start)
+
 
 # One rerun: the rig's microphone path runs below real time (docs/field.md, second run, item 9); on a loaded machine
 # the message's words reach the kiosk seconds late and a short noise after the tone ends the recording first.

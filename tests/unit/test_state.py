@@ -749,7 +749,6 @@ def test_cancel_or_a_refusal_while_waiting_to_reopen_stops_it() -> None:
     assert fx == [CloseSession()] and s.phase is Phase.CONNECTING and s.reopen_wait
 
 
-
 @pytest.mark.parametrize("mode", [InteractionMode.TAP_TO_TALK, InteractionMode.OPEN_MIC])
 def test_a_tap_while_a_lost_conversation_comes_back_does_not_end_it(mode: InteractionMode) -> None:
     """Hands-free, a tap ends a session the visitor opened, even while it connects; not the fresh session that
@@ -765,6 +764,7 @@ def test_a_tap_while_a_lost_conversation_comes_back_does_not_end_it(mode: Intera
     assert s.phase is Phase.IDLE and CloseSession() in fx  # once it is open, a tap ends it as ever
     s, fx = run(waiting, ButtonPressed(Button.CANCEL))
     assert s.phase is Phase.IDLE and CancelTimer(Timer.REOPEN) in fx  # the cancel button still ends it
+
 
 def test_route_change_keeps_the_session_and_sets_barge_in_policy() -> None:
     s, _ = run(idle(InteractionMode.TAP_TO_TALK, verified=True), ButtonPressed(), SessionOpened("s"))
