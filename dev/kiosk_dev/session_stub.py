@@ -2,7 +2,8 @@
 
 Serves the contract ``kiosk.link.session_api`` speaks (catalog, ``POST /v1/voice/sessions``, and LiveKit's
 standard token endpoint at ``POST /token``): a fresh room per session, the agent dispatch in the token, a
-short TTL. It can be told to fail in each way the kiosk must handle, in process (``stub.fail(...)``) or over
+short TTL, and a repeat of a session request with the same ``Idempotency-Key`` answered with the first one's
+session. It can be told to fail in each way the kiosk must handle, in process (``stub.fail(...)``) or over
 HTTP from another process (``POST /_stub/fail {"mode": ..., "times": n, "retry_after_seconds": s}``,
 ``POST /_stub/models/{id} {"status": ...}``). Each session can call a dispatcher (the stand-in agent).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -24,6 +26,7 @@ from livekit import api
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_AGENT_NAME = "kiosk-agent"
+IDEMPOTENCY_KEYS = 1024  # session replies kept for repeats
 
 # Called with (livekit_url, room_name, agent_token) for each new session.
 Dispatcher = Callable[[str, str, str], Coroutine[Any, Any, None]]
@@ -39,6 +42,7 @@ class FailMode(StrEnum):
     RATE_LIMITED = "rate_limited"  # 429 with Retry-After
     SERVER_ERROR = "server_error"  # 503
     TIMEOUT = "timeout"  # never answers (until the stub closes)
+    REPLY_LOST = "reply_lost"  # makes the session, then never answers (a reply lost on the way back)
     MALFORMED = "malformed"  # 201 with a reply missing the token
     NOT_JSON = "not_json"  # 201 with an HTML body
 
@@ -80,6 +84,8 @@ class SessionStub:
     _runner: web.AppRunner | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     port: int = 0
+    # Idempotency-Key -> (the request's body, the session reply), the newest IDEMPOTENCY_KEYS kept.
+    _by_key: OrderedDict[str, tuple[Any, dict[str, Any]]] = field(default_factory=OrderedDict)
     # More routes (method, path, handler), e.g. the stack's agent reports.
     extra_routes: list[tuple[str, str, Callable[[web.Request], Coroutine[Any, Any, web.StreamResponse]]]] = field(
         default_factory=list)
@@ -140,12 +146,17 @@ class SessionStub:
         if mode is FailMode.SERVER_ERROR:
             return web.json_response({"error": "upstream unavailable"}, status=503)
         if mode is FailMode.TIMEOUT:
-            # Hang like a dead backend; the stub's close releases it so shutdown stays quick.
-            await self._closing.wait()
-            return web.json_response({"error": "closing"}, status=503)
+            return await self._hang()
+        if mode is FailMode.REPLY_LOST:
+            return None  # the request is served; its route loses the reply
         if mode is FailMode.MALFORMED:
             return web.json_response({"session_id": "x", "livekit_url": self.livekit_url}, status=201)
         return web.Response(text="<html>gateway</html>", status=201, content_type="text/html")
+
+    async def _hang(self) -> web.Response:
+        """Hang like a dead backend; the stub's close releases it so shutdown stays quick."""
+        await self._closing.wait()
+        return web.json_response({"error": "closing"}, status=503)
 
     async def _model(self, request: web.Request) -> web.Response:
         model_id = request.match_info["model_id"]
@@ -157,14 +168,28 @@ class SessionStub:
         self.requests += 1
         if not self._authorised(request):
             return web.json_response({"error": "missing or invalid bearer credential"}, status=401)
+        lose_reply = self._failure.mode is FailMode.REPLY_LOST
         failed = await self._maybe_fail()
         if failed is not None:
             return failed
         body = await request.json()
+        key = request.headers.get("Idempotency-Key")
+        if key is not None and key in self._by_key:
+            first_body, reply = self._by_key[key]
+            if first_body != body:
+                return web.json_response({"error": "Idempotency-Key reused for another request"}, status=422)
+            return web.json_response(reply, status=201)  # the session made for the first try
         model = body.get("llm_model")
         if self.models.get(model) != "available":
             return web.json_response({"error": f"model {model} is not available"}, status=409)
-        return web.json_response(await self._open(body, identity=f"kiosk-{uuid.uuid4().hex[:8]}"), status=201)
+        reply = await self._open(body, identity=f"kiosk-{uuid.uuid4().hex[:8]}")
+        if key is not None:
+            self._by_key[key] = (body, reply)
+            while len(self._by_key) > IDEMPOTENCY_KEYS:
+                self._by_key.popitem(last=False)
+        if lose_reply:
+            return await self._hang()
+        return web.json_response(reply, status=201)
 
     async def _open(self, body: dict[str, Any], identity: str, room: str | None = None) -> dict[str, Any]:
         session_id = uuid.uuid4().hex[:16]
@@ -182,6 +207,7 @@ class SessionStub:
 
     async def _token_endpoint(self, request: web.Request) -> web.Response:
         self.requests += 1
+        lose_reply = self._failure.mode is FailMode.REPLY_LOST
         failed = await self._maybe_fail()
         if failed is not None:
             return failed
@@ -189,6 +215,8 @@ class SessionStub:
         room = body.get("room_name") or f"voice-{uuid.uuid4().hex[:12]}"
         identity = body.get("participant_identity") or f"kiosk-{uuid.uuid4().hex[:8]}"
         opened = await self._open(body, identity=identity, room=room)
+        if lose_reply:
+            return await self._hang()
         return web.json_response({"server_url": opened["livekit_url"], "participant_token": opened["token"]},
                                  status=201)
 

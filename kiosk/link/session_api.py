@@ -14,7 +14,11 @@ Contract (documented in docs/livekit.md):
 The device credential goes as ``Authorization: Bearer ...`` and is never logged. Failures raise
 ``SessionRefused`` with a ``RefusalReason`` (the room link turns it into an ``ApiRefused`` event):
 401/403 unauthorised, 402 credits exhausted, 429 rate limited (``Retry-After`` honoured up to a clamp), 5xx
-server error (retried with exponential backoff and full jitter), timeout, malformed reply, unreachable.
+server error, timeout and a dropped connection (retried with exponential backoff and full jitter), malformed
+reply, unreachable. Every request is safe to repeat: the catalog is a GET, each session POST carries an
+``Idempotency-Key`` (a UUID for that one request, the same on its retries, so an API that already made the
+session for a request whose reply was lost hands back that session instead of a second one), and the token
+endpoint's room is the kiosk's own choice.
 
 The API is reached across a shared network, so every reply is treated as untrusted (``kiosk.link.replies``):
 redirects are not followed, bodies are read up to ``MAX_REPLY_BYTES``, JSON nesting is limited, the room
@@ -262,12 +266,14 @@ class SessionApi:
             await self._http.close()
             self._http = None
 
-    async def _request(self, method: str, url: str, body: dict[str, Any] | None = None) -> Any:
-        """One logical request: retried on 5xx (backoff + jitter) and on a short Retry-After; refusals raise.
+    async def _request(self, method: str, url: str, body: dict[str, Any] | None = None, *,
+                       idempotency_key: str | None = None) -> Any:
+        """One logical request, retried on 5xx, a timeout, a dropped connection and a short Retry-After.
 
-        Returns the parsed JSON of a 2xx reply. Only programming errors escape as anything but
-        ``SessionRefused``: every reply problem (a redirect, oversized headers or body, not JSON, nested too
-        deeply, a broken HTTP message) is ``MALFORMED_REPLY``.
+        Every request the kiosk makes is safe to repeat (the module's docstring says why); ``idempotency_key``
+        goes with every try of it. Returns the parsed JSON of a 2xx reply; refusals raise ``SessionRefused``.
+        Only programming errors escape as anything else: every reply problem (a redirect, oversized headers or
+        body, not JSON, nested too deeply, a broken HTTP message) is ``MALFORMED_REPLY``.
         """
         shown = f"{method} {redact_url(url)}"
         if "@" in urlsplit(url).netloc and self._settings.credential is not None:
@@ -281,11 +287,14 @@ class SessionApi:
                                  "more before the next session request", retry_after_seconds=wait_s)
         backoff = Backoff(self._settings.retry_base_seconds, self._settings.retry_max_seconds, rng=self._rng)
         attempts = self._settings.retry_attempts
+        headers = self._headers()
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         for attempt in range(1, attempts + 1):
             last = attempt == attempts
             status = 0
             try:
-                async with self._session().request(method, url, json=body, headers=self._headers(),
+                async with self._session().request(method, url, json=body, headers=headers,
                                                    allow_redirects=False) as response:
                     status = response.status
                     retry_after = parse_retry_after(response.headers.get("Retry-After"))
@@ -297,10 +306,21 @@ class SessionApi:
                                          "no redirects: set the API's final address in the settings", status)
                     text = excerpt(await read_capped(response, 4 * 1024, truncate=True))
             except TimeoutError:
+                # A lossy link: the request or its reply may be lost, or the API slow. A fresh try on a fresh
+                # connection often gets through, and it cannot make a second session (see above).
+                if not last:
+                    await self._retry(backoff, attempt, attempts, "took longer than "
+                                      f"{self._settings.request_timeout_seconds} s")
+                    continue
                 raise SessionRefused(RefusalReason.TIMEOUT, f"{shown} took longer than "
-                                     f"{self._settings.request_timeout_seconds} s; check the network or raise "
-                                     "session.request_timeout_seconds") from None
+                                     f"{self._settings.request_timeout_seconds} s {attempts} times; check the "
+                                     "network or raise session.request_timeout_seconds") from None
             except aiohttp.ClientConnectionError as error:
+                # Refused or no route: the network or the address is wrong, and the visitor hears it at once.
+                # A connection lost in the middle of the request is a lossy link, like a timeout.
+                if not last and not isinstance(error, aiohttp.ClientConnectorError):
+                    await self._retry(backoff, attempt, attempts, f"lost the connection ({describe_error(error)})")
+                    continue
                 raise SessionRefused(RefusalReason.UNREACHABLE, f"{shown} failed: {describe_error(error)}; check "
                                      "the network and session.api_url") from None
             except BadReply as error:
@@ -327,16 +347,18 @@ class SessionApi:
                                      f"asked to wait {wait_s:.1f} s", retry_after_seconds=wait_s, http_status=status)
             if status >= 500:
                 if not last:
-                    delay_s = backoff.next_delay_seconds()
-                    _LOGGER.warning("session API answered %d; retry %d/%d in %.2f s", status, attempt,
-                                    attempts - 1, delay_s)
-                    await self._sleep(delay_s)
+                    await self._retry(backoff, attempt, attempts, f"answered {status}")
                     continue
                 raise SessionRefused(RefusalReason.SERVER_ERROR, f"{shown} answered {status} {attempts} "
                                      f"times ({text!r}); the service is failing, try later", http_status=status)
             raise _malformed(f"{shown} answered {status} ({text!r}); the kiosk and the API disagree on the "
                              "contract", status)
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
+
+    async def _retry(self, backoff: Backoff, attempt: int, attempts: int, what: str) -> None:
+        delay_s = backoff.next_delay_seconds()
+        _LOGGER.warning("session API %s; retry %d/%d in %.2f s", what, attempt, attempts - 1, delay_s)
+        await self._sleep(delay_s)
 
     async def model_status(self, model_id: str) -> str:
         """The catalog status of a model (``available``, ``maintenance``, ...); ``unknown`` if not listed."""
@@ -379,7 +401,7 @@ class SessionApi:
             body["stt_model"] = profile.stt_model
         if profile.tts_model:
             body["tts_model"] = profile.tts_model
-        data = await self._request("POST", url, body)
+        data = await self._request("POST", url, body, idempotency_key=str(uuid.uuid4()))
         try:
             reply = VoiceSessionReply.model_validate(data)
         except ValidationError as error:

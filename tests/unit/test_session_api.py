@@ -141,6 +141,44 @@ async def test_server_errors_exhaust_the_attempts(stub: tuple[SessionStub, str])
     assert caught.value.reason is RefusalReason.SERVER_ERROR and s.requests == 4 and len(sleeps.calls) == 3
 
 
+async def test_a_lost_session_reply_is_asked_again_and_makes_one_session(stub: tuple[SessionStub, str]) -> None:
+    # A lossy link: the API made the session, its reply never arrived. The retry carries the same
+    # Idempotency-Key, so the API hands back that session instead of making a second one.
+    s, url = stub
+    s.fail(FailMode.REPLY_LOST, times=1)
+    sleeps = Sleeps()
+    client = _client(url, sleeps)
+    grant = await client.open_session()
+    await client.aclose()
+    assert s.requests == 2 and len(sleeps.calls) == 1
+    assert [x.session_id for x in s.sessions] == [grant.session_id]
+    # The next visitor's request is a new one: a new key, a new session.
+    client = _client(url)
+    second = await client.open_session()
+    await client.aclose()
+    assert second.session_id != grant.session_id and len(s.sessions) == 2
+
+
+async def test_a_lost_token_endpoint_reply_is_asked_again_for_the_same_room(stub: tuple[SessionStub, str]) -> None:
+    s, url = stub
+    s.fail(FailMode.REPLY_LOST, times=1)
+    client = _client(url, source=SessionSource.TOKEN_ENDPOINT, token_endpoint_url=url + "/token")
+    grant = await client.open_session()
+    await client.aclose()
+    assert s.requests == 2 and {x.room for x in s.sessions} == {grant.session_id}
+
+
+async def test_timeouts_exhaust_the_attempts(stub: tuple[SessionStub, str]) -> None:
+    s, url = stub
+    s.fail(FailMode.TIMEOUT)
+    sleeps = Sleeps()
+    client = _client(url, sleeps, retry_attempts=2, request_timeout_seconds=0.3)
+    with pytest.raises(SessionRefused) as caught:
+        await client.open_session()
+    await client.aclose()
+    assert caught.value.reason is RefusalReason.TIMEOUT and s.requests == 2 and len(sleeps.calls) == 1
+    assert "2 times" in caught.value.message
+
 async def test_short_retry_after_is_waited_out(stub: tuple[SessionStub, str]) -> None:
     s, url = stub
     s.fail(FailMode.RATE_LIMITED, times=1, retry_after_seconds=1.5)
