@@ -611,8 +611,7 @@ class LiveKitRoomLink:
 
         @room.on("reconnected")
         def _reconnected() -> None:
-            self._reconnecting = False
-            self.status.reconnecting = False
+            self._reconnecting = False  # the status stays "reconnecting" until the agent is back (_adopt)
             if self._give_up is not None:
                 self._give_up.cancel()
                 self._give_up = None
@@ -631,7 +630,6 @@ class LiveKitRoomLink:
             for participant in list(room.remote_participants.values()):
                 self._adopt(participant)
             if self._awaiting_agent:
-                self.status.reconnecting = True
                 self._start_agent_grace()
 
         @room.on("disconnected")
