@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import pytest
 
@@ -119,8 +119,7 @@ def _canonical(state: KioskState) -> KioskState:
     ``tool_running`` (it only holds transitions back, so a state with a tool running is a reachable state plus
     the flag: ``_variants`` checks every session state with it).
     """
-    return replace(
-        state,
+    return state.with_(
         last_error=None if state.last_error is None else "e",
         route=Route.NONE if state.route is Route.NONE else Route.ARRAY,
         offline_reason=OfflineReason.OFFLINE if state.offline_reason is OfflineReason.OFFLINE
@@ -133,7 +132,7 @@ def _canonical(state: KioskState) -> KioskState:
 
 def _variants(state: KioskState) -> list[KioskState]:
     """``state``, and in a session also with a tool running (the flag ``_canonical`` folds)."""
-    return [state, replace(state, tool_running=True)] if state.phase in SESSION_PHASES else [state]
+    return [state, state.with_(tool_running=True)] if state.phase in SESSION_PHASES else [state]
 
 
 @dataclass
@@ -201,6 +200,18 @@ def search(request: pytest.FixtureRequest) -> _Search:
 def reachable_per_mode(request: pytest.FixtureRequest) -> list[KioskState]:
     """The reachable states of each mode without the AI notice (for checks the notice has no part in)."""
     return _searched(Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)).states
+
+
+def test_with_is_dataclasses_replace(reachable_per_mode: list[KioskState]) -> None:
+    states = reachable_per_mode[::97]
+    for state, other in zip(states, reversed(states), strict=True):
+        for f in fields(KioskState):
+            change = {f.name: getattr(other, f.name)}
+            assert state.with_(**change) == replace(state, **change), f.name
+        everything = {f.name: getattr(other, f.name) for f in fields(KioskState)}
+        assert state.with_(**everything) == other
+    with pytest.raises(TypeError, match="no field 'phaze'"):
+        states[0].with_(phaze=Phase.IDLE)
 
 
 def test_every_event_class_is_tabled() -> None:
