@@ -346,12 +346,14 @@ class SessionSettings(_Section):
     prewarm: bool = Field(False, description="keep a muted session connected so a press goes live at once")
     consent_notice: bool = Field(False, description="play a short AI-processing notice at session start")
     check_catalog: bool = Field(True, description="check the model's catalog status before opening a session")
-    retry_attempts: int = Field(3, ge=1, le=10, description="tries per request on server errors (5xx)")
+    retry_attempts: int = Field(
+        3, ge=1, le=10, description="tries per request on server errors (5xx), timeouts and connections lost "
+        "mid-request (each try up to request_timeout_seconds)")
     retry_base_seconds: float = Field(0.25, gt=0, le=30, description="first backoff ceiling (full jitter)")
     retry_max_seconds: float = Field(4.0, gt=0, le=300, description="largest backoff ceiling between tries")
     probe_max_seconds: float = Field(
-        10.0, ge=1, le=300, description="offline: longest wait between checks whether the API answers again (the "
-        "kiosk is usable again at most this long after it does)"
+        2.5, ge=1, le=300, description="offline: longest wait between checks whether the API answers again (the "
+        "kiosk is usable again at most this long after it does; a Retry-After from the API holds the checks back)"
     )
     livekit_check_max_seconds: float = Field(
         120.0, ge=0, le=3600, description="offline since a room failed: how long the probe also waits for that "

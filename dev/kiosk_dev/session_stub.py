@@ -41,6 +41,7 @@ class FailMode(StrEnum):
     CREDITS_EXHAUSTED = "credits_exhausted"  # 402
     RATE_LIMITED = "rate_limited"  # 429 with Retry-After
     SERVER_ERROR = "server_error"  # 503
+    UNAVAILABLE = "unavailable"  # 503 with Retry-After
     TIMEOUT = "timeout"  # never answers (until the stub closes)
     REPLY_LOST = "reply_lost"  # makes the session, then never answers (a reply lost on the way back)
     MALFORMED = "malformed"  # 201 with a reply missing the token
@@ -145,6 +146,9 @@ class SessionStub:
                                      headers={"Retry-After": f"{failure.retry_after_seconds:g}"})
         if mode is FailMode.SERVER_ERROR:
             return web.json_response({"error": "upstream unavailable"}, status=503)
+        if mode is FailMode.UNAVAILABLE:
+            return web.json_response({"error": "overloaded"}, status=503,
+                                     headers={"Retry-After": f"{failure.retry_after_seconds:g}"})
         if mode is FailMode.TIMEOUT:
             return await self._hang()
         if mode is FailMode.REPLY_LOST:

@@ -230,7 +230,9 @@ class SessionApi:
         self._clock = clock
         self._identity = identity or f"kiosk-{socket.gethostname()}"
         self._http: aiohttp.ClientSession | None = None
-        self._not_before = 0.0  # loop time before which a rate-limited API is not asked again
+        # Loop time before which the API is not asked again (its Retry-After), and the refusal meanwhile.
+        self._not_before = 0.0
+        self._held_back = RefusalReason.RATE_LIMITED
 
     @classmethod
     def from_settings(cls, settings: Settings, **options: Any) -> SessionApi:
@@ -283,8 +285,8 @@ class SessionApi:
                                  "bearer token)")
         if self._now() < self._not_before:
             wait_s = self._not_before - self._now()
-            raise SessionRefused(RefusalReason.RATE_LIMITED, f"rate limited: the API asked to wait {wait_s:.1f} s "
-                                 "more before the next session request", retry_after_seconds=wait_s)
+            raise SessionRefused(self._held_back, f"the API asked to wait {wait_s:.1f} s more before the next "
+                                 f"request ({self._held_back.value}); not asked", retry_after_seconds=wait_s)
         backoff = Backoff(self._settings.retry_base_seconds, self._settings.retry_max_seconds, rng=self._rng)
         attempts = self._settings.retry_attempts
         headers = self._headers()
@@ -336,15 +338,19 @@ class SessionApi:
             if status == 402:
                 raise SessionRefused(RefusalReason.CREDITS_EXHAUSTED, f"{shown} answered 402: the account "
                                      "has no credits left; top it up", http_status=status)
-            if status == 429:
+            if status == 429 or (status >= 500 and retry_after is not None):
+                # The API says when to come back (a 503's Retry-After too): a short wait is waited out, a longer
+                # one refuses and holds back every request until then, the offline probe's included, so an API
+                # under strain can slow the whole fleet.
+                reason = RefusalReason.RATE_LIMITED if status == 429 else RefusalReason.SERVER_ERROR
                 wait_s = retry_after if retry_after is not None else backoff.next_delay_seconds()
                 if not last and wait_s <= self._settings.rate_limit_wait_max_seconds:
-                    _LOGGER.info("session API rate limited; waiting %.2f s as asked", wait_s)
+                    _LOGGER.info("session API answered %d; waiting %.2f s as asked", status, wait_s)
                     await self._sleep(wait_s)
                     continue
-                self._not_before = self._now() + wait_s
-                raise SessionRefused(RefusalReason.RATE_LIMITED, f"{shown} answered 429 (rate limited); "
-                                     f"asked to wait {wait_s:.1f} s", retry_after_seconds=wait_s, http_status=status)
+                self._not_before, self._held_back = self._now() + wait_s, reason
+                raise SessionRefused(reason, f"{shown} answered {status} ({reason.value}); asked to wait "
+                                     f"{wait_s:.1f} s", retry_after_seconds=wait_s, http_status=status)
             if status >= 500:
                 if not last:
                     await self._retry(backoff, attempt, attempts, f"answered {status}")

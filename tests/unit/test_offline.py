@@ -132,7 +132,7 @@ def test_the_probe_notices_a_restored_api_within_its_ceiling() -> None:
     for _ in range(40):  # a long outage
         ceilings.append(backoff.ceiling_seconds())
         backoff.next_delay_seconds()
-    assert ceilings[0] == 1.0 and max(ceilings) == SessionSettings().probe_max_seconds == 10.0
+    assert ceilings[0] == 1.0 and max(ceilings) == SessionSettings().probe_max_seconds == 2.5
     assert probe_backoff(SessionSettings(probe_max_seconds=3.0)).max_seconds == 3.0
 
 

@@ -179,9 +179,15 @@ async def test_timeouts_exhaust_the_attempts(stub: tuple[SessionStub, str]) -> N
     assert caught.value.reason is RefusalReason.TIMEOUT and s.requests == 2 and len(sleeps.calls) == 1
     assert "2 times" in caught.value.message
 
-async def test_short_retry_after_is_waited_out(stub: tuple[SessionStub, str]) -> None:
+RETRY_AFTER = pytest.mark.parametrize(("mode", "reason"), [(FailMode.RATE_LIMITED, RefusalReason.RATE_LIMITED),
+                                                           (FailMode.UNAVAILABLE, RefusalReason.SERVER_ERROR)])
+
+
+@RETRY_AFTER
+async def test_short_retry_after_is_waited_out(stub: tuple[SessionStub, str], mode: FailMode,
+                                               reason: RefusalReason) -> None:
     s, url = stub
-    s.fail(FailMode.RATE_LIMITED, times=1, retry_after_seconds=1.5)
+    s.fail(mode, times=1, retry_after_seconds=1.5)
     sleeps = Sleeps()
     client = _client(url, sleeps, rate_limit_wait_max_seconds=2.0)
     grant = await client.open_session()
@@ -189,20 +195,26 @@ async def test_short_retry_after_is_waited_out(stub: tuple[SessionStub, str]) ->
     assert grant.session_id and sleeps.calls == [1.5] and s.requests == 2
 
 
-async def test_long_retry_after_refuses_and_holds_back_the_next_request(stub: tuple[SessionStub, str]) -> None:
+@RETRY_AFTER
+async def test_long_retry_after_refuses_and_holds_back_the_next_request(stub: tuple[SessionStub, str],
+                                                                        mode: FailMode, reason: RefusalReason) -> None:
+    # A 503's Retry-After too: an API under strain slows every kiosk, the offline probe included.
     s, url = stub
-    s.fail(FailMode.RATE_LIMITED, times=1, retry_after_seconds=30)
+    s.fail(mode, times=1, retry_after_seconds=30)
     now = [100.0]
     settings = SessionSettings(api_url=url, credential=SecretStr(CREDENTIAL), rate_limit_wait_max_seconds=2.0)
     client = SessionApi(settings, rng=random.Random(1), sleep=Sleeps(), clock=lambda: now[0])
     with pytest.raises(SessionRefused) as caught:
         await client.open_session()
-    assert caught.value.reason is RefusalReason.RATE_LIMITED and caught.value.retry_after_seconds == 30
+    assert caught.value.reason is reason and caught.value.retry_after_seconds == 30 and s.requests == 1
     requests = s.requests
-    now[0] = 120.0  # still inside Retry-After: refused without asking the API
+    now[0] = 120.0  # still inside Retry-After: refused without asking the API, the catalog check included
     with pytest.raises(SessionRefused) as again:
         await client.open_session()
-    assert again.value.reason is RefusalReason.RATE_LIMITED and s.requests == requests
+    assert again.value.reason is reason and s.requests == requests
+    with pytest.raises(SessionRefused) as probe:
+        await client.model_status("gpt-realtime")
+    assert probe.value.reason is reason
     now[0] = 131.0  # after it: asked again, and the stub no longer fails
     grant = await client.open_session()
     await client.aclose()
