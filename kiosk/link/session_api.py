@@ -94,6 +94,10 @@ def _malformed(message: str, http_status: int | None = None) -> SessionRefused:
     return SessionRefused(RefusalReason.MALFORMED_REPLY, message, http_status=http_status)
 
 
+def _times(count: int) -> str:
+    return "once" if count == 1 else f"{count} times"
+
+
 def _ws_url(value: str) -> str:
     if not value.startswith(("ws://", "wss://", "http://", "https://")):
         raise ValueError(f"'{value}' is not a LiveKit URL (ws://, wss://, http:// or https://)")
@@ -315,7 +319,7 @@ class SessionApi:
                                       f"{self._settings.request_timeout_seconds} s")
                     continue
                 raise SessionRefused(RefusalReason.TIMEOUT, f"{shown} took longer than "
-                                     f"{self._settings.request_timeout_seconds} s {attempts} times; check the "
+                                     f"{self._settings.request_timeout_seconds} s {_times(attempts)}; check the "
                                      "network or raise session.request_timeout_seconds") from None
             except aiohttp.ClientConnectionError as error:
                 # Refused or no route: the network or the address is wrong, and the visitor hears it at once.
@@ -355,8 +359,8 @@ class SessionApi:
                 if not last:
                     await self._retry(backoff, attempt, attempts, f"answered {status}")
                     continue
-                raise SessionRefused(RefusalReason.SERVER_ERROR, f"{shown} answered {status} {attempts} "
-                                     f"times ({text!r}); the service is failing, try later", http_status=status)
+                raise SessionRefused(RefusalReason.SERVER_ERROR, f"{shown} answered {status} {_times(attempts)} "
+                                     f"({text!r}); the service is failing, try later", http_status=status)
             raise _malformed(f"{shown} answered {status} ({text!r}); the kiosk and the API disagree on the "
                              "contract", status)
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
