@@ -37,7 +37,7 @@ while True:
 
 def test_the_kiosk_unit_is_read_as_systemd_reads_it(tmp_path: Path) -> None:
     unit = ServiceUnit.from_file(ROOT / "systemd" / "kiosk.service", runtime_dir=tmp_path)
-    assert unit.notify and unit.restart == "always" and unit.restart_seconds == 1.0
+    assert unit.notify and unit.restart == "always" and unit.restart_seconds == 0.2
     assert (unit.start_limit_interval_seconds, unit.start_limit_burst) == (600.0, 10)
     assert unit.watchdog_seconds == 10.0 and unit.timeout_start_seconds == 60.0 and unit.timeout_stop_seconds == 15.0
     assert unit.nice == -5
