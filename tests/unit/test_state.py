@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field, fields, replace
 
 import pytest
 
@@ -137,11 +140,13 @@ def _variants(state: KioskState) -> list[KioskState]:
 
 @dataclass
 class _Search:
-    """The states a search reached, and what the invariants said of every step it took (``_check``)."""
+    """The states a search reached, and what the checks said of every step they took (the first failures)."""
 
     states: list[KioskState]
     steps_checked: int
     failures: list[str]
+    staff_failures: list[str] = field(default_factory=list)
+    busy_failures: list[str] = field(default_factory=list)
 
 
 def _reachable(policy: Policy, check: Callable[[KioskState, Event, Transition, int], None] | None = None,
@@ -176,30 +181,87 @@ def _reachable(policy: Policy, check: Callable[[KioskState, Event, Transition, i
     return _Search(list(seen), checked, failures)
 
 
-_SEARCHED: dict[Policy, _Search] = {}
+def _first_failures(checks: Iterable[Callable[[], None]], keep: int = 5) -> list[str]:
+    """Run each check; the messages of the first ``keep`` that fail."""
+    failures: list[str] = []
+    for check in checks:
+        try:
+            check()
+        except AssertionError as error:
+            failures.append(str(error))
+            if len(failures) >= keep:
+                break
+    return failures
+
+
+def _searched_and_checked(policy: Policy) -> _Search:
+    """The search with the invariants, and every check that steps each reachable state with every event.
+
+    Each of these is a full pass over states x events: they run in the worker that searched (``_searches``),
+    so the policies' passes share the machine's cores.
+    """
+    search = _reachable(policy)
+    checked = search.steps_checked
+
+    def check_variant(state: KioskState, event: Event) -> None:
+        nonlocal checked
+        checked += 1
+        _check(state, event, step(state, event), checked)
+
+    # The same states with a tool running (the flag ``_canonical`` folds): checked, not searched from.
+    variants = (variant for base in search.states for variant in _variants(base)[1:])
+    search.failures += _first_failures(
+        (lambda s=s, e=e: check_variant(s, e)) for s in variants for e in EVENTS)
+    search.steps_checked = checked
+    if not policy.consent_notice:
+        search.staff_failures = _first_failures(
+            (lambda s=s, e=e: _check_staff_pattern(s, e)) for s in search.states for e in EVENTS)
+        search.busy_failures = _first_failures(
+            (lambda s=s, e=e: _check_agent_busy(s, e)) for s in search.states for e in EVENTS)
+    return search
+
+
+def _nothing_recorded(state: KioskState, event: Event, t: Transition, checked: int) -> None:
+    assert StartRecording() not in t.effects and PlayCue(Cue.LEAVE_MESSAGE) not in t.effects, _w(state, event, t)
+
+
+def _searched_without_a_key(policy: Policy) -> _Search:
+    return _reachable(policy, _nothing_recorded)
+
+
 # One fresh session after a lost room, then offline: both branches of the rule, with a third fewer states than
 # the default's five (whose doubling schedule the reopen tests below step through one by one).
 SEARCH_REOPEN_ATTEMPTS = 1
+_SEARCHES = [Policy(mode=m, consent_notice=c, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)
+             for c in (False, True) for m in MODES]
+_KEYLESS = [Policy(mode=m, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS) for m in MODES]
 
 
-def _searched(policy: Policy) -> _Search:
-    """``_reachable(policy)``, searched once per test run (the fixtures below share it)."""
-    if policy not in _SEARCHED:
-        _SEARCHED[policy] = _reachable(policy)
-    return _SEARCHED[policy]
+@pytest.fixture(scope="module")
+def _searches() -> Iterator[dict[Policy, Future[_Search]]]:
+    """Every search of this module, started at once in one process per core (the slowest part of the suite)."""
+    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {policy: pool.submit(_searched_and_checked, policy) for policy in _SEARCHES}
+        futures |= {policy: pool.submit(_searched_without_a_key, policy) for policy in _KEYLESS}
+        yield futures
 
 
 @pytest.fixture(scope="module", params=[(m, c) for m in MODES for c in (False, True)],
                 ids=lambda p: p[0].value + ("+consent" if p[1] else ""))
-def search(request: pytest.FixtureRequest) -> _Search:
+def search(request: pytest.FixtureRequest, _searches: dict[Policy, Future[_Search]]) -> _Search:
     mode, consent = request.param
-    return _searched(Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS))
+    return _searches[Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].result()
 
 
 @pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
-def reachable_per_mode(request: pytest.FixtureRequest) -> list[KioskState]:
-    """The reachable states of each mode without the AI notice (for checks the notice has no part in)."""
-    return _searched(Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)).states
+def searched_per_mode(request: pytest.FixtureRequest, _searches: dict[Policy, Future[_Search]]) -> _Search:
+    """The search of each mode without the AI notice (for checks the notice has no part in)."""
+    return _searches[Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].result()
+
+
+@pytest.fixture(scope="module")
+def reachable_per_mode(searched_per_mode: _Search) -> list[KioskState]:
+    return searched_per_mode.states
 
 
 def test_with_is_dataclasses_replace(reachable_per_mode: list[KioskState]) -> None:
@@ -239,17 +301,11 @@ _SILENCE_TIMERS = (Timer.NO_SPEECH, Timer.IDLE_END)
 _FAILURES = (DeviceLost, ErrorOccurred, LinkLost, ApiRefused)
 
 
-@pytest.mark.slow
 def test_invariants_over_reachable_states_and_all_events(search: _Search) -> None:
     """Every step from every reachable state: those the search took (checked on its way), and the same states
-    with a tool running (the flag ``_canonical`` folds)."""
+    with a tool running (the flag ``_canonical`` folds; checked in the search's worker)."""
     assert not search.failures, "\n\n".join(search.failures)
-    checked = search.steps_checked
-    for state in (variant for base in search.states for variant in _variants(base)[1:]):
-        for event in EVENTS:
-            checked += 1
-            _check(state, event, step(state, event), checked)
-    assert checked > 1000
+    assert search.steps_checked > len(search.states) * len(EVENTS)  # the variants were checked too
 
 
 def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None:
@@ -397,33 +453,35 @@ def _check_tools(state: KioskState, event: Event, new: KioskState, fx: tuple[Eff
         assert not new.publishing and (new.tool_running or new.staff_called), _w(state, event, fx)
 
 
-@pytest.mark.slow
-def test_the_staff_pattern_changes_nothing_else(reachable_per_mode: list[KioskState]) -> None:
+def test_the_staff_pattern_changes_nothing_else(searched_per_mode: _Search) -> None:
     """staff_called (folded in the search) changes only the pattern shown, never what happens."""
-    for state in reachable_per_mode:
-        flagged = replace(state, staff_called=True)
-        for event in EVENTS:
-            if isinstance(event, StaffCalled) or event == TimerExpired(Timer.STAFF_CALLED):
-                continue
-            plain, shown = step(state, event), step(flagged, event)
-            assert replace(shown.state, staff_called=False) == plain.state, _w(flagged, event, shown)
-            assert [e for e in shown.effects if not isinstance(e, ShowPattern)] == [
-                e for e in plain.effects if not isinstance(e, ShowPattern)], _w(flagged, event, shown)
+    assert not searched_per_mode.staff_failures, "\n\n".join(searched_per_mode.staff_failures)
 
 
-@pytest.mark.slow
-def test_agent_busy_matters_only_for_a_handover(reachable_per_mode: list[KioskState]) -> None:
+def _check_staff_pattern(state: KioskState, event: Event) -> None:
+    if isinstance(event, StaffCalled) or event == TimerExpired(Timer.STAFF_CALLED):
+        return
+    flagged = replace(state, staff_called=True)
+    plain, shown = step(state, event), step(flagged, event)
+    assert replace(shown.state, staff_called=False) == plain.state, _w(flagged, event, shown)
+    assert [e for e in shown.effects if not isinstance(e, ShowPattern)] == [
+        e for e in plain.effects if not isinstance(e, ShowPattern)], _w(flagged, event, shown)
+
+
+def test_agent_busy_matters_only_for_a_handover(searched_per_mode: _Search) -> None:
     """agent_busy (folded without a handover in the search) changes nothing while no handover is pending."""
-    for state in reachable_per_mode:
-        if state.handover is not Handover.NONE or state.phase not in SESSION_PHASES:
-            continue
-        busy = replace(state, agent_busy=True)
-        for event in EVENTS:
-            if isinstance(event, (MessageRequested, EndRequested)):
-                continue  # a handover becomes pending: from here on the flag counts (the search covers it)
-            plain, other = step(state, event), step(busy, event)
-            assert replace(other.state, agent_busy=plain.state.agent_busy) == plain.state, _w(busy, event, other)
-            assert other.effects == plain.effects, _w(busy, event, other)
+    assert not searched_per_mode.busy_failures, "\n\n".join(searched_per_mode.busy_failures)
+
+
+def _check_agent_busy(state: KioskState, event: Event) -> None:
+    if state.handover is not Handover.NONE or state.phase not in SESSION_PHASES:
+        return
+    if isinstance(event, (MessageRequested, EndRequested)):
+        return  # a handover becomes pending: from here on the flag counts (the search covers it)
+    busy = replace(state, agent_busy=True)
+    plain, other = step(state, event), step(busy, event)
+    assert replace(other.state, agent_busy=plain.state.agent_busy) == plain.state, _w(busy, event, other)
+    assert other.effects == plain.effects, _w(busy, event, other)
 
 
 def test_every_tool_steps_alike(reachable_per_mode: list[KioskState]) -> None:
@@ -1054,12 +1112,10 @@ def test_without_an_operator_key_the_reason_is_said_and_no_message_offered() -> 
 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
-def test_without_an_operator_key_nothing_is_ever_recorded(mode: InteractionMode) -> None:
+def test_without_an_operator_key_nothing_is_ever_recorded(
+        mode: InteractionMode, _searches: dict[Policy, Future[_Search]]) -> None:
     """Over every reachable state and event: no offer, no recording, so no voice to store in the clear."""
-    def nothing_recorded(state: KioskState, event: Event, t: Transition, checked: int) -> None:
-        assert StartRecording() not in t.effects and PlayCue(Cue.LEAVE_MESSAGE) not in t.effects
-
-    search = _reachable(Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS), nothing_recorded)
+    search = _searches[Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].result()
     assert not search.failures, "\n\n".join(search.failures)
     assert Phase.RECORDING_MESSAGE not in {s.phase for s in search.states}
 
