@@ -20,6 +20,12 @@ ALSA PCM (device)   pulse devices                                    stands for
 The room simulator (``kiosk_dev.virtual_room``) reads ``kiosk_speaker.monitor`` and writes into
 ``kiosk_room``; a test speaks into the headset by writing into ``kiosk_headset_mic``.
 
+Every client of the server asks it for 30 ms of buffering (``PULSE_LATENCY_MSEC`` in ``PulseServer.env``), as
+a sound card's own buffer would. Without it PortAudio opens the plugin with periods of a few milliseconds, and
+on a busy machine its poll loop spins and reads below real time (86-92 % with eight busy processes on two
+cores, the capture falling seconds behind the room; 10 ms stalls the stream altogether); with it: 100 %, a
+third of the CPU (docs/field.md, the second run's item 9).
+
 Unplugging a device unloads its null sinks and rewrites the ALSA configuration without its PCMs, so a
 fresh PortAudio enumeration no longer lists it (as with a USB card) and open streams on it fail.
 """
@@ -49,6 +55,8 @@ HEADSET_SINK = "kiosk_headset"
 HEADSET_MIC_SINK = "kiosk_headset_mic"
 SINK_CHANNELS = {SPEAKER_SINK: 1, ROOM_SINK: 2, HEADSET_SINK: 1, HEADSET_MIC_SINK: 1}
 SINK_RATE_HZ = 48000
+# Buffering every client of the server asks for (see the module docstring).
+CLIENT_LATENCY_MS = 30
 LIMBO_SINK = "kiosk_limbo"  # the suspended default device (see PulseServer.start)
 
 # ALSA PCM names the kiosk's configuration uses.
@@ -104,6 +112,7 @@ class PulseServer:
             "PULSE_SERVER": f"unix:{self.socket}",
             "PULSE_RUNTIME_PATH": str(self.runtime),
             "ALSA_CONFIG_PATH": f"{_SYSTEM_ALSA_CONF}:{self.alsa_conf}",
+            "PULSE_LATENCY_MSEC": str(CLIENT_LATENCY_MS),
         }
 
     def apply_env(self) -> None:

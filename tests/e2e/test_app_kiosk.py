@@ -442,8 +442,9 @@ async def test_a_dead_livekit_server_keeps_the_kiosk_offline_only_so_long(open_a
         await asyncio.to_thread(stack.server.start)
 
 
-# One rerun: the rig's microphone path runs below real time (docs/field.md, second run, item 9); on a loaded machine
-# the message's words reach the kiosk seconds late and a short noise after the tone ends the recording first.
+# One rerun: on a loaded machine the rig's microphone path can lag (it ran below real time until its sound server's
+# clients asked for 30 ms of buffering: docs/field.md, second run, item 9); the message's words then reach the
+# kiosk late and a short noise after the tone ends the recording first.
 @pytest.mark.flaky(reruns=1)
 async def test_offline_message_is_stored_then_delivered_once(open_app: OpenApp, stack: LocalStack,
                                                              tmp_path: Path) -> None:

@@ -24,8 +24,8 @@ from kiosk_dev.terminal import KeyboardControl, VirtualPanel
 pytestmark = [pytest.mark.livekit, pytest.mark.pulse, pytest.mark.slow]
 
 
-# One rerun: the virtual room's path into the microphone (PortAudio through ALSA's pulse plugin) runs below real
-# time, so on a loaded machine a question can reach the kiosk after the release (docs/field.md, second run, item 9).
+# One rerun: on a loaded machine the virtual room's path into the microphone (PortAudio through ALSA's pulse plugin)
+# can lag, so a question can reach the kiosk after the release (docs/field.md, second run, item 9).
 @pytest.mark.flaky(reruns=1)
 def test_scripted_demo_answers_every_question_through_the_real_devices(tmp_path: Path) -> None:
     config = tmp_path / "kiosk.toml"
