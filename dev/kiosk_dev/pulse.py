@@ -24,7 +24,7 @@ Every client of the server asks it for 30 ms of buffering (``PULSE_LATENCY_MSEC`
 a sound card's own buffer would. Without it PortAudio opens the plugin with periods of a few milliseconds, and
 on a busy machine its poll loop spins and reads below real time (86-92 % with eight busy processes on two
 cores, the capture falling seconds behind the room; 10 ms stalls the stream altogether); with it: 100 %, a
-third of the CPU (docs/field.md, the second run's item 9).
+bare stream taking a third of the CPU (docs/field.md, the second run's item 9).
 
 Unplugging a device unloads its null sinks and rewrites the ALSA configuration without its PCMs, so a
 fresh PortAudio enumeration no longer lists it (as with a USB card) and open streams on it fail.

@@ -181,16 +181,18 @@ def _reachable(policy: Policy, check: Callable[[KioskState, Event, Transition, i
     return _Search(list(seen), checked, failures)
 
 
-def _first_failures(checks: Iterable[Callable[[], None]], keep: int = 5) -> list[str]:
-    """Run each check; the messages of the first ``keep`` that fail."""
+def _first_failures(check: Callable[[KioskState, Event], None], states: Iterable[KioskState],
+                    keep: int = 5) -> list[str]:
+    """``check`` every state with every event; the messages of the first ``keep`` that fail."""
     failures: list[str] = []
-    for check in checks:
-        try:
-            check()
-        except AssertionError as error:
-            failures.append(str(error))
-            if len(failures) >= keep:
-                break
+    for state in states:
+        for event in EVENTS:
+            try:
+                check(state, event)
+            except AssertionError as error:
+                failures.append(str(error))
+                if len(failures) >= keep:
+                    return failures
     return failures
 
 
@@ -201,23 +203,16 @@ def _searched_and_checked(policy: Policy) -> _Search:
     so the policies' passes share the machine's cores.
     """
     search = _reachable(policy)
-    checked = search.steps_checked
 
     def check_variant(state: KioskState, event: Event) -> None:
-        nonlocal checked
-        checked += 1
-        _check(state, event, step(state, event), checked)
+        search.steps_checked += 1
+        _check(state, event, step(state, event), search.steps_checked)
 
     # The same states with a tool running (the flag ``_canonical`` folds): checked, not searched from.
-    variants = (variant for base in search.states for variant in _variants(base)[1:])
-    search.failures += _first_failures(
-        (lambda s=s, e=e: check_variant(s, e)) for s in variants for e in EVENTS)
-    search.steps_checked = checked
+    search.failures += _first_failures(check_variant, (v for base in search.states for v in _variants(base)[1:]))
     if not policy.consent_notice:
-        search.staff_failures = _first_failures(
-            (lambda s=s, e=e: _check_staff_pattern(s, e)) for s in search.states for e in EVENTS)
-        search.busy_failures = _first_failures(
-            (lambda s=s, e=e: _check_agent_busy(s, e)) for s in search.states for e in EVENTS)
+        search.staff_failures = _first_failures(_check_staff_pattern, search.states)
+        search.busy_failures = _first_failures(_check_agent_busy, search.states)
     return search
 
 
