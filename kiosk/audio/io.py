@@ -287,12 +287,16 @@ class AudioIO:
         return layout
 
     def close(self) -> None:
-        """Stop and close the streams and PortAudio (safe to call twice, and after a failure)."""
+        """Abort and close the streams and PortAudio (safe to call twice, and after a failure).
+
+        Closing a running stream aborts it (PortAudio drops what the device still buffers) rather than stopping
+        it, which would wait for the device to play that out: a stalled or just re-plugged device may never
+        do so (measured on the rig: a stall restart blocked in the stop for 55 s). The agent audio still to
+        play is in the playout ring, which ``restart`` keeps.
+        """
         streams, self._streams = self._streams, []
         for stream in streams:
-            # A device that is already gone fails to stop; closing is all that is left to do.
-            with contextlib.suppress(OSError):
-                stream.stop_stream()
+            # A device that is already gone fails to close cleanly; there is nothing left to do with it.
             with contextlib.suppress(OSError):
                 stream.close()
         pa, self._pa = self._pa, None
