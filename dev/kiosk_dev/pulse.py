@@ -20,11 +20,16 @@ ALSA PCM (device)   pulse devices                                    stands for
 The room simulator (``kiosk_dev.virtual_room``) reads ``kiosk_speaker.monitor`` and writes into
 ``kiosk_room``; a test speaks into the headset by writing into ``kiosk_headset_mic``.
 
-Every client of the server asks it for 30 ms of buffering (``PULSE_LATENCY_MSEC`` in ``PulseServer.env``), as
-a sound card's own buffer would. Without it PortAudio opens the plugin with periods of a few milliseconds, and
-on a busy machine its poll loop spins and reads below real time (86-92 % with eight busy processes on two
-cores, the capture falling seconds behind the room; 10 ms stalls the stream altogether); with it: 100 %, a
-bare stream taking a third of the CPU (docs/field.md, the second run's item 9).
+PortAudio opens the plugin with 30 ms periods (``PA_ALSA_PERIODSIZE=480`` in ``PulseServer.env``: 480 frames at
+the 16 kHz the kiosk opens the virtual devices with), as a sound card's own buffer would. Left to choose,
+PortAudio takes periods of a few milliseconds, and on a busy machine its poll loop reads below real time
+(86-92 % with eight busy processes on two cores, the capture falling seconds behind the room). Asking the
+server for 30 ms instead (``PULSE_LATENCY_MSEC``) kept the rate but made the duplex stream spin once a
+conversation began: the server then sends 30 ms capture fragments while the plugin still thinks in PortAudio's
+small periods, and the plugin reports a half-read fragment as readable while ALSA has nothing left to read, so
+PortAudio's loop polls without sleeping whenever the playback side holds it back (85-100 % of a core). With the
+period set, both agree: 100 % of real time at 16 and 48 kHz beside 8-12 busy processes, the callback thread a
+few per cent of a core (docs/field.md, the second run's items 8 and 9).
 
 Unplugging a device unloads its null sinks and rewrites the ALSA configuration without its PCMs, so a
 fresh PortAudio enumeration no longer lists it (as with a USB card) and open streams on it fail.
@@ -55,8 +60,8 @@ HEADSET_SINK = "kiosk_headset"
 HEADSET_MIC_SINK = "kiosk_headset_mic"
 SINK_CHANNELS = {SPEAKER_SINK: 1, ROOM_SINK: 2, HEADSET_SINK: 1, HEADSET_MIC_SINK: 1}
 SINK_RATE_HZ = 48000
-# Buffering every client of the server asks for (see the module docstring).
-CLIENT_LATENCY_MS = 30
+# PortAudio's ALSA period on the virtual devices, in frames (see the module docstring).
+PORTAUDIO_PERIOD_FRAMES = 480
 LIMBO_SINK = "kiosk_limbo"  # the suspended default device (see PulseServer.start)
 
 # ALSA PCM names the kiosk's configuration uses.
@@ -112,7 +117,7 @@ class PulseServer:
             "PULSE_SERVER": f"unix:{self.socket}",
             "PULSE_RUNTIME_PATH": str(self.runtime),
             "ALSA_CONFIG_PATH": f"{_SYSTEM_ALSA_CONF}:{self.alsa_conf}",
-            "PULSE_LATENCY_MSEC": str(CLIENT_LATENCY_MS),
+            "PA_ALSA_PERIODSIZE": str(PORTAUDIO_PERIOD_FRAMES),
         }
 
     def apply_env(self) -> None:
