@@ -29,7 +29,8 @@ conversation began: the server then sends 30 ms capture fragments while the plug
 small periods, and the plugin reports a half-read fragment as readable while ALSA has nothing left to read, so
 PortAudio's loop polls without sleeping whenever the playback side holds it back (85-100 % of a core). With the
 period set, both agree: 100 % of real time at 16 and 48 kHz beside 8-12 busy processes, the callback thread a
-few per cent of a core (docs/field.md, the second run's items 8 and 9).
+few per cent of a core in the scripted demo; the field bench's longer runs still fall into the spin at times
+(docs/field.md, the second run's items 8 and 9).
 
 Unplugging a device unloads its null sinks and rewrites the ALSA configuration without its PCMs, so a
 fresh PortAudio enumeration no longer lists it (as with a USB card) and open streams on it fail.
