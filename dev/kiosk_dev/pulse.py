@@ -21,16 +21,9 @@ The room simulator (``kiosk_dev.virtual_room``) reads ``kiosk_speaker.monitor`` 
 ``kiosk_room``; a test speaks into the headset by writing into ``kiosk_headset_mic``.
 
 PortAudio opens the plugin with 30 ms periods (``PA_ALSA_PERIODSIZE=480`` in ``PulseServer.env``: 480 frames at
-the 16 kHz the kiosk opens the virtual devices with), as a sound card's own buffer would. Left to choose,
-PortAudio takes periods of a few milliseconds, and on a busy machine its poll loop reads below real time
-(86-92 % with eight busy processes on two cores, the capture falling seconds behind the room). Asking the
-server for 30 ms instead (``PULSE_LATENCY_MSEC``) kept the rate but made the duplex stream spin once a
-conversation began: the server then sends 30 ms capture fragments while the plugin still thinks in PortAudio's
-small periods, and the plugin reports a half-read fragment as readable while ALSA has nothing left to read, so
-PortAudio's loop polls without sleeping whenever the playback side holds it back (85-100 % of a core). With the
-period set, both agree: 100 % of real time at 16 and 48 kHz beside 8-12 busy processes, the callback thread a
-few per cent of a core in the scripted demo; the field bench's longer runs still fall into the spin at times
-(docs/field.md, the second run's items 8 and 9).
+the 16 kHz the kiosk opens the virtual devices with), as a sound card's own buffer would: left to choose, it
+reads below real time on a busy machine, and asking the server for 30 ms instead makes its duplex poll loop
+spin (why, and what is left: docs/audio-io.md, "Observed on this machine").
 
 Unplugging a device unloads its null sinks and rewrites the ALSA configuration without its PCMs, so a
 fresh PortAudio enumeration no longer lists it (as with a USB card) and open streams on it fail.
