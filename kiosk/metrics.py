@@ -123,6 +123,9 @@ class Metrics:
         )
         self.reconnects = Counter("kiosk_reconnects", "SDK resume/reconnect attempts that began", registry=r)
         self.links_lost = Counter("kiosk_links_lost", "Final disconnects (a fresh session is needed)", registry=r)
+        self.server_restarts = Counter(
+            "kiosk_livekit_server_restarts", "LiveKit server restarts seen while reconnecting (a fresh session "
+            "followed)", registry=r)
         self.api_refusals = Counter("kiosk_api_refusals", "Session API refusals", ["reason"], registry=r)
         self.mic_frames_dropped = Counter(
             "kiosk_mic_frames_dropped", "Capture frames dropped because the send queue was full", registry=r

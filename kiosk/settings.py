@@ -511,6 +511,10 @@ class LiveKitSettings(_Section):
     reconnect_grace_seconds: float = Field(
         5.0, gt=0, le=300, description="an agent absent after a reconnect, or lost without leaving, has this "
                                        "long to come back before a fresh session is opened")
+    restart_rejoin_seconds: float = Field(
+        1.0, ge=0, le=60, description="while the SDK reconnects, a LiveKit server seen down and answering again "
+                                      "has restarted: the room and the agent have this long after it answers to "
+                                      "be back before a fresh session is opened")
     interrupt_rpc_method: str = Field("kiosk.interrupt", description="RPC the agent registers to stop speaking")
     reconnect_give_up_seconds: float = Field(
         20.0, gt=0, le=600, description="end a session whose SDK reconnect has not succeeded after this long"

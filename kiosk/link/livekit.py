@@ -28,8 +28,11 @@
   ``livekit.reconnect_give_up_seconds``, or the SDK giving up, ends it with ``LinkLost``; so does a connect
   that fails (a server restarting refuses it), and an agent absent after a reconnect, or lost without leaving,
   that has not come back within ``livekit.reconnect_grace_seconds``, and at once an agent that left by
-  itself. Those are ``transient``: the state machine opens a fresh session (a fresh agent) after a short wait,
-  a few times (``livekit.reopen_attempts``), before it goes offline; a room the agent never joined is not
+  itself. While the SDK reconnects the link asks the server (``kiosk.link.server_probe``): one seen down and
+  then answering has restarted and lost the room, and unless room and agent are back
+  ``livekit.restart_rejoin_seconds`` after it answered, that ends the session too. Those are ``transient``:
+  the state machine opens a fresh session (a fresh agent) after a short wait, a few times
+  (``livekit.reopen_attempts``), before it goes offline; a room the agent never joined is not
   (``transient=False``: offline at once).
 
 rtc SDK event callbacks run on the kiosk's loop (the SDK hands its events over from its own threads), so
@@ -61,7 +64,8 @@ from kiosk.events import (
     SessionOpened,
     Tool,
 )
-from kiosk.link.replies import describe_error
+from kiosk.link.replies import client_session, describe_error
+from kiosk.link.server_probe import PROBE_INTERVAL_SECONDS, PROBE_TIMEOUT_SECONDS, ServerAnswer, probe, probe_url
 from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
 from kiosk.metrics import Exchange, Metrics, Status, credit_burn_per_talk_minute, default_metrics
 from kiosk.ports import EventSink, Pcm, PlayoutSink, ToolHandler
@@ -177,6 +181,7 @@ class LiveKitRoomLink:
         self._awaiting_agent = False  # reconnected, the agent not back yet: no LinkUp until it is
         self._give_up: asyncio.TimerHandle | None = None
         self._agent_gone: asyncio.TimerHandle | None = None
+        self._restart_watch: asyncio.Task[None] | None = None
         self._opened_at = 0.0
         self._visitor_stopped_at: float | None = None
         self._discard_until = 0.0
@@ -607,6 +612,8 @@ class LiveKitRoomLink:
             loop = asyncio.get_running_loop()
             if self._give_up is None:
                 self._give_up = loop.call_later(self._lk.reconnect_give_up_seconds, self._on_give_up)
+            if self._restart_watch is None or self._restart_watch.done():
+                self._restart_watch = self._spawn(self._watch_for_restart(room))
             self._post(LinkReconnecting())
 
         @room.on("reconnected")
@@ -639,6 +646,39 @@ class LiveKitRoomLink:
             self._spawn(self._lost(f"disconnected by the SDK (reason {reason})"))
 
         room.register_text_stream_handler(TRANSCRIPTION_TOPIC, self._on_caption)
+
+    async def _watch_for_restart(self, room: rtc.Room) -> None:
+        """While the SDK reconnects (and then waits for the agent), ask the server whether it restarted.
+
+        Seen down and then answering, it restarted and lost the room: if the room and its agent are not back
+        ``livekit.restart_rejoin_seconds`` after it answered, the room counts as lost (transient) and a fresh
+        session opens, instead of waiting out the SDK's reconnect backoff and then ``reconnect_grace_seconds``.
+        """
+        grant = self._grant
+        if grant is None:
+            return
+        url = probe_url(grant.livekit_url)
+        seen_down = False
+        back_at: float | None = None
+        async with client_session(PROBE_TIMEOUT_SECONDS) as http:
+            while self._room is room and (self._reconnecting or self._awaiting_agent):
+                answer = await probe(http, url)
+                if self._room is not room or not (self._reconnecting or self._awaiting_agent):
+                    return
+                if answer is ServerAnswer.DOWN:
+                    if not seen_down:
+                        self._mark("server down")
+                    seen_down, back_at = True, None
+                elif answer is ServerAnswer.UP and seen_down:
+                    if back_at is None:
+                        back_at = self._now()
+                        self._mark("server back")
+                    if self._now() - back_at >= self._lk.restart_rejoin_seconds:
+                        self.metrics.server_restarts.inc()
+                        await self._lost(f"the LiveKit server restarted and the room was not back "
+                                         f"{self._lk.restart_rejoin_seconds:g} s after it answered")
+                        return
+                await asyncio.sleep(PROBE_INTERVAL_SECONDS)
 
     def _start_agent_grace(self) -> None:
         if self._agent_gone is None:
@@ -723,7 +763,7 @@ class LiveKitRoomLink:
         for task in list(self._tasks):
             if task is not current:
                 task.cancel()
-        self._receiver = self._sender = None
+        self._receiver = self._sender = self._restart_watch = None
         self._queue.clear()
         if self._opened_at:
             duration = self._now() - self._opened_at

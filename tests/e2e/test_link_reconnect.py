@@ -203,15 +203,23 @@ async def test_a_press_while_the_server_restarts_opens_a_session_once_it_is_back
     assert k.audio.cues[-1] == "session_start" and k.audio.gate  # the held button goes live as after a press
 
 
-async def test_a_server_restart_in_a_conversation_opens_a_fresh_session(stack: LocalStack) -> None:
-    """livekit-server down for 3 s in a conversation: the SDK reconnects into a room the server created again,
-    without the agent (its job went with the old room, as the stand-in's does when its own reconnect gives up).
-    The link waits livekit.reconnect_grace_seconds for it, then reports the room lost, and the state machine
-    opens a fresh session with a fresh agent: the visitor is in a conversation again, not left in a silent
-    session that ends 15 s later (docs/field.md, finding 7).
+@pytest.mark.parametrize("rejoin_seconds", [1.0, 60.0], ids=["restart_seen", "grace"])
+async def test_a_server_restart_in_a_conversation_opens_a_fresh_session(stack: LocalStack,
+                                                                        rejoin_seconds: float) -> None:
+    """livekit-server down for 3 s in a conversation: the server lost the room, and the agent's job with it (as
+    the stand-in's goes when its own reconnect gives up). The link asks the server while the SDK reconnects;
+    seen refusing and then answering, it restarted: once the room and its agent are not back
+    livekit.restart_rejoin_seconds after that, the room counts as lost and the state machine opens a fresh
+    session with a fresh agent, without waiting out the SDK's backoff and then livekit.reconnect_grace_seconds.
+    With a rejoin window longer than all that (the "grace" case), the SDK reconnects into a room without the
+    agent and the grace ends it: the visitor is in a conversation again either way, not left in a silent
+    session that ends 15 s later (docs/field.md, finding 7; docs/livekit.md, "Reconnect policy").
     """
     assert stack.server is not None
     k = ControlledKiosk(stack, patient=True)
+    k.settings.livekit.restart_rejoin_seconds = rejoin_seconds
+    restarts = k.link.metrics.server_restarts._value  # type: ignore[attr-defined]
+    restarts_before = restarts.get()  # the metrics are the process's, shared by the tests
     down = False
     try:
         await k.in_conversation()
@@ -229,11 +237,17 @@ async def test_a_server_restart_in_a_conversation_opens_a_fresh_session(stack: L
         await k.aclose()
     k.assert_reopened("listening")
     assert "SessionClosed" not in k.names, k.steps
-    # The SDK did reconnect, into a room without the agent: nothing called the session up again meanwhile (the
-    # visitor talked to nobody), until the grace ended it.
-    lost = k.events[k.names.index("LinkLost")]
-    assert isinstance(lost, LinkLost) and "did not come back" in lost.reason, lost
+    # Nothing called the session up again meanwhile (the visitor would have talked to nobody).
     assert "LinkUp" not in k.names[k.names.index("LinkReconnecting"):k.names.index("LinkLost")], k.steps
+    lost = k.events[k.names.index("LinkLost")]
+    marks = [what for _, what in k.link.timeline]
+    if rejoin_seconds < k.settings.livekit.reconnect_grace_seconds:
+        assert isinstance(lost, LinkLost) and "server restarted" in lost.reason, lost
+        assert marks.index("server down") < marks.index("server back") < marks.index("link lost"), marks
+        assert restarts.get() == restarts_before + 1
+    else:
+        assert isinstance(lost, LinkLost) and "did not come back" in lost.reason, lost
+        assert restarts.get() == restarts_before
 
 
 async def test_an_agent_that_leaves_brings_a_fresh_session_at_once(stack: LocalStack) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import random
+import socket
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -31,7 +32,14 @@ from pydantic import SecretStr
 from kiosk.events import RefusalReason
 from kiosk.fallback.delivery import Uploader, UploadResult
 from kiosk.fallback.spool import Message, Spool
-from kiosk.link.replies import MAX_JSON_DEPTH, MAX_REPLY_BYTES, RETRY_AFTER_MAX_SECONDS, parse_retry_after
+from kiosk.link.replies import (
+    MAX_JSON_DEPTH,
+    MAX_REPLY_BYTES,
+    RETRY_AFTER_MAX_SECONDS,
+    client_session,
+    parse_retry_after,
+)
+from kiosk.link.server_probe import ServerAnswer, probe, probe_url
 from kiosk.link.session_api import SessionApi, SessionGrant, SessionRefused
 from kiosk.settings import SessionSettings, SessionSource
 from kiosk.transport import InsecureTransport, check_secure
@@ -462,6 +470,41 @@ def test_fuzz_parse_retry_after(value: str) -> None:
     assert seconds is None or 0.0 <= seconds <= RETRY_AFTER_MAX_SECONDS
 
 
+# ---------------------------------------------------------------------------------------- server probe
+@pytest.mark.parametrize(("livekit_url", "expected"), [
+    ("ws://10.213.0.1:7880", "http://10.213.0.1:7880/"),
+    ("wss://lk.example.test", "https://lk.example.test/"),
+    ("wss://user:pw@lk.example.test:8443/rtc?access_token=secret", "https://lk.example.test:8443/"),
+    ("ws://[::1]:7880/x", "http://[::1]:7880/"),
+])
+def test_probe_url_is_the_server_root_without_credentials(livekit_url: str, expected: str) -> None:
+    assert probe_url(livekit_url) == expected
+
+
+async def _probe(url: str) -> ServerAnswer:
+    async with client_session(2.0) as http:
+        return await probe(http, url)
+
+
+def _expected(status: int) -> ServerAnswer:
+    if 200 <= status < 300:
+        return ServerAnswer.UP
+    return ServerAnswer.DOWN if status in (502, 503, 504) else ServerAnswer.UNKNOWN
+
+
+async def test_probe_tells_a_server_that_is_down_from_one_that_answers(hostile: Hostile) -> None:
+    with socket.socket() as closed:  # a port nobody listens on: refused, as by a host whose server is down
+        closed.bind(("127.0.0.1", 0))
+        refused = f"http://127.0.0.1:{closed.getsockname()[1]}/"
+        assert await _probe(refused) is ServerAnswer.DOWN
+    assert await _probe(hostile.url + "/") is ServerAnswer.UP
+    for status in (502, 503, 404, 302, 401):
+        hostile.raw(b"", status=status, headers={"Location": "/"})
+        assert await _probe(hostile.url + "/") is _expected(status)
+    # A name that does not resolve says nothing about the server.
+    assert await _probe("http://no-such-host.invalid/") is ServerAnswer.UNKNOWN
+
+
 class Loop:
     """One event loop for a module's property-based tests, with the servers it serves on."""
 
@@ -599,6 +642,16 @@ def test_fuzz_replies_that_are_not_http(loop: Loop, stored_once: tuple[Message, 
     result = loop.run(upload(url, *stored_once))
     assert isinstance(result, UploadResult)
     assert not result.acknowledged or (result.status is not None and 200 <= result.status < 300)
+    answer = loop.run(_probe(url + "/"))
+    assert isinstance(answer, ServerAnswer)
+    assert answer is not ServerAnswer.UP or raw.startswith(b"HTTP/1.1 2")
+
+
+@given(status=STATUSES, headers=HEADERS, body=BODIES)
+@FUZZ
+def test_fuzz_server_probe_replies(loop: Loop, status: int, headers: dict[str, str], body: bytes) -> None:
+    loop.server.reply = _reply(status, headers, body)
+    assert loop.run(_probe(loop.server.url + "/")) is _expected(status)
 
 
 @given(status=STATUSES, headers=HEADERS, body=st.binary(max_size=300))
