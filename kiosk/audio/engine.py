@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -96,6 +96,9 @@ class AudioEngine:
         self._restarts_in_row = 0
         self.dropped_playout_samples = 0  # agent audio discarded while no device was open
         self.listeners: list[FrameListener] = []
+        # Asked before a device that stopped and cannot be restarted is declared lost (the route manager sets it):
+        # True when it moved the route meanwhile (a headset pulled out: back to the array, the session kept).
+        self.device_gone: Callable[[], Awaitable[bool]] | None = None
         self._gate = False
         self._close_at: float | None = None  # the gate closes at the first frame captured from then on
         self.gate_closed = asyncio.Event()  # set while no frame from before the last close can still go out
@@ -284,6 +287,8 @@ class AudioEngine:
                 if running and self._restarts_in_row < _MAX_RESTARTS and await self._restart(io):
                     continue
                 await self._close_io()
+                if self.device_gone is not None and await self.device_gone():
+                    continue  # another route took over (or none, which the route manager reports)
                 self._mark_lost()
 
     async def _restart(self, io: AudioIO) -> bool:

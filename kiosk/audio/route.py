@@ -8,7 +8,8 @@ the array, ``audio.headset_capture_device`` / ``headset_playback_device`` for th
   route is posted with ``echo_path_verified=False`` (the controller falls back to push-to-talk semantics
   for barge-in).
 * headset gone: back to the array (echo cancellation on, ``echo_path_verified`` True unless the
-  configured backend is ``none``).
+  configured backend is ``none``), also when the engine's stall timeout saw it go first (the engine asks
+  ``device_gone`` before it declares its device lost).
 * neither: route none; the engine closes and posts DeviceLost; the manager keeps checking and moves back
   as soon as a device returns (DeviceFound from the engine, RouteChanged from here).
 
@@ -62,6 +63,18 @@ class RouteManager:
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._udev: Any = None
+        self._checking = asyncio.Lock()  # the watch and the engine's device_gone may ask at the same moment
+        engine.device_gone = self._device_gone
+
+    async def _device_gone(self) -> bool:
+        """The engine's device stopped and cannot be restarted: check now, not at the next poll.
+
+        The engine's stall timeout can see a pulled headset before the poll or udev does; without this it would
+        post DeviceLost and end the conversation although the array is there. True when the route moved (to
+        the other device, or to none, which posts ``RouteChanged(none)`` or ``DeviceLost`` itself).
+        """
+        before = self.route
+        return await self.check() is not before
 
     @property
     def echo_path_verified(self) -> bool:
@@ -105,6 +118,10 @@ class RouteManager:
 
     async def check(self) -> Route:
         """Enumerate the devices now and switch the route if it should change; returns the route."""
+        async with self._checking:
+            return await self._check()
+
+    async def _check(self) -> Route:
         audio = self.settings.audio
         try:
             devices = await self._enumerate()

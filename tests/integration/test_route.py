@@ -40,17 +40,23 @@ def route_events(sink: Recorder) -> list[tuple[Route, bool]]:
     return [(e.route, e.echo_path_verified) for e in sink.of(RouteChanged)]  # type: ignore[attr-defined]
 
 
-async def test_headset_takes_over_and_hands_back(pulse_devices: PulseServer) -> None:
-    pulse_devices.unplug("headset")
+async def route_rig(route_poll_seconds: float) -> tuple[Recorder, AudioEngine, RouteManager]:
+    """An engine and a route manager on the virtual array and any headset, both started."""
     settings = load_settings(None, audio={
         "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE, "headset_capture_device": HEADSET_DEVICE,
-        "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": 0.2, "device_timeout_ms": 500,
-        "headset_usb_ids": ["*"]})
+        "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": route_poll_seconds,
+        "device_timeout_ms": 500, "headset_usb_ids": ["*"]})
     sink = Recorder()
     engine = AudioEngine(settings, sink, sink)
     await engine.start()
     manager = RouteManager(settings, engine, sink)
     await manager.start()
+    return sink, engine, manager
+
+
+async def test_headset_takes_over_and_hands_back(pulse_devices: PulseServer) -> None:
+    pulse_devices.unplug("headset")
+    sink, engine, manager = await route_rig(route_poll_seconds=0.2)
     switch_ms: list[float] = []
     try:
         assert manager.route is Route.ARRAY
@@ -130,6 +136,28 @@ async def test_only_a_listed_headset_takes_the_route(pulse_devices: PulseServer,
         (asound / "kioskheadset" / "usbid").write_text("046d:0a44\n")  # the site's listed headset
         await manager.check()
         assert manager.route is Route.HEADSET and sink.of(HeadsetPlugged)
+    finally:
+        await manager.aclose()
+        await engine.aclose()
+
+
+async def test_a_headset_pulled_before_the_route_check_sees_it_hands_back_to_the_array(
+        pulse_devices: PulseServer) -> None:
+    """Field bench (headset_plug, a loaded machine): the engine's stall timeout saw the pulled headset before the
+    route manager's poll did, its in-place restart found no device, and it posted DeviceLost: the conversation
+    ended although the array was there. Now the engine asks the route manager first. The poll is made too slow
+    to see the unplug here, so only that path can move the route."""
+    sink, engine, manager = await route_rig(route_poll_seconds=60)  # the headset is plugged in: it takes the route
+    try:
+        assert manager.route is Route.HEADSET
+        await until(lambda: engine.frames_processed > 20, 10)
+        pulse_devices.unplug("headset")
+        await sink.wait_for(RouteChanged, 15, count=2)
+        assert route_events(sink)[-1] == (Route.ARRAY, True) and sink.of(HeadsetUnplugged)
+        assert engine.capture_device == ARRAY_DEVICE and engine.echo_cancel
+        frames = engine.frames_processed
+        await until(lambda: engine.frames_processed > frames + 20, 10)
+        assert not sink.of(DeviceLost) and engine.device_losses == 0
     finally:
         await manager.aclose()
         await engine.aclose()
