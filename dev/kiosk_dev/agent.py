@@ -278,7 +278,9 @@ class StandInAgent:
 
     def _interrupt(self) -> bool:
         task = self._speaking
-        if task is None or task.done():
+        # An interrupt RPC and a start_turn sent together by one press must count as one interruption: the
+        # first cancels the answer, the second finds it already cancelling.
+        if task is None or task.done() or task.cancelling():
             return False
         task.cancel()
         # Drop what is queued in the source so the visitor hears the stop at once.
