@@ -37,7 +37,7 @@ from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkLost, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
 from kiosk.fallback.netwatch import NetworkWatch
-from kiosk.fallback.offline import Probe, reachable_check
+from kiosk.fallback.offline import PROBE_COVERS, Probe, reachable_check
 from kiosk.fallback.offline import probe_backoff as offline_probe_backoff
 from kiosk.fallback.spool import Spool, publish_stats, run_retention
 from kiosk.health import HealthWatchdog, Notifier, progress_check
@@ -280,8 +280,13 @@ class Kiosk:
         # leaves the kiosk offline until that ends (then idle), and asking again meanwhile would only be load.
         if new.phase is Phase.OFFLINE and not new.online and (self._probe is None or self._probe.done()):
             last = event.reason if isinstance(event, ApiRefused) else None
+            # The check answers for an API that did not answer or was in maintenance, and for a room whose server
+            # took no connections (it waits for that server); not for a refusal of the session request itself, nor
+            # for an agent that never came.
+            covered = last in PROBE_COVERS if last is not None else (
+                isinstance(event, LinkLost) and event.transient and self._room_failed_at is not None)
             probe = Probe(self._check_service, self.bus.post, self.probe_backoff, sleep=self.netwatch.sleep)
-            self._probe = asyncio.create_task(probe.run(last), name="probe")
+            self._probe = asyncio.create_task(probe.run(last, covered=covered), name="probe")
         if isinstance(event, VoiceStopped):
             self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
         if isinstance(event, (LinkUp, SessionOpened)):

@@ -36,6 +36,7 @@ from kiosk.effects import (
     StartPublishing,
     StartRecording,
     StartTimer,
+    StopCues,
     StopPublishing,
     StopRecording,
     Timer,
@@ -328,6 +329,9 @@ class Controller:
                 self._audio.set_gate(False)
                 self._link.set_publishing(False)
             case ClearPlayback():
+                self._audio.clear_playback()
+            case StopCues():
+                self._cue_lane.cancel("cue")
                 self._audio.clear_playback()
             case InterruptAgent():
                 self._link_lane.submit("interrupt", self._link.interrupt_agent)

@@ -104,6 +104,11 @@ class ClearPlayback(Effect):
 
 
 @dataclass(frozen=True, slots=True)
+class StopCues(Effect):
+    """Stop the local cue that plays and drop the queued ones (no ``CueFinished`` for them)."""
+
+
+@dataclass(frozen=True, slots=True)
 class InterruptAgent(Effect):
     """Ask the agent to stop speaking (barge-in)."""
 

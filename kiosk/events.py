@@ -154,7 +154,15 @@ class CueFinished(Event):
 
 @dataclass(frozen=True, slots=True)
 class LinkUp(Event):
-    """What the kiosk needs online (session API, catalog, LiveKit) is reachable again."""
+    """What the kiosk needs online (session API, catalog, LiveKit) is reachable again.
+
+    ``proven``: the check behind it covers every refusal seen since the kiosk went offline (the API unreachable
+    or timing out, the model in maintenance, a room whose server took no connections), so the next session should
+    be granted. False when it cannot tell: a 401, a 5xx, a malformed reply, a rate limit, exhausted credits or a
+    budget cap refuse the session request while the catalog still answers, and no check shows an agent will come.
+    """
+
+    proven: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,6 +37,7 @@ from kiosk.effects import (
     StartPublishing,
     StartRecording,
     StartTimer,
+    StopCues,
     StopPublishing,
     StopRecording,
     Timer,
@@ -310,6 +311,7 @@ _REFUSAL_REASONS: dict[RefusalReason, OfflineReason] = {
 _SESSION_TIMERS = (Timer.MAX_SESSION, Timer.NO_SPEECH, Timer.IDLE_END)
 # Phases in which the agent converses (its tools' handovers apply): a session, opened.
 _CONVERSING = frozenset({Phase.LISTENING, Phase.THINKING, Phase.SPEAKING})
+_OFFER = frozenset({MessageStep.OFFER_PLAYING, MessageStep.OFFERED})  # offered, nothing recorded yet
 
 
 class _Builder:
@@ -493,14 +495,18 @@ def _dispatch(b: _Builder, event: Event) -> None:
             b.set(last_error=f"api_{reason.value}")
             b.go_offline(_REFUSAL_REASONS.get(reason, OfflineReason.OFFLINE), visitor_present=True)
             return
-        case LinkUp():
+        case LinkUp(proven=proven):
             b.set(online=True)
-            # A visitor who is being offered, or is leaving, a message keeps that: "online" from a probe
-            # (a catalog check) does not prove a session will be granted, and taking the offer away mid-way
-            # would confuse. The offer's own end brings the kiosk back to idle.
-            if s.phase is Phase.OFFLINE and s.message is MessageStep.NONE:
+            if s.phase is Phase.OFFLINE and (s.message is MessageStep.NONE or proven and s.message in _OFFER):
+                if s.message is not MessageStep.NONE:
+                    # The service is back while a visitor hears or holds the message offer: take it back and
+                    # say so, so the next press is a conversation rather than a message nobody needed.
+                    b.do(StopCues(), PlayCue(Cue.STATUS_ONLINE))
                 b.leave(keep_message=False)
                 b.rest()
+            # Otherwise a visitor being offered, or leaving, a message keeps that: an unproven "online" (the
+            # catalog answers, which says nothing of a 5xx or exhausted credits) may be refused again at the
+            # next press, and a recording is never cut. The offer's own end brings the kiosk back to idle.
             return
         case ButtonHeld(button=button):
             _held(b, button)
@@ -820,7 +826,7 @@ def _offline(b: _Builder, event: Event) -> None:
             b.timer(Timer.MESSAGE_OFFER, s.policy.idle_end_seconds)
             b.set(message=MessageStep.OFFERED)
         case TimerExpired(name=Timer.MESSAGE_OFFER) if s.message is MessageStep.OFFERED:
-            # Idle again if the service came back while the offer stood (a LinkUp then leaves the offer be).
+            # Idle again if the service came back while the offer stood (an unproven LinkUp leaves the offer be).
             b.rest()
 
 

@@ -71,6 +71,12 @@ DEFINITE: dict[RefusalReason, OfflineReason] = {
 TRANSIENT: frozenset[RefusalReason] = frozenset({
     RefusalReason.TIMEOUT, RefusalReason.SERVER_ERROR, RefusalReason.RATE_LIMITED, RefusalReason.MALFORMED_REPLY,
 })
+# Refusals the probe's check answers for: once it passes, they are over. The others come from the session request
+# itself (an unauthorised credential, a 5xx or malformed reply, a rate limit, exhausted credits, a budget cap) while
+# the catalog goes on answering, so a passing check says nothing of them (``LinkUp.proven``).
+PROBE_COVERS: frozenset[RefusalReason] = frozenset({
+    RefusalReason.UNREACHABLE, RefusalReason.TIMEOUT, RefusalReason.MAINTENANCE,
+})
 
 
 def reason_for(refusal: RefusalReason) -> OfflineReason:
@@ -147,8 +153,12 @@ class Probe:
         self._sleep = sleep
         self.attempts = 0
 
-    async def run(self, last: RefusalReason | None = None) -> None:
-        """Probe until the API answers; ``last`` is the refusal already known (not posted again)."""
+    async def run(self, last: RefusalReason | None = None, *, covered: bool = False) -> None:
+        """Probe until the API answers; ``last`` is the refusal already known (not posted again).
+
+        ``covered``: what took the kiosk offline is something the check answers for (``PROBE_COVERS``, or a room
+        whose server took no connections); the ``LinkUp`` is ``proven`` if that held for every refusal seen since.
+        """
         self._backoff.reset()
         while True:
             if await self._sleep(self._backoff.next_delay_seconds()):
@@ -161,8 +171,9 @@ class Probe:
                 result = RefusalReason.UNREACHABLE
             if result is None:
                 _LOGGER.info("the API answers again after %d probes", self.attempts)
-                self._sink(LinkUp())
+                self._sink(LinkUp(proven=covered))
                 return
+            covered = covered and result in PROBE_COVERS
             if result is not last:
                 _LOGGER.info("still unavailable, now: %s", result.value)
                 self._sink(ApiRefused(result, "probe"))

@@ -217,6 +217,19 @@ async def test_message_offer_expires(make_rig: MakeRig) -> None:
     assert rig.phase == "offline" and rig.audio.cues == ["offline", "leave_message"] * 2
 
 
+async def test_the_offer_is_cut_short_when_the_service_is_proven_back(make_rig: MakeRig) -> None:
+    rig = await make_rig()
+    rig.audio.cue_seconds = 0.3  # cues take real time here, so one is still playing when the service returns
+    await rig.post(LinkLost("x"))
+    rig.controller.post(ButtonPressed(Button.TALK))
+    await asyncio.sleep(0.1)
+    assert rig.audio.cues == ["offline"]  # "leave a message" is queued behind it
+    rig.controller.post(LinkUp(proven=True))
+    await rig.settle()
+    assert rig.audio.cues == ["offline", "status_online"] and "clear_playback" in rig.audio.calls
+    assert rig.phase == "idle"
+
+
 async def test_cue_that_cannot_play_does_not_hang_the_flow(make_rig: MakeRig) -> None:
     rig = await make_rig()
     rig.audio.failing_cues = {"leave_message", "recording_tone"}

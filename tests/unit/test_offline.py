@@ -126,6 +126,25 @@ async def test_probe_backs_off_and_posts_link_up_once() -> None:
     assert max(recorder.sleeps) > 1.0  # it does back off
 
 
+@pytest.mark.parametrize(("last", "covered", "seen", "proven"), [
+    (RefusalReason.UNREACHABLE, True, [RefusalReason.TIMEOUT, RefusalReason.MAINTENANCE], True),
+    (RefusalReason.UNREACHABLE, True, [RefusalReason.SERVER_ERROR], False),  # a 5xx on the way: not over for sure
+    (RefusalReason.CREDITS_EXHAUSTED, False, [], False),  # the catalog answering says nothing of credits
+    (None, True, [], True),  # a room whose server took no connections, and now does
+    (None, False, [RefusalReason.UNREACHABLE], False),  # an agent that never came: nothing checks for it
+])
+async def test_link_up_is_proven_only_if_the_check_covered_every_refusal(
+        last: RefusalReason | None, covered: bool, seen: list[RefusalReason], proven: bool) -> None:
+    answers: list[RefusalReason | None] = [*seen, None]
+
+    async def check() -> RefusalReason | None:
+        return answers.pop(0)
+
+    recorder = Recorder()
+    await Probe(check, recorder.sink, Backoff(1.0, 1.0), recorder.sleep).run(last, covered=covered)
+    assert recorder.events[-1] == LinkUp(proven=proven)
+
+
 def test_the_probe_notices_a_restored_api_within_its_ceiling() -> None:
     backoff = probe_backoff(SessionSettings())
     ceilings = []

@@ -28,6 +28,7 @@ from kiosk.effects import (
     StartPublishing,
     StartRecording,
     StartTimer,
+    StopCues,
     StopPublishing,
     StopRecording,
     Timer,
@@ -99,7 +100,7 @@ EVENTS: list[Event] = [
     PlaybackStarted(), PlaybackFinished(),
     *(CueFinished(c) for c in (Cue.LEAVE_MESSAGE, Cue.RECORDING_TONE, Cue.OFFLINE, Cue.SESSION_START,
                                Cue.CONSENT_NOTICE)),
-    LinkUp(), LinkLost("down"), LinkLost("no agent", transient=False), LinkReconnecting(),
+    LinkUp(), LinkUp(proven=True), LinkLost("down"), LinkLost("no agent", transient=False), LinkReconnecting(),
     DeviceLost("array"), DeviceFound("array"), HeadsetPlugged(), HeadsetUnplugged(),
     *(RouteChanged(r, v) for r in Route for v in (True, False)),
     *(TimerExpired(t) for t in Timer),
@@ -747,6 +748,27 @@ def test_an_offer_the_service_came_back_during_ends_idle() -> None:
     assert s.phase is Phase.RECORDING_MESSAGE
 
 
+def test_a_proven_link_up_takes_the_offer_back_and_says_the_service_is_online() -> None:
+    """The probe saw the very thing that took the kiosk offline come back: the visitor who hears or holds the offer
+    is told, and the next press is a conversation. Once recording has begun, the message is theirs to finish."""
+    playing, _ = run(idle(), LinkLost(), ButtonPressed())
+    assert playing.message is MessageStep.OFFER_PLAYING
+    s, fx = run(playing, LinkUp(proven=True))
+    assert s.phase is Phase.IDLE and s.message is MessageStep.NONE and s.online
+    assert fx == [StopCues(), PlayCue(Cue.STATUS_ONLINE), ShowPattern("idle")]
+    offered, _ = run(playing, CueFinished(Cue.LEAVE_MESSAGE))
+    s, fx = run(offered, LinkUp(proven=True))
+    assert s.phase is Phase.IDLE and CancelTimer(Timer.MESSAGE_OFFER) in fx and PlayCue(Cue.STATUS_ONLINE) in fx
+    s, _ = run(s, ButtonPressed())
+    assert s.phase is Phase.CONNECTING
+    for step_ in (MessageStep.TONE, MessageStep.RECORDING):
+        s, _ = run(offered, ButtonPressed()) if step_ is MessageStep.TONE else run(
+            offered, ButtonPressed(), CueFinished(Cue.RECORDING_TONE))
+        assert s.message is step_
+        s, fx = run(s, LinkUp(proven=True))
+        assert s.phase is Phase.RECORDING_MESSAGE and s.message is step_ and fx == [], step_
+
+
 def test_link_up_returns_to_idle_and_recording_survives_it() -> None:
     s, _ = run(idle(), LinkLost(), ButtonPressed(), CueFinished(Cue.LEAVE_MESSAGE), ButtonPressed(),
                CueFinished(Cue.RECORDING_TONE), VoiceStarted())
@@ -1019,8 +1041,8 @@ TABLE_EVENTS: list[Event] = [
     VoiceStopped(), SessionOpened("s"), SessionClosed(), ApiRefused(RefusalReason.MAINTENANCE),
     AgentStateChanged(AgentState.SPEAKING), AgentStateChanged(AgentState.LISTENING), PlaybackStarted(),
     PlaybackFinished(), CueFinished(Cue.LEAVE_MESSAGE), CueFinished(Cue.RECORDING_TONE), LinkUp(),
-    LinkLost(), LinkLost(transient=False), DeviceLost(), DeviceFound(), RouteChanged(Route.HEADSET, False),
-    RouteChanged(Route.NONE, False),
+    LinkUp(proven=True), LinkLost(), LinkLost(transient=False), DeviceLost(), DeviceFound(),
+    RouteChanged(Route.HEADSET, False), RouteChanged(Route.NONE, False),
     *(TimerExpired(t) for t in Timer), RecordingStored("m"), RecordingFailed("x"), ErrorOccurred("e"),
     # EndRequested behaves as MessageRequested up to the handover, and StaffCalled the same in every state (it
     # starts the staff_called timer): docs/behaviour.md says so in words.
@@ -1035,6 +1057,8 @@ def _fmt_event(event: Event) -> str:
     field = detail.get(type(event))
     if isinstance(event, LinkLost) and not event.transient:
         return "LinkLost(not transient)"
+    if isinstance(event, LinkUp) and event.proven:
+        return "LinkUp(proven)"
     return f"{name}({getattr(event, field)})" if field else name
 
 
