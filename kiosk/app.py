@@ -33,6 +33,7 @@ from kiosk.bargein import BargeInJudge
 from kiosk.bus import EventBus
 from kiosk.clock import LoopClock
 from kiosk.controller import Controller
+from kiosk.effects import StopCues
 from kiosk.errors import KioskError
 from kiosk.events import ApiRefused, Event, LinkLost, LinkUp, RefusalReason, SessionOpened, Started, VoiceStopped
 from kiosk.fallback.delivery import Deliverer
@@ -118,6 +119,9 @@ class Kiosk:
         # Offline since a room failed (LinkLost), since when (loop time): the probe checks its server too, for at
         # most session.livekit_check_max_seconds.
         self._room_failed_at: float | None = None
+        # A message offer was taken back because the service returned, and no session has opened since: the
+        # service is flapping, so the next offer stands (the visitor is not told "online" and refused again).
+        self._offer_taken_back = False
         self.netwatch = NetworkWatch()  # the kernel's news of the network coming back: probe and deliver at once
         self._tasks: list[asyncio.Task[Any]] = []
         self.listeners: list[Callable[[KioskState, Event, Transition], None]] = []
@@ -283,12 +287,16 @@ class Kiosk:
             # The check answers for an API that did not answer or was in maintenance, and for a room whose server
             # took no connections (it waits for that server); not for a refusal of the session request itself, nor
             # for an agent that never came.
-            covered = last in PROBE_COVERS if last is not None else (
-                isinstance(event, LinkLost) and event.transient and self._room_failed_at is not None)
+            covered = not self._offer_taken_back and (last in PROBE_COVERS if last is not None else (
+                isinstance(event, LinkLost) and event.transient and self._room_failed_at is not None))
             probe = Probe(self._check_service, self.bus.post, self.probe_backoff, sleep=self.netwatch.sleep)
             self._probe = asyncio.create_task(probe.run(last, covered=covered), name="probe")
         if isinstance(event, VoiceStopped):
             self.link.note_visitor_stopped(event.at_seconds)  # time to first agent audio starts here
+        if isinstance(event, LinkUp) and any(isinstance(effect, StopCues) for effect in transition.effects):
+            self._offer_taken_back = True
+        elif isinstance(event, SessionOpened):
+            self._offer_taken_back = False
         if isinstance(event, (LinkUp, SessionOpened)):
             self._room_failed_at = None
             if self._probe is not None:

@@ -532,6 +532,38 @@ FAILURES: list[tuple[str, RefusalReason, OfflineReason]] = [
 ]
 
 
+async def test_the_network_back_takes_a_standing_offer_back_once(open_app: OpenApp, stack: LocalStack) -> None:
+    """A visitor offered a message during an outage is told when the service is back, and the next press is a
+    conversation; a network that drops again before any session opened keeps the next offer (no flip-flop)."""
+    assert stack.network is not None
+    app = await open_app(interaction={"idle_end_seconds": 10.0})  # how long an offer stands
+    try:
+        stack.network.set_link(False)
+        pressed = await app.tap()
+        await app.wait_cue_finished(Cue.LEAVE_MESSAGE, 30, pressed)
+        assert app.state.phase is Phase.OFFLINE and app.state.message is MessageStep.OFFERED
+        restored = app.now
+        stack.network.set_link(True)
+        back = await app.wait_event(LinkUp, 20, restored)
+        assert isinstance(back.event, LinkUp) and back.event.proven, back.event
+        assert back.new.phase is Phase.IDLE and back.new.message is MessageStep.NONE
+        assert app.cues(pressed) == ["offline", "leave_message", "status_online"]
+
+        # Down again before anyone talked: this time the offer stands when the network returns (and runs out as
+        # any offer does: test_state's test_an_offer_the_service_came_back_during_ends_idle).
+        stack.network.set_link(False)
+        pressed = await app.tap()
+        await app.wait_cue_finished(Cue.LEAVE_MESSAGE, 30, pressed)
+        restored = app.now
+        stack.network.set_link(True)
+        again = await app.wait_event(LinkUp, 20, restored)
+        assert isinstance(again.event, LinkUp) and not again.event.proven, again.event
+        assert again.new.phase is Phase.OFFLINE and again.new.message is MessageStep.OFFERED
+        assert app.cues(pressed) == ["offline", "leave_message"]
+    finally:
+        stack.network.set_link(True)
+
+
 async def test_every_api_failure_ends_in_the_right_state_and_cue(open_app: OpenApp, stack: LocalStack) -> None:
     # The message offer stands for idle_end_seconds when the probe cannot tell the refusal is over: keep it short.
     app = await open_app(interaction={"idle_end_seconds": 3.0})
