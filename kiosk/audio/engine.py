@@ -282,9 +282,15 @@ class AudioEngine:
                 if self._switch_lock.locked():
                     continue  # a switch is closing or opening the device on purpose
                 running = io.active
+                # An in-place restart has not brought audio back yet: a stream that stopped again (a sound
+                # server still stalled makes the fresh stream fail at once) is one more failed attempt, tried
+                # again once it has had the same allowance, not a lost device.
+                recovering = self._restarts_in_row > 0
+                if not running and recovering and not stalled:
+                    continue
                 _LOGGER.warning("no capture from '%s' for %.0f ms (stream %s)", self.capture_device,
                                 (now - self._last_capture_seconds) * 1000, "running" if running else "stopped")
-                if running and self._restarts_in_row < _MAX_RESTARTS and await self._restart(io):
+                if (running or recovering) and self._restarts_in_row < _MAX_RESTARTS and await self._restart(io):
                     continue
                 await self._close_io()
                 if self.device_gone is not None and await self.device_gone():

@@ -209,6 +209,42 @@ async def test_a_failure_in_the_reader_is_logged_and_the_reader_goes_on(pulse_de
     assert not engine.lost
 
 
+async def test_a_restarted_stream_that_stops_at_once_is_tried_again_not_lost(pulse_devices: PulseServer) -> None:
+    """A sound server still stalled when the engine restarts the stream in place can make the fresh stream fail at
+    once (seen with a 3 s freeze: PortAudio's poll failed and the stream stopped). That is a failed attempt of the
+    recovery, tried again after the same allowance, not a lost device that would end the visitor's session."""
+    sink = Recorder()
+    engine = AudioEngine(settings_for(device_timeout_ms=1000), sink, sink)
+    await engine.start()
+    io = engine.io
+    assert io is not None
+    restarts: list[bool] = []
+    restart = io.restart
+
+    def restart_that_stops_the_first_time() -> Any:
+        layout = restart()
+        if not restarts:
+            for stream in io._streams:  # as the failing poll leaves it
+                stream.stop_stream()
+        restarts.append(io.active)
+        return layout
+
+    io.restart = restart_that_stops_the_first_time  # type: ignore[method-assign]
+    try:
+        await until(lambda: engine.frames_processed > 50, 10)
+        pulse_devices.freeze()
+        await asyncio.sleep(1.5)
+        pulse_devices.thaw()
+        await until(lambda: engine.recoveries == 1, 15)
+        frames = engine.frames_processed
+        await until(lambda: engine.frames_processed > frames + 50, 10)
+    finally:
+        pulse_devices.thaw()
+        await engine.aclose()
+    assert not sink.of(DeviceLost), engine.stats()
+    assert restarts == [False, True] and engine.stalls == 1, (restarts, engine.stats())
+
+
 @pytest.mark.parametrize("freeze_seconds", [1.5, 3.0])
 async def test_a_stall_is_recovered_in_place_and_the_answer_goes_on(pulse_devices: PulseServer,
                                                                    freeze_seconds: float) -> None:
