@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kiosk.audio.aec import preload as preload_delay_estimate
 from kiosk.audio.doctor import read_sweep_record
 from kiosk.audio.engine import AudioEngine
 from kiosk.audio.route import RouteManager
@@ -140,8 +141,9 @@ class Kiosk:
         if self.staff is None and isinstance(self.panel, GpioPanel) and self.panel.staff_output is not None:
             self.staff = self.panel
         self.tools.staff = self.staff
+        devices = await self.route.list_here()  # before the engine opens a stream (RouteManager.list_here)
         await self.engine.start()
-        await self.route.start()
+        await self.route.start(devices)
         self.controller = Controller(
             policy=Policy.from_settings(settings.interaction, settings.spool,
                                         consent_notice=settings.session.consent_notice, livekit=settings.livekit,
@@ -184,6 +186,8 @@ class Kiosk:
         if refusal is not None:
             self.bus.post(ApiRefused(refusal, "start-up check"))
         self.notifier.ready("offline" if refusal is not None else "idle")
+        # Only now: a restarted kiosk is ready for the next visitor before this is loaded (kiosk.audio.aec.preload).
+        self._tasks.append(asyncio.create_task(asyncio.to_thread(preload_delay_estimate), name="preload"))
         _LOGGER.info("kiosk started: route %s, mode %s, AEC %s, %s", self.route.route.value,
                      settings.interaction.mode.value, settings.aec.backend.value,
                      "offline" if refusal is not None else "online")

@@ -33,10 +33,6 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
-# Imported with the module, not at the first delay estimate: importing scipy.fft took 280 ms of the loop
-# thread's CPU at the first session's first echo (the field bench's loop-callback timing found it).
-from scipy import fft
-
 from kiosk.audio.format import FRAME_SAMPLES, RATE_HZ
 from kiosk.audio.speex import EchoState, Preprocessor, Resampler
 from kiosk.errors import KioskError
@@ -357,12 +353,25 @@ class DelayEstimate:
     confidence: float  # peak height over the correlation's spread (higher is surer)
 
 
+def preload() -> None:
+    """Import scipy.fft, which the delay estimate needs; run it on a thread once the kiosk is ready.
+
+    Importing it costs 0.2-0.4 s of CPU (numpy's own FFT, cheap to import, runs this estimate 2.5 times
+    slower). With the module, that delayed every start of the kiosk, so a visitor waited longer after a
+    restart (docs/field.md); at the first estimate, it took 280 ms of the loop thread at the first session's
+    first echo (the field bench's loop-callback timing). On a thread after READY it costs neither.
+    """
+    import scipy.fft  # noqa: F401
+
+
 def estimate_delay(far: npt.NDArray[Any], near: npt.NDArray[Any], max_lag_samples: int) -> DelayEstimate:
     """GCC-PHAT: the lag (0..max_lag) at which ``near`` best matches ``far``.
 
     ``far`` holds ``max_lag_samples`` more samples than ``near`` and ends at the same instant, so
     ``near[i]`` lines up with ``far[i + max_lag_samples - lag]``.
     """
+    from scipy import fft  # loaded by ``preload`` by now (see there)
+
     x = np.asarray(far, dtype=np.float32)
     y = np.asarray(near, dtype=np.float32)
     nfft = fft.next_fast_len(len(x) + len(y), real=True)

@@ -14,7 +14,8 @@ the array, ``audio.headset_capture_device`` / ``headset_playback_device`` for th
   as soon as a device returns (DeviceFound from the engine, RouteChanged from here).
 
 Watching: PortAudio only enumerates at initialisation, so devices are listed by a fresh PortAudio in a
-child process, and only when a cheap fingerprint of the sound configuration changed (sound cards and
+child process (but for the first check, at start-up: a listing made in this process before the engine opened
+its stream, ``list_here``), and only when a cheap fingerprint of the sound configuration changed (sound cards and
 ALSA configuration files, polled every ``audio.route_poll_seconds``), plus periodically while no route
 works. On the Pi, udev events (pyudev, when installed) trigger a check at once.
 """
@@ -28,7 +29,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kiosk.audio.devices import DeviceInfo, card_usb_id, enumerate_fresh, present, sound_fingerprint
+from kiosk.audio.devices import (
+    DeviceInfo,
+    card_usb_id,
+    enumerate_fresh,
+    list_devices,
+    present,
+    sound_fingerprint,
+)
 from kiosk.audio.engine import AudioEngine
 from kiosk.errors import DeviceError
 from kiosk.events import HeadsetPlugged, HeadsetUnplugged, Route, RouteChanged
@@ -81,9 +89,13 @@ class RouteManager:
         """Whether voice barge-in is safe on the current route (the array with an echo canceller)."""
         return self.route is Route.ARRAY and self.settings.aec.backend is not AecBackend.NONE
 
-    async def start(self) -> None:
-        """Check once (move to the headset if it is already plugged in), then watch."""
-        await self.check()
+    async def start(self, devices: Sequence[DeviceInfo] | None = None) -> None:
+        """Check once (move to the headset if it is already plugged in), then watch.
+
+        ``devices``: a listing to check against instead of a fresh one (``list_here`` before the engine opened).
+        """
+        async with self._checking:
+            await self._check(devices)
         self._start_udev()
         self._task = asyncio.create_task(self._watch(), name="audio-route")
 
@@ -121,13 +133,28 @@ class RouteManager:
         async with self._checking:
             return await self._check()
 
-    async def _check(self) -> Route:
-        audio = self.settings.audio
+    @staticmethod
+    async def list_here() -> Sequence[DeviceInfo] | None:
+        """The devices as this process's PortAudio lists them; None if it cannot.
+
+        Right only while none of this process's streams is open (at start-up): later checks list in a child
+        process (module docstring), which costs a second Python start, 0.2 s more before a restarted kiosk is
+        ready.
+        """
         try:
-            devices = await self._enumerate()
-        except DeviceError as error:
-            _LOGGER.warning("%s", error.message)
-            return self.route
+            return await asyncio.to_thread(list_devices)
+        except OSError as error:  # PortAudio did not start: the first check lists in a child, as later ones
+            _LOGGER.debug("listing sound devices in this process failed: %s", error)
+            return None
+
+    async def _check(self, devices: Sequence[DeviceInfo] | None = None) -> Route:
+        audio = self.settings.audio
+        if devices is None:
+            try:
+                devices = await self._enumerate()
+            except DeviceError as error:
+                _LOGGER.warning("%s", error.message)
+                return self.route
         array = present(audio.capture_device, "capture", devices) and present(
             audio.playback_device, "playback", devices)
         headset = present(audio.headset_capture_device, "capture", devices) and present(

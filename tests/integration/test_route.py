@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from kiosk.audio.devices import DeviceInfo, enumerate_fresh
 from kiosk.audio.engine import AudioEngine
-from kiosk.audio.route import RouteManager
+from kiosk.audio.route import Enumerator, RouteManager
 from kiosk.events import (
     DeviceFound,
     DeviceLost,
@@ -40,18 +41,41 @@ def route_events(sink: Recorder) -> list[tuple[Route, bool]]:
     return [(e.route, e.echo_path_verified) for e in sink.of(RouteChanged)]  # type: ignore[attr-defined]
 
 
-async def route_rig(route_poll_seconds: float) -> tuple[Recorder, AudioEngine, RouteManager]:
-    """An engine and a route manager on the virtual array and any headset, both started."""
+async def route_rig(route_poll_seconds: float, enumerate_devices: Enumerator = enumerate_fresh,
+                    ) -> tuple[Recorder, AudioEngine, RouteManager]:
+    """An engine and a route manager on the virtual array and any headset, both started as the kiosk starts them."""
     settings = load_settings(None, audio={
         "capture_device": ARRAY_DEVICE, "playback_device": ARRAY_DEVICE, "headset_capture_device": HEADSET_DEVICE,
         "headset_playback_device": HEADSET_DEVICE, "route_poll_seconds": route_poll_seconds,
         "device_timeout_ms": 500, "headset_usb_ids": ["*"]})
     sink = Recorder()
     engine = AudioEngine(settings, sink, sink)
+    manager = RouteManager(settings, engine, sink, enumerate_devices=enumerate_devices)
+    devices = await manager.list_here()
     await engine.start()
-    manager = RouteManager(settings, engine, sink)
-    await manager.start()
+    await manager.start(devices)
     return sink, engine, manager
+
+
+async def test_a_headset_plugged_in_at_start_is_chosen_without_a_child_listing(pulse_devices: PulseServer) -> None:
+    """The first check uses the listing made before the engine opened (a child process is 0.2 s more at start)."""
+    listings: list[int] = []
+
+    async def fresh() -> list[DeviceInfo]:
+        listings.append(1)
+        return await enumerate_fresh()
+
+    pulse_devices.plug("headset")
+    sink, engine, manager = await route_rig(route_poll_seconds=30, enumerate_devices=fresh)
+    try:
+        assert manager.route is Route.HEADSET and engine.capture_device == HEADSET_DEVICE and not engine.echo_cancel
+        assert sink.of(HeadsetPlugged) and route_events(sink) == [(Route.HEADSET, False)]
+        assert listings == []
+        await manager.check()  # later checks: engine streams are open, so a fresh PortAudio in a child
+        assert listings == [1] and manager.route is Route.HEADSET
+    finally:
+        await manager.aclose()
+        await engine.aclose()
 
 
 async def test_headset_takes_over_and_hands_back(pulse_devices: PulseServer) -> None:
