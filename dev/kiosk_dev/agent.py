@@ -128,7 +128,7 @@ class StandInAgent:
 
     def __init__(self, url: str, token: str, room_name: str, *, answer: str = DEFAULT_ANSWER,
                  end_of_turn_ms: int = 500, min_speech_ms: int = 240, vad_mode: int = 2,
-                 linger_seconds: float = 20.0, manual_turns: bool = True) -> None:
+                 linger_seconds: float = 20.0, manual_turns: bool = True, stop_lag_ms: int = 0) -> None:
         self._url = url
         self._token = token
         self.report = AgentReport(room_name)
@@ -146,6 +146,9 @@ class StandInAgent:
         self._visitor_left: asyncio.TimerHandle | None = None
         self._state = ""
         self._manual_turns = manual_turns
+        # How long the agent goes on speaking after it answered an interrupt RPC (an agent whose speech pipeline
+        # stops late, or audio still on its way to the kiosk).
+        self._stop_lag_seconds = stop_lag_ms / 1000
         self._manual: _ManualTurn | None = None  # the open manual turn
         self._plans: list[tuple[str, str]] = []  # (tool, payload) the next answers call in their middle
         self._onset_noted = False  # the current answer's first loud frame was noted
@@ -222,6 +225,14 @@ class StandInAgent:
         return self._done.is_set()
 
     async def _on_interrupt_rpc(self, data: rtc.RpcInvocationData) -> str:
+        if self._stop_lag_seconds:
+            task = self._speaking
+            speaking = task is not None and not task.done() and not task.cancelling()
+            asyncio.get_running_loop().call_later(self._stop_lag_seconds, self._interrupt)
+            if speaking:
+                self.report.interrupts_by_rpc += 1
+                self.report.turns[-1].interrupted = True
+            return "interrupted" if speaking else "idle"
         was_speaking = self._interrupt()
         if was_speaking:
             self.report.interrupts_by_rpc += 1

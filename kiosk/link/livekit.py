@@ -16,7 +16,7 @@
 - captions are personal data: only their lengths are logged and shown in ``Status``; the text is kept in
   memory only (``captions``, for the development demo's report), never logged or served;
 - ``interrupt_agent()`` calls the RPC method the agent registers (``livekit.interrupt_rpc_method``,
-  ``kiosk.interrupt``) and drops the agent audio still in flight;
+  ``kiosk.interrupt``) and drops the agent's audio until it answered and its audio went quiet;
 - manual turns: ``begin_turn()`` / ``end_turn(commit)`` call the agent's ``start_turn`` / ``end_turn`` /
   ``cancel_turn`` (the RPC methods LiveKit voice agents with ``turn_detection="manual"`` register); an agent
   without them keeps its own turn detection (said once in the log, and not asked again in that session);
@@ -80,8 +80,13 @@ FRAME_SAMPLES = 160
 FRAME_SECONDS = FRAME_SAMPLES / RATE_HZ
 STATE_ATTRIBUTE = "lk.agent.state"
 TRANSCRIPTION_TOPIC = "lk.transcription"
-# After an interrupt, agent audio already in flight (jitter buffer, network) is dropped for this long.
-INTERRUPT_DISCARD_SECONDS = 0.3
+# After an interrupt the agent's audio is dropped until the agent answered the interrupt RPC (or the call failed)
+# and its audio has then been quiet this long. Before that it is the answer being cut short: still sent by an
+# agent the RPC had not reached yet, or sent before and still on its way through the receive path (on a busy
+# machine 0.5 s of it reached the playout 0.33-0.82 s after a press whose RPC the agent had answered in 20 ms).
+# A new answer comes only after the visitor's new turn, so it is never this close behind the old one.
+INTERRUPT_QUIET_SECONDS = 0.5
+INTERRUPT_RPC_TIMEOUT_SECONDS = 2.0
 # The receive stream yields concealment silence every 10 ms while the agent sends nothing; after this long
 # without a non-silent frame such silence is not forwarded (it would keep the playout buffer "playing").
 SILENCE_FORWARD_SECONDS = 0.5
@@ -184,7 +189,11 @@ class LiveKitRoomLink:
         self._restart_watch: asyncio.Task[None] | None = None
         self._opened_at = 0.0
         self._visitor_stopped_at: float | None = None
-        self._discard_until = 0.0
+        # The answer being cut short (interrupt_agent): dropping; when the agent answered (None: not yet); its last
+        # voiced frame since.
+        self._cutting = False
+        self._cut_replied_at: float | None = None
+        self._cut_voiced_at = 0.0
         self._last_voiced_at = -1e9
         self._press_at: float | None = None
         self._session_streamed_s = 0.0
@@ -348,20 +357,28 @@ class LiveKitRoomLink:
         await self._api.aclose()
 
     async def interrupt_agent(self) -> None:
-        """Barge-in: drop agent audio in flight and ask the agent to stop (its ``kiosk.interrupt`` RPC)."""
-        self._discard_until = self._now() + INTERRUPT_DISCARD_SECONDS
+        """Barge-in: ask the agent to stop (its ``kiosk.interrupt`` RPC) and drop its audio until it has.
+
+        What counts as the answer being cut short: INTERRUPT_QUIET_SECONDS. A fixed 300 ms from the press let
+        the answer play on (0.1-0.7 s of it after a press on a busy machine,
+        `test_barge_in_by_press_stops_playback_and_the_agent`).
+        """
+        self._cutting, self._cut_replied_at, self._cut_voiced_at = True, None, self._now()
         self._playout.clear()
         room, agent = self._room, self._agent_identity
         self._mark("interrupt")
-        if room is None or agent is None:
-            return
         try:
+            if room is None or agent is None:
+                return
             reply = await room.local_participant.perform_rpc(
-                destination_identity=agent, method=self._lk.interrupt_rpc_method, payload="", response_timeout=2.0)
+                destination_identity=agent, method=self._lk.interrupt_rpc_method, payload="",
+                response_timeout=INTERRUPT_RPC_TIMEOUT_SECONDS)
             _LOGGER.info("agent interrupted: %s", reply)
         except rtc.RpcError as error:
             _LOGGER.warning("interrupt RPC %s failed (%s): the agent may not register it",
                             self._lk.interrupt_rpc_method, error.message)
+        finally:
+            self._cut_replied_at = self._now()
 
     async def begin_turn(self) -> None:
         """Manual turns: the visitor's turn starts (``start_turn``); an agent without it keeps its own detection."""
@@ -496,9 +513,10 @@ class LiveKitRoomLink:
             async for event in stream:
                 received = self._now()
                 pcm = np.frombuffer(event.frame.data, dtype=np.int16).copy()
-                if received < self._discard_until:
-                    continue  # interrupted: audio still in flight from before the interrupt is dropped
-                if int(np.abs(pcm).max(initial=0)) > SILENCE_PEAK:
+                voiced = int(np.abs(pcm).max(initial=0)) > SILENCE_PEAK
+                if self._cutting and self._still_cut(received, voiced):
+                    continue
+                if voiced:
                     self._last_voiced_at = received
                     if self._visitor_stopped_at is not None:
                         self.metrics.first_agent_audio_seconds.observe(received - self._visitor_stopped_at)
@@ -514,6 +532,16 @@ class LiveKitRoomLink:
                 self._session_agent_s += pcm.size / RATE_HZ
         finally:
             await stream.aclose()
+
+    def _still_cut(self, received: float, voiced: bool) -> bool:
+        """After an interrupt: whether a frame received now is still the answer cut short (INTERRUPT_QUIET_SECONDS)."""
+        replied = self._cut_replied_at
+        if replied is not None and received - max(replied, self._cut_voiced_at) >= INTERRUPT_QUIET_SECONDS:
+            self._cutting = False
+            return False
+        if voiced:
+            self._cut_voiced_at = received
+        return True
 
     # ------------------------------------------------------------------ room events
     def _restrict_subscribers(self, room: rtc.Room) -> None:

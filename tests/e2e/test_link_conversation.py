@@ -120,6 +120,28 @@ async def test_interrupt_stops_the_agent(stack: LocalStack, kiosk: LinkHarness) 
     assert kiosk.playout.clears and kiosk.playout.clears[-1] >= interrupted_at
 
 
+async def test_the_answer_stays_cut_while_the_agent_stops_late(stack: LocalStack, kiosk: LinkHarness) -> None:
+    """The agent answers the interrupt at once but speaks on for 1 s: none of that reaches the playout sink.
+
+    A fixed 300 ms window from the interrupt let it play (as it let 0.5 s of an answer still on its way play after a
+    press on a busy machine).
+    """
+    stack.set_agent_options(stop_lag_ms=1000, answer=" ".join([DEFAULT_ANSWER] * 3))
+    await kiosk.open()
+    start = len(kiosk.events.events)
+    stopped = await kiosk.ask(QUESTION)
+    speaking = await kiosk.wait_state(AgentState.SPEAKING, start)
+    assert await kiosk.playout.wait_voiced(0.8, stopped, 10) >= 0.8
+    interrupted_at = asyncio.get_running_loop().time()
+    await kiosk.link.interrupt_agent()
+    await kiosk.wait_state(AgentState.LISTENING, speaking)
+    assert asyncio.get_running_loop().time() - interrupted_at >= 0.9  # it spoke on for its second
+    await asyncio.sleep(1.0)
+    report = kiosk.agent_report()
+    assert report["interrupts_by_rpc"] == 1, report
+    assert kiosk.playout.voiced_seconds(since=interrupted_at) == 0.0
+
+
 async def test_muted_until_published_then_live(stack: LocalStack, kiosk: LinkHarness) -> None:
     """Pre-warm: connected with the microphone muted; nothing reaches the agent until publishing is on."""
     await kiosk.open()
