@@ -359,9 +359,8 @@ class LiveKitRoomLink:
     async def interrupt_agent(self) -> None:
         """Barge-in: ask the agent to stop (its ``kiosk.interrupt`` RPC) and drop its audio until it has.
 
-        What counts as the answer being cut short: INTERRUPT_QUIET_SECONDS. A fixed 300 ms from the press let
-        the answer play on (0.1-0.7 s of it after a press on a busy machine,
-        `test_barge_in_by_press_stops_playback_and_the_agent`).
+        What counts as the answer being cut short: INTERRUPT_QUIET_SECONDS. A fixed 300 ms from the press let the
+        rest of it play (`tests/e2e/test_link_conversation.py::test_the_answer_stays_cut_while_the_agent_stops_late`).
         """
         self._cutting, self._cut_replied_at, self._cut_voiced_at = True, None, self._now()
         self._playout.clear()
