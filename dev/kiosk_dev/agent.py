@@ -397,39 +397,36 @@ class StandInAgent:
                      plan: tuple[str, str] | None = None, visitor: str = "") -> None:
         """Speak the answer; with a planned tool: its first half, the tool call, the spoken result, the rest."""
         await self._set_state("speaking")
-        sent = 0
+        turn.answered_seconds = 0.0  # counted as it is sent, so an answer cut short says how much went out
         self._onset_noted = False
         try:
             if plan is None:
-                sent += await self._play(pcm)
+                await self._play(pcm, turn)
             else:
                 half = (pcm.size // 2) // (OUT_RATE_HZ // 100) * (OUT_RATE_HZ // 100)
-                sent += await self._play(pcm[:half])
+                await self._play(pcm[:half], turn)
                 await self._source.wait_for_playout()
                 await self._set_state("thinking")  # as a LiveKit agent shows a function call
                 record = await self.call_tool(plan[0], plan[1], destination=visitor or None, mid_answer=True)
                 said = await _synthesise(record.say) if record.say else np.zeros(0, dtype=np.int16)
                 await self._set_state("speaking")
-                sent += await self._play(said)
-                sent += await self._play(pcm[half:])
+                await self._play(said, turn)
+                await self._play(pcm[half:], turn)
             await self._source.wait_for_playout()
         finally:
-            turn.answered_seconds = sent / OUT_RATE_HZ
             self._spawn(self._set_state("listening"))
 
-    async def _play(self, pcm: np.ndarray[Any, np.dtype[np.int16]]) -> int:
-        """Send ``pcm`` (24 kHz) frame by frame; the first loud frame of an answer is noted. Returns samples sent."""
+    async def _play(self, pcm: np.ndarray[Any, np.dtype[np.int16]], turn: Turn) -> None:
+        """Send ``pcm`` (24 kHz) frame by frame, counted in ``turn.answered_seconds``; the first loud frame is noted."""
         frame_samples = OUT_RATE_HZ // 100
         loop = asyncio.get_running_loop()
-        sent = 0
         for start in range(0, pcm.size - frame_samples + 1, frame_samples):
             chunk = pcm[start:start + frame_samples]
             if not self._onset_noted and int(np.abs(chunk).max(initial=0)) >= ONSET_PEAK:
                 self.report.answers_sent_at.append(loop.time())
                 self._onset_noted = True
             await self._source.capture_frame(rtc.AudioFrame(chunk.tobytes(), OUT_RATE_HZ, 1, frame_samples))
-            sent += frame_samples
-        return sent
+            turn.answered_seconds += frame_samples / OUT_RATE_HZ
 
 
 async def _synthesise(text: str) -> np.ndarray[Any, np.dtype[np.int16]]:

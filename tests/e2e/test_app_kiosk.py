@@ -290,7 +290,7 @@ async def test_barge_in_by_press_stops_playback_and_the_agent(open_app: OpenApp)
     [cut] = [turn for turn in report["turns"] if turn["interrupted"]]
     assert report["interrupts_by_rpc"] == 1, report
     full_seconds = espeak(DEFAULT_ANSWER, "en-us", 175).size / 16000
-    assert cut["answered_seconds"] < full_seconds - 1.0, report
+    assert 1.0 <= cut["answered_seconds"] < full_seconds - 1.0, report  # a second of it had played
     assert app.kiosk.link.session_id == opened.session_id
     assert not app.events(SessionClosed, start) and not app.events(LinkLost, start)
     print(f"\nbarge-in: last rendered sound {stopped_after_ms} ms after the press; the agent sent "
