@@ -225,18 +225,14 @@ class StandInAgent:
         return self._done.is_set()
 
     async def _on_interrupt_rpc(self, data: rtc.RpcInvocationData) -> str:
+        if not self._answering():
+            return "idle"
+        self.report.interrupts_by_rpc += 1
         if self._stop_lag_seconds:
-            task = self._speaking
-            speaking = task is not None and not task.done() and not task.cancelling()
             asyncio.get_running_loop().call_later(self._stop_lag_seconds, self._interrupt)
-            if speaking:
-                self.report.interrupts_by_rpc += 1
-                self.report.turns[-1].interrupted = True
-            return "interrupted" if speaking else "idle"
-        was_speaking = self._interrupt()
-        if was_speaking:
-            self.report.interrupts_by_rpc += 1
-        return "interrupted" if was_speaking else "idle"
+        else:
+            self._interrupt()
+        return "interrupted"
 
     async def _on_turn_rpc(self, data: rtc.RpcInvocationData) -> str:
         loop = asyncio.get_running_loop()
@@ -287,11 +283,16 @@ class StandInAgent:
         self.report.tool_calls.append(record)
         return record
 
-    def _interrupt(self) -> bool:
+    def _answering(self) -> bool:
+        """An answer is being spoken and nobody has cut it yet."""
         task = self._speaking
         # An interrupt RPC and a start_turn sent together by one press must count as one interruption: the
         # first cancels the answer, the second finds it already cancelling.
-        if task is None or task.done() or task.cancelling():
+        return task is not None and not task.done() and not task.cancelling()
+
+    def _interrupt(self) -> bool:
+        task = self._speaking
+        if task is None or not self._answering():
             return False
         task.cancel()
         # Drop what is queued in the source so the visitor hears the stop at once.
