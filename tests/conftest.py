@@ -2,4 +2,5 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["fixtures.pulse", "fixtures.panel", "fixtures.stack", "fixtures.fallback", "fixtures.tools"]
+pytest_plugins = ["fixtures.pulse", "fixtures.panel", "fixtures.stack", "fixtures.fallback", "fixtures.tools",
+                  "fixtures.early"]

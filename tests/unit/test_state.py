@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.pool
 import os
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
+from multiprocessing.pool import AsyncResult
 
 import pytest
 
+from fixtures.early import idle_priority
 from kiosk.effects import (
     BeginTurn,
     CancelTimer,
@@ -182,38 +184,45 @@ def _reachable(policy: Policy, check: Callable[[KioskState, Event, Transition, i
     return _Search(list(seen), checked, failures)
 
 
-def _first_failures(check: Callable[[KioskState, Event], None], states: Iterable[KioskState],
-                    keep: int = 5) -> list[str]:
-    """``check`` every state with every event; the messages of the first ``keep`` that fail."""
-    failures: list[str] = []
-    for state in states:
-        for event in EVENTS:
-            try:
-                check(state, event)
-            except AssertionError as error:
-                failures.append(str(error))
-                if len(failures) >= keep:
-                    return failures
-    return failures
+def _kept(failures: list[str], check: Callable[[KioskState, Event, Transition], None], state: KioskState,
+          event: Event, plain: Transition, keep: int = 5) -> None:
+    """Run ``check`` on one step unless ``keep`` failures are in; keep the message of one that fails."""
+    if len(failures) < keep:
+        try:
+            check(state, event, plain)
+        except AssertionError as error:
+            failures.append(str(error))
 
 
 def _searched_and_checked(policy: Policy) -> _Search:
     """The search with the invariants, and every check that steps each reachable state with every event.
 
-    Each of these is a full pass over states x events: they run in the worker that searched (``_searches``),
-    so the policies' passes share the machine's cores.
+    The checks that step a state flagged with a field ``_canonical`` folds compare with the step the search took
+    (stepping every state with every event once more would double their time). They run in the worker that
+    searched (``_searches``), so the policies' passes share the machine's cores.
     """
-    search = _reachable(policy)
+    staff: list[str] = []
+    busy: list[str] = []
 
-    def check_variant(state: KioskState, event: Event) -> None:
+    def check(state: KioskState, event: Event, t: Transition, checked: int) -> None:
+        if not policy.consent_notice:
+            _kept(staff, _check_staff_pattern, state, event, t)
+            _kept(busy, _check_agent_busy, state, event, t)
+        _check(state, event, t, checked)
+
+    search = _reachable(policy, check)
+    search.staff_failures, search.busy_failures = staff, busy
+
+    def check_variant(state: KioskState, event: Event, t: Transition) -> None:
         search.steps_checked += 1
-        _check(state, event, step(state, event), search.steps_checked)
+        _check(state, event, t, search.steps_checked)
 
     # The same states with a tool running (the flag ``_canonical`` folds): checked, not searched from.
-    search.failures += _first_failures(check_variant, (v for base in search.states for v in _variants(base)[1:]))
-    if not policy.consent_notice:
-        search.staff_failures = _first_failures(_check_staff_pattern, search.states)
-        search.busy_failures = _first_failures(_check_agent_busy, search.states)
+    variant: list[str] = []
+    for state in (v for base in search.states for v in _variants(base)[1:]):
+        for event in EVENTS:
+            _kept(variant, check_variant, state, event, step(state, event))
+    search.failures += variant
     return search
 
 
@@ -233,26 +242,49 @@ _SEARCHES = [Policy(mode=m, consent_notice=c, reopen_attempts=SEARCH_REOPEN_ATTE
 _KEYLESS = [Policy(mode=m, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS) for m in MODES]
 
 
+class _Early:
+    """Every search of this module (the slowest part of the suite), started once in one process per core."""
+
+    pool: multiprocessing.pool.Pool | None = None
+    searches: dict[Policy, AsyncResult[_Search]] = {}
+
+
+def start_early() -> Callable[[], None]:
+    """Start the searches at idle priority (``fixtures.early``: when collection ends, so they run while the tests
+    before this module leave the CPU idle); what it returns stops them."""
+    if _Early.pool is None:
+        _Early.pool = multiprocessing.get_context("spawn").Pool(os.cpu_count(), initializer=idle_priority)
+        _Early.searches = {policy: _Early.pool.apply_async(_searched_and_checked, (policy,)) for policy in _SEARCHES}
+        _Early.searches |= {policy: _Early.pool.apply_async(_searched_without_a_key, (policy,)) for policy in _KEYLESS}
+    return _stop_early
+
+
+def _stop_early() -> None:
+    if _Early.pool is not None:
+        _Early.pool.terminate()
+        _Early.pool.join()
+        _Early.pool = None
+
+
 @pytest.fixture(scope="module")
-def _searches() -> Iterator[dict[Policy, Future[_Search]]]:
-    """Every search of this module, started at once in one process per core (the slowest part of the suite)."""
-    with ProcessPoolExecutor(max_workers=os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {policy: pool.submit(_searched_and_checked, policy) for policy in _SEARCHES}
-        futures |= {policy: pool.submit(_searched_without_a_key, policy) for policy in _KEYLESS}
-        yield futures
+def _searches() -> Iterator[dict[Policy, AsyncResult[_Search]]]:
+    """The searches' results (started by ``fixtures.early`` in a whole run; here when this module runs alone)."""
+    start_early()
+    yield _Early.searches
+    _stop_early()
 
 
 @pytest.fixture(scope="module", params=[(m, c) for m in MODES for c in (False, True)],
                 ids=lambda p: p[0].value + ("+consent" if p[1] else ""))
-def search(request: pytest.FixtureRequest, _searches: dict[Policy, Future[_Search]]) -> _Search:
+def search(request: pytest.FixtureRequest, _searches: dict[Policy, AsyncResult[_Search]]) -> _Search:
     mode, consent = request.param
-    return _searches[Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].result()
+    return _searches[Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].get()
 
 
 @pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
-def searched_per_mode(request: pytest.FixtureRequest, _searches: dict[Policy, Future[_Search]]) -> _Search:
+def searched_per_mode(request: pytest.FixtureRequest, _searches: dict[Policy, AsyncResult[_Search]]) -> _Search:
     """The search of each mode without the AI notice (for checks the notice has no part in)."""
-    return _searches[Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].result()
+    return _searches[Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].get()
 
 
 @pytest.fixture(scope="module")
@@ -289,8 +321,9 @@ def _w(state: KioskState, event: Event, t: object) -> str:
     return f"{state} + {event} -> {t}"
 
 
-def _count(effects: tuple[Effect, ...], kind: type[Effect]) -> int:
-    return sum(isinstance(e, kind) for e in effects)
+def _kinds(effects: tuple[Effect, ...]) -> Counter[type[Effect]]:
+    """How many effects of each class (the classes do not subclass each other: the same as ``_count``)."""
+    return Counter(map(type, effects))
 
 
 _SILENCE_TIMERS = (Timer.NO_SPEECH, Timer.IDLE_END)
@@ -307,6 +340,7 @@ def test_invariants_over_reachable_states_and_all_events(search: _Search) -> Non
 def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None:
     """The invariants of one step (``checked`` counts the steps: some checks run on every 97th only)."""
     new, fx = t.state, t.effects
+    kinds = _kinds(fx)
     if checked % 97 == 0:
         assert step(state, event) == t, _w(state, event, t)  # pure: same input, same output
         # The agent's note is personal: no repr (what the controller logs) ever shows it.
@@ -320,16 +354,16 @@ def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None
     assert not (new.consent_playing and new.publishing), _w(state, event, t)
     assert not new.consent_playing or new.phase is Phase.LISTENING, _w(state, event, t)
     if state.policy.consent_notice and isinstance(event, SessionOpened):
-        assert _count(fx, StartPublishing) == 0, _w(state, event, t)
+        assert kinds[StartPublishing] == 0, _w(state, event, t)
         if state.phase is Phase.CONNECTING and not state.reopen_wait:
             assert PlayCue(Cue.CONSENT_NOTICE) in fx and new.consent_playing, _w(state, event, t)
     if PlayCue(Cue.CONSENT_NOTICE) in fx:
         assert state.policy.consent_notice, _w(state, event, t)
-    assert _count(fx, StartPublishing) - _count(fx, StopPublishing) == int(new.publishing) - int(
+    assert kinds[StartPublishing] - kinds[StopPublishing] == int(new.publishing) - int(
         state.publishing), _w(state, event, t)
     # Leaving a session always closes it; entering one always opens it.
     if state.phase in SESSION_PHASES and new.phase not in SESSION_PHASES:
-        assert _count(fx, CloseSession) == 1 and _count(fx, ClearPlayback) == 1, _w(state, event, t)
+        assert kinds[CloseSession] == 1 and kinds[ClearPlayback] == 1, _w(state, event, t)
         assert {e.name for e in fx if isinstance(e, CancelTimer)} >= {Timer.MAX_SESSION, Timer.IDLE_END}
     if new.phase is Phase.CONNECTING and state.phase is not Phase.CONNECTING and not new.reopen_wait:
         assert OpenSession() in fx and StartTimer(Timer.MAX_SESSION, state.policy.max_session_seconds) in fx
@@ -345,7 +379,7 @@ def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None
         assert event == TimerExpired(Timer.REOPEN) and OpenSession() in fx, _w(state, event, t)
     if state.reopen_wait and new.phase is not Phase.CONNECTING:
         assert CancelTimer(Timer.REOPEN) in fx, _w(state, event, t)
-    if _count(fx, OpenSession):
+    if kinds[OpenSession]:
         assert new.phase is Phase.CONNECTING, _w(state, event, t)
     # Hands-free, a tap does not end the fresh session that brings a lost conversation back.
     if state.phase is Phase.CONNECTING and state.reopens and event == ButtonPressed(Button.TALK):
@@ -369,22 +403,22 @@ def _check(state: KioskState, event: Event, t: Transition, checked: int) -> None
     if isinstance(event, ApiRefused):
         assert not new.online and new.phase not in SESSION_PHASES, _w(state, event, t)
     # Recording starts only after the tone, stops whenever a recording phase is left.
-    if _count(fx, StartRecording):
+    if kinds[StartRecording]:
         assert isinstance(event, CueFinished) and event.cue == Cue.RECORDING_TONE, _w(state, event, t)
         assert new.message is MessageStep.RECORDING
     was_recording = state.phase is Phase.RECORDING_MESSAGE and state.message is MessageStep.RECORDING
     now_recording = new.phase is Phase.RECORDING_MESSAGE and new.message is MessageStep.RECORDING
-    assert _count(fx, StopRecording) == int(was_recording and not now_recording), _w(state, event, t)
+    assert kinds[StopRecording] == int(was_recording and not now_recording), _w(state, event, t)
     # The confirmation plays only once the message is stored.
     if PlayCue(Cue.MESSAGE_STORED) in fx:
         assert isinstance(event, RecordingStored), _w(state, event, t)
     # The agent is interrupted only while it speaks, and voice interrupts only on a verified path.
-    if _count(fx, InterruptAgent):
+    if kinds[InterruptAgent]:
         assert state.phase is Phase.SPEAKING, _w(state, event, t)
         if isinstance(event, VoiceStarted):
             assert state.echo_path_verified and state.policy.hands_free and state.policy.barge_in
     # Status is spoken only for a hold (in a conversation: timed from when the microphone went live).
-    if _count(fx, SpeakStatus):
+    if kinds[SpeakStatus]:
         assert isinstance(event, ButtonHeld) or event == TimerExpired(Timer.STATUS_HOLD), _w(state, event, t)
 
 
@@ -454,12 +488,12 @@ def test_the_staff_pattern_changes_nothing_else(searched_per_mode: _Search) -> N
     assert not searched_per_mode.staff_failures, "\n\n".join(searched_per_mode.staff_failures)
 
 
-def _check_staff_pattern(state: KioskState, event: Event) -> None:
+def _check_staff_pattern(state: KioskState, event: Event, plain: Transition) -> None:
     if isinstance(event, StaffCalled) or event == TimerExpired(Timer.STAFF_CALLED):
         return
-    flagged = replace(state, staff_called=True)
-    plain, shown = step(state, event), step(flagged, event)
-    assert replace(shown.state, staff_called=False) == plain.state, _w(flagged, event, shown)
+    flagged = state.with_(staff_called=True)
+    shown = step(flagged, event)
+    assert shown.state.with_(staff_called=False) == plain.state, _w(flagged, event, shown)
     assert [e for e in shown.effects if not isinstance(e, ShowPattern)] == [
         e for e in plain.effects if not isinstance(e, ShowPattern)], _w(flagged, event, shown)
 
@@ -469,14 +503,14 @@ def test_agent_busy_matters_only_for_a_handover(searched_per_mode: _Search) -> N
     assert not searched_per_mode.busy_failures, "\n\n".join(searched_per_mode.busy_failures)
 
 
-def _check_agent_busy(state: KioskState, event: Event) -> None:
+def _check_agent_busy(state: KioskState, event: Event, plain: Transition) -> None:
     if state.handover is not Handover.NONE or state.phase not in SESSION_PHASES:
         return
     if isinstance(event, (MessageRequested, EndRequested)):
         return  # a handover becomes pending: from here on the flag counts (the search covers it)
-    busy = replace(state, agent_busy=True)
-    plain, other = step(state, event), step(busy, event)
-    assert replace(other.state, agent_busy=plain.state.agent_busy) == plain.state, _w(busy, event, other)
+    busy = state.with_(agent_busy=True)
+    other = step(busy, event)
+    assert other.state.with_(agent_busy=plain.state.agent_busy) == plain.state, _w(busy, event, other)
     assert other.effects == plain.effects, _w(busy, event, other)
 
 
@@ -1132,9 +1166,9 @@ def test_without_an_operator_key_the_reason_is_said_and_no_message_offered() -> 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_without_an_operator_key_nothing_is_ever_recorded(
-        mode: InteractionMode, _searches: dict[Policy, Future[_Search]]) -> None:
+        mode: InteractionMode, _searches: dict[Policy, AsyncResult[_Search]]) -> None:
     """Over every reachable state and event: no offer, no recording, so no voice to store in the clear."""
-    search = _searches[Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].result()
+    search = _searches[Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].get()
     assert not search.failures, "\n\n".join(search.failures)
     assert Phase.RECORDING_MESSAGE not in {s.phase for s in search.states}
 
