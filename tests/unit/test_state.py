@@ -249,14 +249,22 @@ class _Early:
     searches: dict[Policy, AsyncResult[_Search]] = {}
 
 
-def start_early() -> Callable[[], None]:
-    """Start the searches at idle priority (``fixtures.early``: when collection ends, so they run while the tests
-    before this module leave the CPU idle); what it returns stops them."""
+def start_early(items: list[pytest.Function]) -> Callable[[], None] | None:
+    """Start the searches if ``items`` (this module's tests in the run) use them (``fixtures.early``: when
+    collection ends, so they run while the tests before this module leave the CPU idle); what it returns stops
+    them."""
+    if not any("_searches" in item.fixturenames for item in items):
+        return None
+    _start_searches()
+    return _stop_early
+
+
+def _start_searches() -> None:
+    """Every search at idle priority, one process per core (once)."""
     if _Early.pool is None:
         _Early.pool = multiprocessing.get_context("spawn").Pool(os.cpu_count(), initializer=idle_priority)
         _Early.searches = {policy: _Early.pool.apply_async(_searched_and_checked, (policy,)) for policy in _SEARCHES}
         _Early.searches |= {policy: _Early.pool.apply_async(_searched_without_a_key, (policy,)) for policy in _KEYLESS}
-    return _stop_early
 
 
 def _stop_early() -> None:
@@ -268,8 +276,8 @@ def _stop_early() -> None:
 
 @pytest.fixture(scope="module")
 def _searches() -> Iterator[dict[Policy, AsyncResult[_Search]]]:
-    """The searches' results (started by ``fixtures.early`` in a whole run; here when this module runs alone)."""
-    start_early()
+    """The searches' results (started by ``fixtures.early`` when collection ended, else here)."""
+    _start_searches()
     yield _Early.searches
     _stop_early()
 
