@@ -330,7 +330,7 @@ def _w(state: KioskState, event: Event, t: object) -> str:
 
 
 def _kinds(effects: tuple[Effect, ...]) -> Counter[type[Effect]]:
-    """How many effects of each class (the classes do not subclass each other: the same as ``_count``)."""
+    """How many effects of each class (no effect class subclasses another: what ``isinstance`` would count)."""
     return Counter(map(type, effects))
 
 
