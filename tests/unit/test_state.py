@@ -5,10 +5,14 @@ from __future__ import annotations
 import multiprocessing
 import multiprocessing.pool
 import os
+import pickle
+import shutil
+import tempfile
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields, replace
 from multiprocessing.pool import AsyncResult
+from pathlib import Path
 
 import pytest
 
@@ -243,10 +247,17 @@ _KEYLESS = [Policy(mode=m, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPT
 
 
 class _Early:
-    """Every search of this module (the slowest part of the suite), started once in one process per core."""
+    """Every search of this module (the slowest part of the suite), started once in one process per core.
+
+    A worker leaves its result in a file, read when a test asks for it: unpickling one in this process takes
+    about 0.1 s of the interpreter, which would stall the e2e tests' kiosks (they run in this process) if it
+    happened when a search finished.
+    """
 
     pool: multiprocessing.pool.Pool | None = None
-    searches: dict[Policy, AsyncResult[_Search]] = {}
+    directory: Path | None = None
+    files: dict[Policy, AsyncResult[Path]] = {}
+    loaded: dict[Policy, _Search] = {}
 
 
 def start_early(items: list[pytest.Function]) -> Callable[[], None] | None:
@@ -259,12 +270,23 @@ def start_early(items: list[pytest.Function]) -> Callable[[], None] | None:
     return _stop_early
 
 
+def _to_file(search: Callable[[Policy], _Search], policy: Policy, path: Path) -> Path:
+    """Run ``search`` in a worker; its result goes to ``path``."""
+    path.write_bytes(pickle.dumps(search(policy)))
+    return path
+
+
 def _start_searches() -> None:
     """Every search at idle priority, one process per core (once)."""
-    if _Early.pool is None:
-        _Early.pool = multiprocessing.get_context("spawn").Pool(os.cpu_count(), initializer=idle_priority)
-        _Early.searches = {policy: _Early.pool.apply_async(_searched_and_checked, (policy,)) for policy in _SEARCHES}
-        _Early.searches |= {policy: _Early.pool.apply_async(_searched_without_a_key, (policy,)) for policy in _KEYLESS}
+    if _Early.pool is not None:
+        return
+    _Early.directory = Path(tempfile.mkdtemp(prefix="kiosk-state-search-"))
+    _Early.pool = multiprocessing.get_context("spawn").Pool(os.cpu_count(), initializer=idle_priority)
+    work = [(_searched_and_checked, policy) for policy in _SEARCHES]
+    work += [(_searched_without_a_key, policy) for policy in _KEYLESS]
+    _Early.files = {policy: _Early.pool.apply_async(_to_file, (search, policy, _Early.directory / f"{i}.pickle"))
+                    for i, (search, policy) in enumerate(work)}
+    _Early.loaded = {}
 
 
 def _stop_early() -> None:
@@ -272,27 +294,37 @@ def _stop_early() -> None:
         _Early.pool.terminate()
         _Early.pool.join()
         _Early.pool = None
+    if _Early.directory is not None:
+        shutil.rmtree(_Early.directory, ignore_errors=True)
+        _Early.directory = None
+
+
+def _result(policy: Policy) -> _Search:
+    """The search of ``policy`` (waits for it)."""
+    if policy not in _Early.loaded:
+        _Early.loaded[policy] = pickle.loads(_Early.files[policy].get().read_bytes())
+    return _Early.loaded[policy]
 
 
 @pytest.fixture(scope="module")
-def _searches() -> Iterator[dict[Policy, AsyncResult[_Search]]]:
+def _searches() -> Iterator[Callable[[Policy], _Search]]:
     """The searches' results (started by ``fixtures.early`` when collection ended, else here)."""
     _start_searches()
-    yield _Early.searches
+    yield _result
     _stop_early()
 
 
 @pytest.fixture(scope="module", params=[(m, c) for m in MODES for c in (False, True)],
                 ids=lambda p: p[0].value + ("+consent" if p[1] else ""))
-def search(request: pytest.FixtureRequest, _searches: dict[Policy, AsyncResult[_Search]]) -> _Search:
+def search(request: pytest.FixtureRequest, _searches: Callable[[Policy], _Search]) -> _Search:
     mode, consent = request.param
-    return _searches[Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].get()
+    return _searches(Policy(mode=mode, consent_notice=consent, reopen_attempts=SEARCH_REOPEN_ATTEMPTS))
 
 
 @pytest.fixture(scope="module", params=MODES, ids=lambda m: m.value)
-def searched_per_mode(request: pytest.FixtureRequest, _searches: dict[Policy, AsyncResult[_Search]]) -> _Search:
+def searched_per_mode(request: pytest.FixtureRequest, _searches: Callable[[Policy], _Search]) -> _Search:
     """The search of each mode without the AI notice (for checks the notice has no part in)."""
-    return _searches[Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].get()
+    return _searches(Policy(mode=request.param, reopen_attempts=SEARCH_REOPEN_ATTEMPTS))
 
 
 @pytest.fixture(scope="module")
@@ -1174,9 +1206,9 @@ def test_without_an_operator_key_the_reason_is_said_and_no_message_offered() -> 
 
 @pytest.mark.parametrize("mode", MODES, ids=lambda m: m.value)
 def test_without_an_operator_key_nothing_is_ever_recorded(
-        mode: InteractionMode, _searches: dict[Policy, AsyncResult[_Search]]) -> None:
+        mode: InteractionMode, _searches: Callable[[Policy], _Search]) -> None:
     """Over every reachable state and event: no offer, no recording, so no voice to store in the clear."""
-    search = _searches[Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS)].get()
+    search = _searches(Policy(mode=mode, messages=False, reopen_attempts=SEARCH_REOPEN_ATTEMPTS))
     assert not search.failures, "\n\n".join(search.failures)
     assert Phase.RECORDING_MESSAGE not in {s.phase for s in search.states}
 
