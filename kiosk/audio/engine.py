@@ -256,7 +256,9 @@ class AudioEngine:
             if io.pump():
                 self._last_capture_seconds = now
                 self._capturing = True
-                if self._restarts_in_row:
+                # Audio captured by a restarted stream that has stopped again (in the moment between its start
+                # and its failing poll) is not a recovery: that attempt failed and is tried again below.
+                if self._restarts_in_row and io.active:
                     self._restarts_in_row = 0
                     self.recoveries += 1
                     _LOGGER.info("audio from '%s' is back after a stall; the session goes on", self.capture_device)
