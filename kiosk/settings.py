@@ -198,6 +198,11 @@ class VadSettings(_Section):
         True, description="learn the canceller's leak also from speech-like frames it barely attenuated (false: "
         "keep them out, so a visitor quieter than the echo is not learned as leak; more false barge-ins)"
     )
+    detect_on: Literal["output", "linear"] = Field(
+        "output", description="the signal the detector and the barge-in levels judge: the canceller's output, or "
+        "its linear filter's residual where it has one (the hybrid's speex path: a visitor AEC3's suppressor "
+        "ducks stays in it, and so does more echo and all the noise); the output is still what is streamed"
+    )
 
 
 # ------------------------------------------------------------------------------------ interaction

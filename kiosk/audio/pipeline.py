@@ -211,6 +211,7 @@ class CaptureChain:
         self.counters = ChainCounters()
         self._margin_db = settings.vad.barge_in_margin_db
         self._skip_talk_like = not settings.vad.barge_in_learn_talk
+        self._judge_linear = settings.vad.detect_on == "linear"
         self._freeze_frames = settings.vad.speech_hold_ms // 10
         delay_ms = settings.aec.delay_ms if settings.aec.delay_ms is not None else settings.aec.max_delay_ms
         self._history_frames = int(max(delay_ms, settings.aec.max_delay_ms) // 10) + _ECHO_TAIL_MS // 10 + 1
@@ -308,15 +309,17 @@ class CaptureChain:
         envelope = self._echo_envelope_dbfs()
         far_active = envelope > FAR_ACTIVE_DBFS
 
-        np.copyto(scratch, out, casting="unsafe")
+        linear = self.echo_canceller.linear_residual
+        # What the detector and the levels below judge (``vad.detect_on``); ``out`` is what is streamed.
+        judged = linear if self._judge_linear and linear is not None else out
+        np.copyto(scratch, judged, casting="unsafe")
         self._out_power = _SMOOTH * self._out_power + (1.0 - _SMOOTH) * float(np.dot(scratch, scratch))
         out_dbfs = frame_level_dbfs(self._out_power)
         np.copyto(scratch, mic, casting="unsafe")
         self._mic_power = _SMOOTH * self._mic_power + (1.0 - _SMOOTH) * float(np.dot(scratch, scratch))
 
-        linear = self.echo_canceller.linear_residual
         self.coherence.push(out if linear is None else linear, ref)
-        detected = self.detector.is_speech(out)
+        detected = self.detector.is_speech(judged)
         speech = detected
         if far_active:
             counters.far_frames += 1

@@ -13,7 +13,9 @@ Benchmark variants only; none of them is the configured chain:
 - ``chain per-channel aec + bf``: one configured canceller per microphone, then the beamformer;
 - ``chain bf doa``: an experimental direction-of-arrival gate on the detector;
 - ``chain bf qQ sS``: the leak tracker's quantile and step changed (module constants of the pipeline);
-- ``chain [bf] aec3-backend``: ``aec.backend = webrtc``.
+- ``chain [bf] aec3-backend``: ``aec.backend = webrtc``;
+- ``chain [bf] linear margin N``: ``vad.detect_on = "linear"`` (the hybrid's speex residual is judged) with
+  ``vad.barge_in_margin_db = N``.
 
 Names are stable: results are cached per name, so a changed definition is registered under a new name.
 """
@@ -94,11 +96,11 @@ _with_silero("chain bf+silero 0.25 aec3-backend",
                                               aec={"backend": "webrtc"}))
 
 
-def _margin(margin_db: float, beam: bool) -> Callable[[Room, Settings], RunOutput]:
+def _margin(margin_db: float, beam: bool, **vad: Any) -> Callable[[Room, Settings], RunOutput]:
     def run(room: Room, settings: Settings) -> RunOutput:
         if beam:
-            return _chain_bf(room, settings, barge_in_margin_db=margin_db)
-        return _chain(room, settings, barge_in_margin_db=margin_db)
+            return _chain_bf(room, settings, barge_in_margin_db=margin_db, **vad)
+        return _chain(room, settings, barge_in_margin_db=margin_db, **vad)
     return run
 
 
@@ -294,3 +296,10 @@ register("chain bf q0.5 s0.2", _with_tracker(0.5, 0.2, lambda room, settings: _c
 register("chain bf q0.5 s0.2 margin 9",
          _with_tracker(0.5, 0.2, lambda room, settings: _chain_bf(room, settings, barge_in_margin_db=9.0)))
 register("chain bf q0.9 s0.3", _with_tracker(0.9, 0.3, lambda room, settings: _chain_bf(room, settings)))
+
+
+
+# ------------------------------------------------------------------------------ detection on the linear residual
+for _m in (3.0, 4.0, 5.0, 6.0):
+    register(f"chain linear margin {_m:g}", _margin(_m, beam=False, detect_on="linear"))
+    register(f"chain bf linear margin {_m:g}", _margin(_m, beam=True, detect_on="linear"))
