@@ -14,8 +14,8 @@ Benchmark variants only; none of them is the configured chain:
 - ``chain bf doa``: an experimental direction-of-arrival gate on the detector;
 - ``chain bf qQ sS``: the leak tracker's quantile and step changed (module constants of the pipeline);
 - ``chain [bf] aec3-backend``: ``aec.backend = webrtc``;
-- ``chain [bf] linear margin N``: ``vad.detect_on = "linear"`` (the hybrid's speex residual is judged) with
-  ``vad.barge_in_margin_db = N``.
+- ``chain [bf] linear margin N [nolearn]``: ``vad.detect_on = "linear"`` (the hybrid's speex residual is
+  judged) with ``vad.barge_in_margin_db = N`` [and ``vad.barge_in_learn_talk = false``].
 
 Names are stable: results are cached per name, so a changed definition is registered under a new name.
 """
@@ -303,3 +303,5 @@ register("chain bf q0.9 s0.3", _with_tracker(0.9, 0.3, lambda room, settings: _c
 for _m in (3.0, 4.0, 5.0, 6.0):
     register(f"chain linear margin {_m:g}", _margin(_m, beam=False, detect_on="linear"))
     register(f"chain bf linear margin {_m:g}", _margin(_m, beam=True, detect_on="linear"))
+register("chain linear margin 5 nolearn", _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False))
+register("chain bf linear margin 5 nolearn", _margin(5.0, beam=True, detect_on="linear", barge_in_learn_talk=False))
