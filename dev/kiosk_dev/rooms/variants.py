@@ -15,7 +15,8 @@ Benchmark variants only; none of them is the configured chain:
 - ``chain bf qQ sS``: the leak tracker's quantile and step changed (module constants of the pipeline);
 - ``chain [bf] aec3-backend``: ``aec.backend = webrtc``;
 - ``chain [bf] linear margin N [nolearn]``: ``vad.detect_on = "linear"`` (the hybrid's speex residual is
-  judged) with ``vad.barge_in_margin_db = N`` [and ``vad.barge_in_learn_talk = false``].
+  judged) with ``vad.barge_in_margin_db = N`` [and ``vad.barge_in_learn_talk = false``]; ``... nolearn coherence
+  every frame`` / ``0.3``: the residual-coherence check on every candidate frame / at a lower threshold.
 
 Names are stable: results are cached per name, so a changed definition is registered under a new name.
 """
@@ -277,19 +278,27 @@ register("chain bf doa nolearn", lambda room, settings: _chain_bf_doa(room, sett
 
 
 # ------------------------------------------------------------------------------ the leak tracker's settings
-def _with_tracker(quantile: float, step_db: float,
-                  run: Callable[[Room, Settings], RunOutput]) -> Callable[[Room, Settings], RunOutput]:
-    """``run`` with the barge-in leak/ERL tracker's quantile and step changed (the pipeline's module constants)."""
+def _with_constants(run: Callable[[Room, Settings], RunOutput], **constants: Any
+                    ) -> Callable[[Room, Settings], RunOutput]:
+    """``run`` with module constants of the pipeline changed (``_LEAK_QUANTILE=0.5``, ...)."""
     import kiosk.audio.pipeline as pipeline
 
     def changed(room: Room, settings: Settings) -> RunOutput:
-        saved = pipeline._LEAK_QUANTILE, pipeline._LEAK_STEP_DB
-        pipeline._LEAK_QUANTILE, pipeline._LEAK_STEP_DB = quantile, step_db
+        saved = {name: getattr(pipeline, name) for name in constants}
+        for name, value in constants.items():
+            setattr(pipeline, name, value)
         try:
             return run(room, settings)
         finally:
-            pipeline._LEAK_QUANTILE, pipeline._LEAK_STEP_DB = saved
+            for name, value in saved.items():
+                setattr(pipeline, name, value)
     return changed
+
+
+def _with_tracker(quantile: float, step_db: float,
+                  run: Callable[[Room, Settings], RunOutput]) -> Callable[[Room, Settings], RunOutput]:
+    """``run`` with the barge-in leak/ERL tracker's quantile and step changed (the pipeline's module constants)."""
+    return _with_constants(run, _LEAK_QUANTILE=quantile, _LEAK_STEP_DB=step_db)
 
 
 register("chain bf q0.5 s0.2", _with_tracker(0.5, 0.2, lambda room, settings: _chain_bf(room, settings)))
@@ -305,3 +314,7 @@ for _m in (3.0, 4.0, 5.0, 6.0):
     register(f"chain bf linear margin {_m:g}", _margin(_m, beam=True, detect_on="linear"))
 register("chain linear margin 5 nolearn", _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False))
 register("chain bf linear margin 5 nolearn", _margin(5.0, beam=True, detect_on="linear", barge_in_learn_talk=False))
+register("chain linear margin 5 nolearn coherence every frame", _with_constants(
+    _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False), _COHERENCE_EVERY_FRAMES=1))
+register("chain linear margin 5 nolearn coherence 0.3", _with_constants(
+    _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False), _ECHO_COHERENCE=0.3))
