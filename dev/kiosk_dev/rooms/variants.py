@@ -295,17 +295,9 @@ def _with_constants(run: Callable[[Room, Settings], RunOutput], **constants: Any
     return changed
 
 
-def _with_tracker(quantile: float, step_db: float,
-                  run: Callable[[Room, Settings], RunOutput]) -> Callable[[Room, Settings], RunOutput]:
-    """``run`` with the barge-in leak/ERL tracker's quantile and step changed (the pipeline's module constants)."""
-    return _with_constants(run, _LEAK_QUANTILE=quantile, _LEAK_STEP_DB=step_db)
-
-
-register("chain bf q0.5 s0.2", _with_tracker(0.5, 0.2, lambda room, settings: _chain_bf(room, settings)))
-register("chain bf q0.5 s0.2 margin 9",
-         _with_tracker(0.5, 0.2, lambda room, settings: _chain_bf(room, settings, barge_in_margin_db=9.0)))
-register("chain bf q0.9 s0.3", _with_tracker(0.9, 0.3, lambda room, settings: _chain_bf(room, settings)))
-
+register("chain bf q0.5 s0.2", _with_constants(_chain_bf, _LEAK_QUANTILE=0.5, _LEAK_STEP_DB=0.2))
+register("chain bf q0.5 s0.2 margin 9", _with_constants(_margin(9.0, beam=True), _LEAK_QUANTILE=0.5, _LEAK_STEP_DB=0.2))
+register("chain bf q0.9 s0.3", _with_constants(_chain_bf, _LEAK_QUANTILE=0.9, _LEAK_STEP_DB=0.3))
 
 
 # ------------------------------------------------------------------------------ detection on the linear residual
