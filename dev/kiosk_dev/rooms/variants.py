@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import numpy as np
 import numpy.typing as npt
@@ -284,14 +285,8 @@ def _with_constants(run: Callable[[Room, Settings], RunOutput], **constants: Any
     import kiosk.audio.pipeline as pipeline
 
     def changed(room: Room, settings: Settings) -> RunOutput:
-        saved = {name: getattr(pipeline, name) for name in constants}
-        for name, value in constants.items():
-            setattr(pipeline, name, value)
-        try:
+        with mock.patch.multiple(pipeline, **constants):
             return run(room, settings)
-        finally:
-            for name, value in saved.items():
-                setattr(pipeline, name, value)
     return changed
 
 
@@ -304,9 +299,9 @@ register("chain bf q0.9 s0.3", _with_constants(_chain_bf, _LEAK_QUANTILE=0.9, _L
 for _m in (3.0, 4.0, 5.0, 6.0):
     register(f"chain linear margin {_m:g}", _margin(_m, beam=False, detect_on="linear"))
     register(f"chain bf linear margin {_m:g}", _margin(_m, beam=True, detect_on="linear"))
-register("chain linear margin 5 nolearn", _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False))
+_linear5_nolearn = _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False)
+register("chain linear margin 5 nolearn", _linear5_nolearn)
 register("chain bf linear margin 5 nolearn", _margin(5.0, beam=True, detect_on="linear", barge_in_learn_talk=False))
-register("chain linear margin 5 nolearn coherence every frame", _with_constants(
-    _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False), _COHERENCE_EVERY_FRAMES=1))
-register("chain linear margin 5 nolearn coherence 0.3", _with_constants(
-    _margin(5.0, beam=False, detect_on="linear", barge_in_learn_talk=False), _ECHO_COHERENCE=0.3))
+register("chain linear margin 5 nolearn coherence every frame",
+         _with_constants(_linear5_nolearn, _COHERENCE_EVERY_FRAMES=1))
+register("chain linear margin 5 nolearn coherence 0.3", _with_constants(_linear5_nolearn, _ECHO_COHERENCE=0.3))
